@@ -1,0 +1,291 @@
+"""参考 UGT 模型：TIGER 风格的 encoder-decoder，forward 内做 3 步 beam search。
+
+输入输出遵守 algorithm.interfaces.EngineContract：
+  六个输入 [B, L] -> recommendations [B, top_k, 3] int64, scores [B, top_k] fp32。
+
+设计要点：
+- 每个历史物品是一个 token，嵌入 = e1(l1) + e2(l2) + e3(l3) + pos + type；
+- 注意力用 scaled_dot_product_attention + 加性偏置（有限的大负数，而不是 -inf），
+  这样全填充的行也不会产生 NaN；形状全用运行时的 shape，导出时不会被固化；
+- 右侧填充：有效位置的编码器输出与不填充时一致，交叉注意力屏蔽填充位置，
+  所以填充前后 top-k 相同（测试覆盖）；
+- 解码 3 步：步 1 对 l1 取 top-beam；步 2、3 把 beam 分数与新一级的 log_softmax 相加，
+  在 beam*V 个候选中取 top-beam。交叉注意力的 K/V 只算一次，各 beam 的查询拼在一起，
+  不把编码器输出复制 beam 份。
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from algorithm.models.config import UGTConfig
+
+
+def _mask_value(dtype: torch.dtype) -> float:
+    # 半精度下 -1e9 会溢出成 -inf；取该类型最小值的一半，softmax 后为 0 且不产生 NaN
+    return float(torch.finfo(dtype).min) / 2
+
+
+class Attention(nn.Module):
+    """多头注意力；kv 可以预先算好（交叉注意力在各解码步间复用）。"""
+
+    def __init__(self, d_model: int, num_heads: int):
+        super().__init__()
+        self.h = num_heads
+        self.dh = d_model // num_heads
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.o = nn.Linear(d_model, d_model)
+
+    def project_kv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        b = x.shape[0]
+        k, v = self.kv(x).view(b, -1, 2, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v  # 各为 [B, h, T, dh]
+
+    def forward(self, x: torch.Tensor, kv: Tuple[torch.Tensor, torch.Tensor],
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+        b = x.shape[0]
+        q = self.q(x).view(b, -1, self.h, self.dh).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias)
+        return self.o(out.transpose(1, 2).reshape(b, -1, self.h * self.dh))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, d_model: int, dim_ff: int):
+        super().__init__(nn.Linear(d_model, dim_ff), nn.GELU(), nn.Linear(dim_ff, d_model))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN 编码器层。"""
+
+    def __init__(self, cfg: UGTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg.d_model, cfg.num_heads)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ff = FeedForward(cfg.d_model, cfg.dim_feedforward)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, self.attn.project_kv(h), bias)
+        return x + self.ff(self.ln2(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-LN 解码器层：因果自注意力（beam 内）+ 交叉注意力（同一用户的所有 beam 共享记忆）。"""
+
+    def __init__(self, cfg: UGTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.self_attn = Attention(cfg.d_model, cfg.num_heads)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.cross_attn = Attention(cfg.d_model, cfg.num_heads)
+        self.ln3 = nn.LayerNorm(cfg.d_model)
+        self.ff = FeedForward(cfg.d_model, cfg.dim_feedforward)
+
+    def forward(self, x: torch.Tensor, memory_kv: Tuple[torch.Tensor, torch.Tensor],
+                memory_bias: torch.Tensor) -> torch.Tensor:
+        # x: [B, K, T, d]，K 为 beam 数，T 为已生成前缀长度（1..3）
+        b, k, t, d = x.shape
+        flat = x.reshape(b * k, t, d)
+        h = self.ln1(flat)
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        causal_bias = torch.zeros(t, t, dtype=x.dtype, device=x.device).masked_fill(
+            ~causal, _mask_value(x.dtype))
+        flat = flat + self.self_attn(h, self.self_attn.project_kv(h), causal_bias)
+        per_user = flat.reshape(b, k * t, d)
+        per_user = per_user + self.cross_attn(self.ln2(per_user), memory_kv, memory_bias)
+        per_user = per_user + self.ff(self.ln3(per_user))
+        return per_user.reshape(b, k, t, d)
+
+
+class UGTModel(nn.Module):
+    """参考 UGT 模型；forward(六个输入) -> (recommendations, scores)。"""
+
+    def __init__(self, cfg: UGTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        v1, v2, v3 = cfg.codebook_sizes
+        self.enc_l1 = nn.Embedding(v1, d)
+        self.enc_l2 = nn.Embedding(v2, d)
+        self.enc_l3 = nn.Embedding(v3, d)
+        self.enc_pos = nn.Embedding(cfg.max_seq_length, d)
+        self.enc_type = nn.Embedding(cfg.num_token_types, d)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers))
+        self.enc_ln = nn.LayerNorm(d)
+        self.bos = nn.Parameter(torch.zeros(d))
+        self.dec_l1 = nn.Embedding(v1, d)
+        self.dec_l2 = nn.Embedding(v2, d)
+        self.dec_pos = nn.Embedding(3, d)
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers))
+        self.dec_ln = nn.LayerNorm(d)
+        self.heads = nn.ModuleList([nn.Linear(d, v1), nn.Linear(d, v2), nn.Linear(d, v3)])
+        self.reset_parameters()
+        self.constrained = False
+
+    def attach_catalog(self, semantic_ids) -> "UGTModel":
+        """受目录约束的解码（前缀树）：只生成目录里存在的三元组。
+
+        缓冲区（非持久，不进检查点；导出时成为常量）：
+          valid_l1 [V1] bool；valid_l2 [V1, V2] bool；prefix_index [V1, V2] int32（无前缀为 -1）；
+          l3_children [P, C] int64 与 l3_children_ok [P, C] bool：每个 (l1, l2) 前缀下的合法 l3（C 为最大子数）。
+        目录变化后需重新导出引擎。
+        """
+        import numpy as np
+
+        sem = np.asarray(semantic_ids, dtype=np.int64)
+        v1, v2, v3 = self.cfg.codebook_sizes
+        valid_l1 = np.zeros(v1, dtype=bool)
+        valid_l1[sem[:, 0]] = True
+        valid_l2 = np.zeros((v1, v2), dtype=bool)
+        valid_l2[sem[:, 0], sem[:, 1]] = True
+        prefix_keys, inverse = np.unique(sem[:, 0] * v2 + sem[:, 1], return_inverse=True)
+        counts = np.bincount(inverse)
+        width = max(int(counts.max()), -(-self.cfg.top_k // self.cfg.beam_width))
+        children = np.zeros((len(prefix_keys), width), dtype=np.int64)
+        children_ok = np.zeros((len(prefix_keys), width), dtype=bool)
+        order = np.argsort(inverse, kind="stable")
+        slot = np.arange(len(sem)) - np.repeat(np.cumsum(counts) - counts, counts)
+        children[inverse[order], slot] = sem[order, 2]
+        children_ok[inverse[order], slot] = True
+        prefix_index = np.full(v1 * v2, -1, dtype=np.int32)
+        prefix_index[prefix_keys] = np.arange(len(prefix_keys), dtype=np.int32)
+        device = self.bos.device
+        for name, arr in (("valid_l1", valid_l1), ("valid_l2", valid_l2), ("prefix_index", prefix_index.reshape(v1, v2)),
+                          ("l3_children", children), ("l3_children_ok", children_ok)):
+            self.register_buffer(name, torch.from_numpy(arr).to(device), persistent=False)
+        self.constrained = True
+        return self
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(self.bos, std=0.02)
+
+    # ---- 编码器 ----
+    def encode(self, l1, l2, l3, positions, token_types, mask) -> Tuple[torch.Tensor, torch.Tensor]:
+        """返回 (memory [B, L, d], 记忆的加性偏置 [B, 1, 1, L])。"""
+        x = (self.enc_l1(l1) + self.enc_l2(l2) + self.enc_l3(l3)
+             + self.enc_pos(positions) + self.enc_type(token_types))
+        dtype = x.dtype
+        bias = ((1.0 - mask.to(dtype)) * _mask_value(dtype))[:, None, None, :]
+        for layer in self.encoder:
+            x = layer(x, bias)
+        return self.enc_ln(x), bias
+
+    # ---- 解码器 ----
+    def decode_logp(self, prefix: torch.Tensor, level: int, memory_kv, memory_bias) -> torch.Tensor:
+        """prefix: [B, K, T, d] 已嵌入的前缀 -> 第 level 级的 log_softmax [B, K, V]（fp32）。"""
+        t = prefix.shape[2]
+        x = prefix + self.dec_pos.weight[:t].to(prefix.dtype)
+        for layer, kv in zip(self.decoder, memory_kv):
+            x = layer(x, kv, memory_bias)
+        logits = self.heads[level](self.dec_ln(x[:, :, -1, :]))
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def forward(self, encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, encoder_positions,
+                encoder_token_types, encoder_mask):
+        memory, bias = self.encode(encoder_l1_ids, encoder_l2_ids, encoder_l3_ids,
+                                   encoder_positions, encoder_token_types, encoder_mask)
+        memory_kv = [layer.cross_attn.project_kv(memory) for layer in self.decoder]
+        b = memory.shape[0]
+        d = memory.shape[2]
+        width = self.cfg.beam_width
+        bos = self.bos.to(memory.dtype).view(1, 1, 1, d).expand(b, 1, 1, d)
+
+        # 步 1：一级码
+        logp = self.decode_logp(bos, 0, memory_kv, bias)[:, 0, :]  # [B, V1]
+        neg = _mask_value(torch.float32)
+        if self.constrained:
+            logp = logp.masked_fill(~self.valid_l1, neg)
+        scores, c1 = torch.topk(logp, width, dim=-1)  # [B, K]
+
+        # 步 2：二级码
+        prefix = torch.cat([bos.expand(b, width, 1, d), self.dec_l1(c1).unsqueeze(2)], dim=2)
+        logp = self.decode_logp(prefix, 1, memory_kv, bias)  # [B, K, V2]
+        if self.constrained:
+            logp = logp.masked_fill(~self.valid_l2[c1], neg)
+        v2 = logp.shape[-1]
+        total = (scores.unsqueeze(-1) + logp).reshape(b, -1)
+        scores, idx = torch.topk(total, width, dim=-1)
+        parent = torch.div(idx, v2, rounding_mode="floor")
+        c2 = idx - parent * v2
+        c1 = torch.gather(c1, 1, parent)
+
+        # 步 3：三级码
+        prefix = torch.cat([bos.expand(b, width, 1, d), self.dec_l1(c1).unsqueeze(2),
+                            self.dec_l2(c2).unsqueeze(2)], dim=2)
+        logp = self.decode_logp(prefix, 2, memory_kv, bias)  # [B, K, V3]
+        if self.constrained:
+            # 只看每个前缀下的合法 l3：[B, K, C]
+            pidx = self.prefix_index[c1, c2].long()
+            has_prefix = pidx >= 0
+            pidx = pidx.clamp(min=0)
+            kids = self.l3_children[pidx]  # [B, K, C]
+            ok = self.l3_children_ok[pidx] & has_prefix.unsqueeze(-1)
+            logp = torch.gather(logp, 2, kids).masked_fill(~ok, neg)
+        else:
+            kids = None
+        v3 = logp.shape[-1]
+        total = (scores.unsqueeze(-1) + logp).reshape(b, -1)
+        scores, idx = torch.topk(total, self.cfg.top_k, dim=-1)
+        parent = torch.div(idx, v3, rounding_mode="floor")
+        c3 = idx - parent * v3
+        if kids is not None:
+            c3 = torch.gather(kids.reshape(b, -1), 1, idx)
+        c1 = torch.gather(c1, 1, parent)
+        c2 = torch.gather(c2, 1, parent)
+        recommendations = torch.stack([c1, c2, c3], dim=-1).to(torch.int64)
+        return recommendations, scores.float()
+
+
+def teacher_forcing_loss(model: "UGTModel", inputs, targets: torch.Tensor) -> torch.Tensor:
+    """训练用：给定下一物品的语义 ID targets [B, 3]，三级交叉熵之和（teacher forcing）。"""
+    memory, bias = model.encode(*inputs)
+    memory_kv = [layer.cross_attn.project_kv(memory) for layer in model.decoder]
+    b, d = memory.shape[0], memory.shape[2]
+    prefix = torch.stack([model.bos.expand(b, d), model.dec_l1(targets[:, 0]), model.dec_l2(targets[:, 1])], dim=1)
+    x = (prefix + model.dec_pos.weight[:3]).unsqueeze(1)  # [B, 1, 3, d]
+    for layer, kv in zip(model.decoder, memory_kv):
+        x = layer(x, kv, bias)
+    x = model.dec_ln(x[:, 0])
+    return sum(F.cross_entropy(model.heads[i](x[:, i]), targets[:, i]) for i in range(3))
+
+
+def flops_per_request(cfg: UGTConfig, seq_len: int) -> float:
+    """一个请求（历史长度 seq_len）的前向浮点运算数（乘加记 2）；只计矩阵乘法。"""
+    d, f, k = cfg.d_model, cfg.dim_feedforward, cfg.beam_width
+    v1, v2, v3 = cfg.codebook_sizes
+    enc_layer = seq_len * (2 * 4 * d * d + 2 * 2 * d * f) + 2 * 2 * seq_len * seq_len * d
+    enc = cfg.num_encoder_layers * enc_layer
+    cross_kv = cfg.num_decoder_layers * seq_len * 2 * 2 * d * d
+    dec = 0.0
+    for t, rows in ((1, 1), (2, k), (3, k)):
+        tokens = rows * t
+        per_layer = tokens * (2 * 4 * d * d + 2 * 2 * d * d + 2 * 2 * d * f)  # 自注意力 QKVO + 交叉 QO + FFN
+        per_layer += 2 * 2 * tokens * (t + seq_len) * d  # 注意力分数与加权
+        dec += cfg.num_decoder_layers * per_layer
+    heads = 2 * d * (v1 + k * v2 + k * v3)
+    return float(enc + cross_kv + dec + heads)
+
+
+def build_model(cfg: UGTConfig, seed: int = 0) -> UGTModel:
+    """按配置与种子构建（未训练的）参考模型，eval 模式。"""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = UGTModel(cfg)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return model.eval()
+
+
+__all__ = ["UGTModel", "build_model", "flops_per_request", "teacher_forcing_loss"]

@@ -1,0 +1,132 @@
+"""一次构建：目录 -> 检查点 -> ONNX（验证）-> 引擎产物（按 engine / precision）-> 精度门禁 -> 仓库。
+
+每个阶段都有进度输出，并把报告写进 build_info.json。
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from algorithm.models.catalog import Catalog, load_catalog, synthetic_catalog
+from algorithm.serving.config import ServingConfig
+from algorithm.serving.errors import ConfigError
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class BuildResult:
+    repository: str
+    catalog: str
+    checkpoint: str
+    onnx: str
+    engine_artifact: str
+    reports: Dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"模型仓库：{self.repository}", f"目录：{self.catalog}", f"检查点：{self.checkpoint}",
+                 f"ONNX：{self.onnx}", f"引擎产物：{self.engine_artifact}"]
+        gate = self.reports.get("gates")
+        if gate:
+            lines.append(f"精度门禁：{'通过' if gate['passed'] else '未通过'}（{gate['summary']}）")
+        return "\n".join(lines)
+
+
+def paths(config: ServingConfig) -> Dict[str, str]:
+    b = os.path.abspath(config.build_dir)
+    name = config.model.name
+    return {"build": b, "catalog": os.path.join(b, "catalog.npz"),
+            "checkpoint": os.path.abspath(config.checkpoint) if config.checkpoint
+            else os.path.join(b, "checkpoints", f"{name}.pt"),
+            "onnx": os.path.join(b, "onnx", f"{name}.onnx"),
+            "engine_dir": os.path.join(b, "engines"),
+            "repository": os.path.join(b, "model_repository")}
+
+
+def ensure_catalog(config: ServingConfig, log: Log = print) -> Catalog:
+    """目录：配置了 path 就加载（校验），否则生成带种子的合成目录并保存到 build 目录。"""
+    p = paths(config)
+    if config.catalog.path:
+        catalog = load_catalog(config.catalog.path)
+        if tuple(catalog.codebook_sizes) != tuple(config.model.codebook_sizes):
+            raise ConfigError(f"目录 {config.catalog.path} 的码本大小 {catalog.codebook_sizes} 与模型 "
+                              f"{tuple(config.model.codebook_sizes)} 不一致")
+    else:
+        catalog = synthetic_catalog(config.catalog.num_items, config.model.codebook_sizes, config.catalog.seed)
+    catalog.save(p["catalog"])
+    log(f"[1/5] 目录：{len(catalog)} 个物品 -> {p['catalog']}")
+    return catalog
+
+
+def ensure_checkpoint(config: ServingConfig, catalog: Catalog, log: Log = print):
+    """检查点：存在就加载（weights_only=True），否则构建参考模型、做短时训练并保存。"""
+    from algorithm.models.checkpoint import load_checkpoint, save_checkpoint
+    from algorithm.models.train import train_reference
+    from algorithm.models.ugt import build_model
+    from algorithm.serving.preprocess import Preprocessor
+
+    p = paths(config)
+    if os.path.isfile(p["checkpoint"]):
+        model, meta = load_checkpoint(p["checkpoint"])
+        if model.cfg.to_dict() != config.model.to_dict():
+            if config.checkpoint:
+                raise ConfigError(f"检查点 {p['checkpoint']} 的模型配置与 model.* 不一致：{model.cfg.to_dict()}")
+        elif meta.get("catalog_seed") == config.catalog.seed and meta.get("train") == dataclasses.asdict(config.train):
+            log(f"[2/5] 检查点：复用 {p['checkpoint']}")
+            return _constrain(model, catalog, config), meta
+    if config.checkpoint:
+        raise ConfigError(f"检查点不存在：{config.checkpoint}")
+    log(f"[2/5] 检查点：构建 {config.model.name}，在合成序列上训练 {config.train.steps} 步")
+    model = build_model(config.model, seed=config.seed)
+    pre = Preprocessor(catalog, config.model.contract())
+    t = config.train
+    stats = train_reference(model, catalog, t.steps, t.batch_size, t.seq_length, t.lr, t.seed,
+                            encode=lambda hs: pre.encode_batch(hs), log=log)
+    meta = {"catalog_seed": config.catalog.seed, "train": dataclasses.asdict(t), "train_stats": stats}
+    save_checkpoint(model, p["checkpoint"], meta)
+    log(f"      -> {p['checkpoint']}")
+    return _constrain(model, catalog, config), meta
+
+
+def _constrain(model, catalog: Catalog, config: ServingConfig):
+    return model.attach_catalog(catalog.semantic_ids) if config.catalog.constrained_decoding else model
+
+
+def build(config: ServingConfig, log: Log = print, gpus: Optional[List[int]] = None, native: bool = False) -> BuildResult:
+    """完整构建；返回各产物路径与报告。"""
+    from algorithm.serving.engine_build import build_engine_artifact
+    from algorithm.serving.export_onnx import export_to_onnx
+    from algorithm.serving.repository import build_repository
+
+    t0 = time.time()
+    p = paths(config)
+    os.makedirs(p["build"], exist_ok=True)
+    catalog = ensure_catalog(config, log)
+    model, meta = ensure_checkpoint(config, catalog, log)
+    log(f"[3/5] 导出 ONNX 并在多个形状上验证：{config.export.checked_shapes()}")
+    export_to_onnx(model, p["onnx"], config.export, tie_tolerance=config.gates.tie_tolerance)
+    with open(p["onnx"] + ".report.json") as f:
+        export_report = json.load(f)
+    log("      " + _export_line(export_report))
+    log(f"[4/5] 引擎：{config.engine.kind} / {config.export.precision}")
+    artifact, engine_reports = build_engine_artifact(config, model, catalog, p["onnx"], p["engine_dir"], log)
+    extra = [artifact + ".data"] if os.path.exists(artifact + ".data") else []
+    info = {"config": dataclasses.asdict(config), "checkpoint_meta": meta, "export": export_report,
+            **engine_reports}
+    log(f"[5/5] 生成 ensemble 仓库（{config.export.model_name}）")
+    repo = build_repository(config, p["repository"], artifact, p["catalog"], gpus=gpus, native=native,
+                            info=info, extra_engine_files=extra)
+    log(f"构建完成（{time.time() - t0:.0f}s）")
+    return BuildResult(repo, p["catalog"], p["checkpoint"], p["onnx"], artifact, reports=engine_reports)
+
+
+def _export_line(report: Dict[str, Any]) -> str:
+    parts = []
+    for s in report["shapes"]:
+        c = s.get("comparison")
+        parts.append(f"({s['batch']},{s['seq_len']}): " + (f"重合 {c['overlap']:.3f} 误差 {c['score_max_abs']:.1e}" if c else "形状"))
+    return f"{report['exporter']}；" + "；".join(parts)

@@ -1,0 +1,315 @@
+"""服务的全部配置：Hydra 结构化配置（dataclass），构造时在 __post_init__ 中校验。
+
+每个选项只在这里声明一次（含默认值）；conf/ 下的 YAML 组只做选择与覆盖，
+scripts/ 下的 Hydra 应用直接使用这些类。ExportConfig / TritonConfig 保留用户请求里的字段与默认值。
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from algorithm.models.config import UGTConfig
+from algorithm.serving.errors import ConfigError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+ENGINES = ("onnxruntime", "torch", "tensorrt")
+INSTANCE_KINDS = ("auto", "gpu", "cpu")
+UNKNOWN_ITEM_POLICIES = ("skip", "error")
+BENCH_TARGETS = ("ensemble", "engine")
+PROTOCOLS = ("grpc", "http")
+
+
+def _choice(section: str, name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{name} = {value!r} 不合法；可选 {list(allowed)}")
+
+
+def _positive(section: str, name: str, value, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(f"{section}.{name} 应为{'非负' if allow_zero else '正'}数，得到 {value!r}")
+
+
+@dataclass
+class ExportConfig:
+    """导出与引擎构建（用户请求中的字段与默认值）。"""
+
+    model_name: str = "ugt_recommend"
+    precision: str = "fp16"  # fp32 / fp16 / int8
+    max_batch_size: int = 64
+    max_seq_length: int = 1024
+    target_latency_ms: float = 30.0
+    opset_version: int = 18
+    # 导出验证：在这些 (batch, seq_len) 上与 PyTorch 对比；空列表 = 自动选取
+    # （batch 1、奇数 batch + 奇数长度、max_batch_size x max_seq_length）
+    validation_shapes: List[List[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _choice("export", "precision", self.precision, PRECISIONS)
+        _positive("export", "max_batch_size", self.max_batch_size)
+        _positive("export", "max_seq_length", self.max_seq_length)
+        _positive("export", "target_latency_ms", self.target_latency_ms)
+        if self.opset_version < 17:
+            raise ConfigError(f"export.opset_version 应 >= 17，得到 {self.opset_version}")
+        if not self.model_name or not all(c.isalnum() or c in "_-" for c in self.model_name):
+            raise ConfigError(f"export.model_name 只能含字母、数字、'_'、'-'，得到 {self.model_name!r}")
+        for s in self.validation_shapes:
+            if len(s) != 2 or min(s) < 1:
+                raise ConfigError(f"export.validation_shapes 的每项应为 [batch, seq_len] 正整数，得到 {list(s)}")
+            if s[0] > self.max_batch_size or s[1] > self.max_seq_length:
+                raise ConfigError(f"export.validation_shapes 项 {list(s)} 超过 "
+                                  f"[max_batch_size={self.max_batch_size}, max_seq_length={self.max_seq_length}]")
+
+    def checked_shapes(self) -> List[List[int]]:
+        """导出验证要检查的形状（均与导出示例 (2, 16) 不同）。"""
+        if self.validation_shapes:
+            return [list(s) for s in self.validation_shapes]
+        odd_b = min(self.max_batch_size, 7)
+        odd_l = min(self.max_seq_length, 37)
+        return [[1, min(self.max_seq_length, 5)], [odd_b, odd_l], [self.max_batch_size, self.max_seq_length]]
+
+
+@dataclass
+class TritonConfig:
+    """Triton 的批处理、队列与实例配置（用户请求中的字段与默认值，修正了元组默认值）。"""
+
+    instance_count: int = 2
+    preferred_batch_sizes: List[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    max_queue_delay_us: int = 100
+    # 队列策略：超过 max_queue_size 的请求立即被拒（UNAVAILABLE），排队超过
+    # queue_timeout_us 的请求被拒，过载时丢弃而不是无限排队。0 = 不限。
+    max_queue_size: int = 512
+    queue_timeout_us: int = 1_000_000
+    instance_kind: str = "auto"  # auto：有 GPU 用 KIND_GPU，否则 KIND_CPU
+    gpus: List[int] = field(default_factory=list)  # 空 = 由机器决定（全部可见 GPU）
+    preprocess_instance_count: int = 2
+    postprocess_instance_count: int = 2
+    warmup: bool = True
+    # 单个请求历史的最大物品数，超过由前处理拒绝（截断前的原始长度）
+    max_history_items: int = 100_000
+
+    def __post_init__(self) -> None:
+        _positive("triton", "instance_count", self.instance_count)
+        _positive("triton", "preprocess_instance_count", self.preprocess_instance_count)
+        _positive("triton", "postprocess_instance_count", self.postprocess_instance_count)
+        _positive("triton", "max_queue_delay_us", self.max_queue_delay_us, allow_zero=True)
+        _positive("triton", "max_queue_size", self.max_queue_size, allow_zero=True)
+        _positive("triton", "queue_timeout_us", self.queue_timeout_us, allow_zero=True)
+        _positive("triton", "max_history_items", self.max_history_items)
+        _choice("triton", "instance_kind", self.instance_kind, INSTANCE_KINDS)
+        sizes = list(self.preferred_batch_sizes)
+        if any((not isinstance(s, int)) or s < 1 for s in sizes):
+            raise ConfigError(f"triton.preferred_batch_sizes 应为正整数，得到 {sizes}")
+        if len(set(sizes)) != len(sizes):
+            raise ConfigError(f"triton.preferred_batch_sizes 含重复值：{sizes}")
+        if any(g < 0 for g in self.gpus):
+            raise ConfigError(f"triton.gpus 应为非负的 GPU 编号，得到 {list(self.gpus)}")
+
+
+@dataclass
+class EngineConfig:
+    """引擎：onnxruntime（CPU，内嵌默认）| torch（PyTorch 编译，GPU）| tensorrt（生产）。"""
+
+    kind: str = "onnxruntime"
+    device: str = "auto"  # auto / cpu / cuda
+    num_threads: int = 0  # onnxruntime 每个实例的线程数；0 = onnxruntime 默认
+    # torch 引擎：torch.compile 模式与 CUDA Graph 桶（动态批处理形成的 batch 与长度向上取整到桶）
+    compile_mode: str = "max-autotune-no-cudagraphs"
+    cuda_graphs: bool = True
+    batch_buckets: List[int] = field(default_factory=lambda: [1, 8, 16, 32, 64])
+    seq_buckets: List[int] = field(default_factory=lambda: [128, 256, 512, 1024])
+    compile_cache_dir: str = ""  # 空 = <build_dir>/compile_cache
+    # tensorrt
+    workspace_gb: float = 4.0
+    fp32_layers: bool = True  # softmax / layernorm / 打分路径保持 fp32
+    opt_batch_size: int = 32
+    opt_seq_length: int = 128
+    calibration_batches: int = 16
+
+    def __post_init__(self) -> None:
+        _choice("engine", "kind", self.kind, ENGINES)
+        _choice("engine", "device", self.device, ("auto", "cpu", "cuda"))
+        _positive("engine", "num_threads", self.num_threads, allow_zero=True)
+        _positive("engine", "workspace_gb", self.workspace_gb)
+        _positive("engine", "calibration_batches", self.calibration_batches)
+        for name in ("batch_buckets", "seq_buckets"):
+            b = list(getattr(self, name))
+            if not b or b != sorted(set(b)) or b[0] < 1:
+                raise ConfigError(f"engine.{name} 应为严格递增的正整数列表，得到 {b}")
+
+
+@dataclass
+class CatalogConfig:
+    """物品目录：item id <-> 唯一语义 ID 三元组。path 为空时生成带种子的合成目录。"""
+
+    path: str = ""
+    num_items: int = 20_000
+    seed: int = 0
+    # 未知物品 id（不在目录中、或为负）的处理：skip = 跳过并计数；error = 拒绝请求
+    unknown_item_policy: str = "skip"
+    # 受目录约束的 beam search（前缀树掩码进引擎）：只生成目录里存在的物品
+    constrained_decoding: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("catalog", "num_items", self.num_items)
+        _choice("catalog", "unknown_item_policy", self.unknown_item_policy, UNKNOWN_ITEM_POLICIES)
+
+
+@dataclass
+class TrainConfig:
+    """参考检查点的短时带种子训练（让分数像训练过的模型一样尖锐，精度门禁才有意义）。"""
+
+    steps: int = 300
+    batch_size: int = 64
+    seq_length: int = 32
+    lr: float = 3e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("train", "steps", self.steps, allow_zero=True)
+        for f in ("batch_size", "seq_length", "lr"):
+            _positive("train", f, getattr(self, f))
+
+
+@dataclass
+class GateConfig:
+    """精度门禁（相对 fp32 PyTorch，在采样的历史上）。
+
+    默认值的理由：fp32 引擎应给出同一组 top-50（允许分数差在 tie_tolerance 内的并列项交换）；
+    低精度下 beam search 的边界项可能互换，要求 top-50 集合重合 >= 0.9、top-1 一致 >= 0.95，
+    分数（对数概率之和）平均绝对误差 <= 0.05。
+    """
+
+    num_samples: int = 64
+    fp32_min_overlap: float = 1.0
+    min_overlap: float = 0.9
+    min_top1_agreement: float = 0.95
+    max_score_mae: float = 0.05
+    tie_tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _positive("gates", "num_samples", self.num_samples)
+        for f in ("fp32_min_overlap", "min_overlap", "min_top1_agreement"):
+            v = getattr(self, f)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"gates.{f} 应在 [0, 1] 内，得到 {v}")
+        _positive("gates", "max_score_mae", self.max_score_mae, allow_zero=True)
+        _positive("gates", "tie_tolerance", self.tie_tolerance, allow_zero=True)
+
+
+@dataclass
+class ServerConfig:
+    """内嵌 Triton（nvidia-pytriton 自带的 tritonserver 二进制）。端口 0 = 自动选空闲端口。"""
+
+    host: str = "127.0.0.1"
+    http_port: int = 0
+    grpc_port: int = 0
+    metrics_port: int = 0
+    startup_timeout_s: float = 180.0
+    log_verbose: int = 0
+
+    def __post_init__(self) -> None:
+        for f in ("http_port", "grpc_port", "metrics_port"):
+            v = getattr(self, f)
+            if not 0 <= v < 65536:
+                raise ConfigError(f"server.{f} 应在 [0, 65535] 内，得到 {v}")
+        _positive("server", "startup_timeout_s", self.startup_timeout_s)
+
+
+@dataclass
+class BenchmarkConfig:
+    """压测：开环（泊松到达）、闭环并发扫描、SLA 搜索。"""
+
+    url: str = ""  # 空 = 启动内嵌服务器；否则为已运行服务器的 gRPC 地址 host:port
+    target: str = "ensemble"  # ensemble（原始历史）| engine（六个输入直接发给引擎）
+    protocol: str = "grpc"
+    num_requests: int = 2000
+    seed: int = 0
+    # 历史长度：对数正态，中位数 length_median，形状 length_sigma，截断到 [1, max_seq_length]
+    length_median: float = 100.0
+    length_sigma: float = 1.0
+    # 开环：每个速率持续 duration_s 秒；rates 为空则只做 SLA 搜索
+    rates: List[float] = field(default_factory=list)
+    duration_s: float = 5.0
+    # 闭环并发扫描
+    concurrency: List[int] = field(default_factory=lambda: [1, 4, 16])
+    # SLA 搜索：从 sla_start_rate 开始加倍直到 P99 超标，再二分 sla_steps 步
+    sla_search: bool = True
+    sla_start_rate: float = 20.0
+    sla_max_rate: float = 100_000.0
+    sla_steps: int = 4
+    max_error_rate: float = 0.001
+    processes: int = 1  # 发压进程数
+    warmup_requests: int = 50
+    timeout_s: float = 10.0
+    output_dir: str = ""  # 空 = <build_dir>/benchmark
+    perf_analyzer: bool = False  # 若已安装 perf_analyzer，在同一模型上运行并并列其结果
+
+    def __post_init__(self) -> None:
+        _choice("benchmark", "target", self.target, BENCH_TARGETS)
+        _choice("benchmark", "protocol", self.protocol, PROTOCOLS)
+        for f in ("num_requests", "length_median", "duration_s", "sla_start_rate", "sla_max_rate",
+                  "processes", "timeout_s"):
+            _positive("benchmark", f, getattr(self, f))
+        _positive("benchmark", "length_sigma", self.length_sigma, allow_zero=True)
+        _positive("benchmark", "sla_steps", self.sla_steps, allow_zero=True)
+        _positive("benchmark", "warmup_requests", self.warmup_requests, allow_zero=True)
+        if not 0 <= self.max_error_rate < 1:
+            raise ConfigError(f"benchmark.max_error_rate 应在 [0, 1) 内，得到 {self.max_error_rate}")
+        if any(r <= 0 for r in self.rates):
+            raise ConfigError(f"benchmark.rates 应为正数，得到 {list(self.rates)}")
+        if any(c < 1 for c in self.concurrency):
+            raise ConfigError(f"benchmark.concurrency 应为正整数，得到 {list(self.concurrency)}")
+
+
+@dataclass
+class ServingConfig:
+    """顶层配置：一次构建/服务/压测所需的一切。跨节的约束在这里校验。"""
+
+    model: UGTConfig = field(default_factory=UGTConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    triton: TritonConfig = field(default_factory=TritonConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    build_dir: str = "build"
+    checkpoint: str = ""  # 空 = <build_dir>/checkpoints/<model.name>.pt（不存在时生成参考检查点）
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.export.max_seq_length > self.model.max_seq_length:
+            raise ConfigError(f"export.max_seq_length ({self.export.max_seq_length}) 不能大于 "
+                              f"model.max_seq_length ({self.model.max_seq_length})")
+        too_big = [s for s in self.triton.preferred_batch_sizes if s > self.export.max_batch_size]
+        if too_big:
+            raise ConfigError(f"triton.preferred_batch_sizes 中 {too_big} 大于 export.max_batch_size "
+                              f"({self.export.max_batch_size})")
+        if self.export.precision == "int8" and self.engine.kind == "torch":
+            raise ConfigError("engine.kind=torch 不支持 export.precision=int8；可选 fp32 / fp16 "
+                              "（int8 用 engine=onnxruntime 或 engine=tensorrt）")
+        max_items = self.catalog.num_items
+        cap = self.model.codebook_sizes[0] * self.model.codebook_sizes[1] * self.model.codebook_sizes[2]
+        if not self.catalog.path and max_items > cap:
+            raise ConfigError(f"catalog.num_items ({max_items}) 超过语义 ID 空间 ({cap})")
+
+
+def register_configs() -> None:
+    """把结构化配置注册到 Hydra 的 ConfigStore（脚本启动时显式调用，不在导入时做）。"""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="serving_schema", node=ServingConfig)
+
+
+def to_serving_config(cfg) -> ServingConfig:
+    """把 Hydra 的 DictConfig 转成已校验的 ServingConfig（不修改 cfg）。"""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, ServingConfig):
+        raise ConfigError("配置未按 serving_schema 组成；conf/config.yaml 的 defaults 应包含 serving_schema")
+    return obj
+

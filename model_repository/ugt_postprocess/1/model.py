@@ -1,0 +1,28 @@
+"""Triton Python 模型：后处理：语义 ID -> 物品 id，去掉无效码与重复，整理 top-k（逻辑见 algorithm/serving/postprocess.py）。
+
+保持很薄：解析请求、调用 algorithm 包、封装响应。
+"""
+import json
+import os
+import sys
+
+for _p in filter(None, os.environ.get("UGT_PYTHONPATH", "").split(os.pathsep)):
+    if _p not in sys.path:  # 内嵌服务器传入本包路径（stub 的解释器不读 PYTHONPATH）
+        sys.path.insert(0, _p)
+
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from algorithm.serving import triton_glue  # noqa: E402
+from algorithm.serving.triton_models import PostprocessModel, parse_parameters  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        model_dir = os.path.join(args["model_repository"], args["model_version"])
+        self.impl = PostprocessModel(model_dir, parse_parameters(config))
+        self.input_names = ("engine_recommendations", "engine_scores")
+
+    def execute(self, requests):
+        return triton_glue.write_responses(
+            pb_utils, self.impl.execute(triton_glue.read_requests(pb_utils, requests, self.input_names)))

@@ -1,0 +1,61 @@
+"""共用夹具：一个小的已构建仓库（整个会话构建一次）与一个真实的内嵌 Triton 服务器。"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from algorithm.serving.config import (CatalogConfig, ExportConfig, GateConfig, ServingConfig,  # noqa: E402
+                                      TrainConfig, TritonConfig)
+
+
+def tiny_config(build_dir: str, **overrides) -> ServingConfig:
+    """CI 用的小配置：ugt_tiny、3000 个物品的目录、短训练、CPU 上单实例。"""
+    kw = dict(
+        build_dir=build_dir,
+        export=ExportConfig(precision="fp32", max_batch_size=16, max_seq_length=256,
+                            validation_shapes=[[1, 3], [5, 37], [16, 256]]),
+        triton=TritonConfig(instance_count=1, preferred_batch_sizes=[4, 8, 16], max_queue_delay_us=2000,
+                            preprocess_instance_count=1, postprocess_instance_count=1),
+        catalog=CatalogConfig(num_items=3000, seed=3),
+        train=TrainConfig(steps=80, batch_size=32, seq_length=24),
+        gates=GateConfig(num_samples=16),
+    )
+    kw.update(overrides)
+    return ServingConfig(**kw)
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """构建一次 tiny 仓库（onnxruntime / fp32）。"""
+    from algorithm.serving.build import build
+
+    cfg = tiny_config(str(tmp_path_factory.mktemp("build")))
+    result = build(cfg, log=lambda s: None, gpus=[])
+    return cfg, result
+
+
+@pytest.fixture(scope="session")
+def catalog(built):
+    from algorithm.models.catalog import load_catalog
+
+    return load_catalog(built[1].catalog)
+
+
+@pytest.fixture(scope="session")
+def server(built):
+    """在 tiny 仓库上运行的真实 Triton（整个会话一个）。"""
+    from algorithm.serving.server import EmbeddedTritonServer
+
+    cfg, result = built
+    with EmbeddedTritonServer(result.repository, cfg.server, ready_models=[cfg.export.model_name]) as s:
+        yield s
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,81 @@
+"""配置：校验、元组默认值修正、Hydra 组合。"""
+import os
+
+import pytest
+
+from algorithm.models.config import UGT_PRESETS
+from algorithm.serving.config import (ExportConfig, GateConfig, ServingConfig, TritonConfig, register_configs,
+                                      to_serving_config)
+from algorithm.serving.errors import ConfigError
+
+CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def test_user_defaults_kept():
+    e, t = ExportConfig(), TritonConfig()
+    assert (e.model_name, e.precision, e.max_batch_size, e.max_seq_length, e.target_latency_ms) == \
+        ("ugt_recommend", "fp16", 64, 1024, 30.0)
+    assert (t.instance_count, t.preferred_batch_sizes, t.max_queue_delay_us) == (2, [8, 16, 32, 64], 100)
+
+
+def test_preferred_batch_sizes_is_a_fresh_list():
+    a, b = TritonConfig(), TritonConfig()
+    a.preferred_batch_sizes.append(128)
+    assert b.preferred_batch_sizes == [8, 16, 32, 64]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(precision="bf8"), ["export.precision", "fp32", "fp16", "int8"]),
+    (dict(max_batch_size=0), ["export.max_batch_size"]),
+    (dict(opset_version=13), ["export.opset_version"]),
+    (dict(model_name="../evil"), ["export.model_name"]),
+    (dict(validation_shapes=[[65, 10]]), ["validation_shapes"]),
+])
+def test_export_config_errors_name_the_field(kwargs, words):
+    with pytest.raises(ConfigError) as e:
+        ExportConfig(**kwargs)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_triton_config_errors():
+    with pytest.raises(ConfigError, match="preferred_batch_sizes"):
+        TritonConfig(preferred_batch_sizes=[8, 0])
+    with pytest.raises(ConfigError, match="instance_kind"):
+        TritonConfig(instance_kind="tpu")
+    with pytest.raises(ConfigError, match="preferred_batch_sizes.*max_batch_size"):
+        ServingConfig(export=ExportConfig(max_batch_size=16), triton=TritonConfig(preferred_batch_sizes=[8, 32]))
+
+
+def test_gate_and_cross_section_errors():
+    with pytest.raises(ConfigError, match="gates.min_overlap"):
+        GateConfig(min_overlap=1.5)
+    with pytest.raises(ConfigError, match="int8"):
+        from algorithm.serving.config import EngineConfig
+        ServingConfig(export=ExportConfig(precision="int8"), engine=EngineConfig(kind="torch"))
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def test_hydra_compose_default_and_precision_int8():
+    cfg = to_serving_config(_compose([]))
+    assert cfg.model.name == "ugt_tiny" and cfg.export.precision == "fp32" and cfg.engine.kind == "onnxruntime"
+    cfg = to_serving_config(_compose(["precision=int8"]))
+    assert cfg.export.precision == "int8"
+
+
+def test_hydra_validation_runs_on_compose():
+    with pytest.raises(Exception, match="export.precision"):
+        to_serving_config(_compose(["export.precision=fp64"]))
+
+
+@pytest.mark.parametrize("name", sorted(UGT_PRESETS))
+def test_yaml_presets_match_python_presets(name):
+    cfg = to_serving_config(_compose([f"model={name}"]))
+    assert cfg.model == UGT_PRESETS[name]

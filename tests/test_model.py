@@ -1,0 +1,89 @@
+"""参考 UGT 模型：形状、dtype、填充不变性、分数降序、无 NaN、目录约束、检查点。"""
+import numpy as np
+import pytest
+import torch
+
+from algorithm.models.catalog import synthetic_catalog
+from algorithm.models.checkpoint import load_checkpoint, save_checkpoint
+from algorithm.models.config import UGTConfig, preset
+from algorithm.models.ugt import build_model, flops_per_request
+from algorithm.serving.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(UGTConfig(max_seq_length=128), seed=1)
+
+
+def run(model, feeds):
+    with torch.no_grad():
+        r, s = model(*[torch.from_numpy(feeds[n]) for n in model.cfg.contract().input_names])
+    return r.numpy(), s.numpy()
+
+
+def test_shapes_dtypes_and_descending_scores(model, rng):
+    feeds = model.cfg.contract().random_inputs(3, 20, rng, lengths=np.array([20, 7, 1]))
+    rec, scores = run(model, feeds)
+    assert rec.shape == (3, 50, 3) and rec.dtype == np.int64
+    assert scores.shape == (3, 50) and scores.dtype == np.float32
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    assert np.isfinite(scores).all()
+    for level, size in enumerate(model.cfg.codebook_sizes):
+        assert rec[..., level].min() >= 0 and rec[..., level].max() < size
+    # 每行 50 个三元组互不相同（beam 是不同路径）
+    assert all(len({tuple(t) for t in row}) == 50 for row in rec.tolist())
+
+
+def test_padding_invariance(model, rng):
+    contract = model.cfg.contract()
+    feeds = contract.random_inputs(1, 9, rng)
+    padded = {k: np.pad(v, ((0, 0), (0, 30))) for k, v in feeds.items()}
+    r1, s1 = run(model, feeds)
+    r2, s2 = run(model, padded)
+    assert np.array_equal(r1, r2)
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+
+
+def test_one_item_and_all_padding_give_no_nan(model, rng):
+    contract = model.cfg.contract()
+    one = contract.random_inputs(2, 1, rng)
+    assert np.isfinite(run(model, one)[1]).all()
+    empty = contract.random_inputs(1, 4, rng, lengths=np.array([0]))
+    assert np.isfinite(run(model, empty)[1]).all()
+
+
+def test_catalog_constrained_decoding_only_yields_catalog_items(rng):
+    cfg = UGTConfig(max_seq_length=64)
+    catalog = synthetic_catalog(500, cfg.codebook_sizes, seed=2)
+    model = build_model(cfg, seed=3).attach_catalog(catalog.semantic_ids)
+    rec, scores = run(model, cfg.contract().random_inputs(4, 12, rng))
+    items, found = catalog.lookup_codes(rec)
+    assert found.all() and np.isfinite(scores).all()
+    unconstrained = build_model(cfg, seed=3)
+    assert not catalog.lookup_codes(run(unconstrained, cfg.contract().random_inputs(4, 12, rng))[0])[1].all()
+
+
+def test_checkpoint_roundtrip_weights_only(tmp_path, model, rng):
+    path = save_checkpoint(model, str(tmp_path / "m.pt"), {"note": "test"})
+    loaded, meta = load_checkpoint(path)
+    assert meta == {"note": "test"} and loaded.cfg == model.cfg
+    feeds = model.cfg.contract().random_inputs(2, 6, rng)
+    assert np.array_equal(run(model, feeds)[0], run(loaded, feeds)[0])
+
+
+def test_checkpoint_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "ugt-serving/1", "config": object()}, path)
+    with pytest.raises(Exception):
+        load_checkpoint(str(path))
+
+
+def test_presets_and_validation():
+    base = preset("ugt_base")
+    assert (base.d_model, base.num_heads, base.num_encoder_layers, base.num_decoder_layers,
+            base.dim_feedforward, base.max_seq_length) == (768, 12, 8, 4, 3072, 1024)
+    with pytest.raises(ConfigError, match="num_heads"):
+        UGTConfig(d_model=65, num_heads=4)
+    with pytest.raises(ConfigError, match="ugt_huge"):
+        preset("ugt_huge")
+    assert flops_per_request(base, 100) > flops_per_request(base, 10) > 0
