@@ -96,7 +96,7 @@ def _constrain(model, catalog: Catalog, config: ServingConfig):
     return model.attach_catalog(catalog.semantic_ids) if config.catalog.constrained_decoding else model
 
 
-def build(config: ServingConfig, log: Log = print, gpus: Optional[List[int]] = None, native: bool = False) -> BuildResult:
+def build(config: ServingConfig, log: Log = print, gpus: Optional[List[int]] = None) -> BuildResult:
     """完整构建；返回各产物路径与报告。"""
     from algorithm.serving.engine_build import build_engine_artifact
     from algorithm.serving.export_onnx import export_to_onnx
@@ -118,7 +118,7 @@ def build(config: ServingConfig, log: Log = print, gpus: Optional[List[int]] = N
     info = {"config": dataclasses.asdict(config), "checkpoint_meta": meta, "export": export_report,
             **engine_reports}
     log(f"[5/5] 生成 ensemble 仓库（{config.export.model_name}）")
-    repo = build_repository(config, p["repository"], artifact, p["catalog"], gpus=gpus, native=native,
+    repo = build_repository(config, p["repository"], artifact, p["catalog"], gpus=gpus,
                             info=info, extra_engine_files=extra)
     log(f"构建完成（{time.time() - t0:.0f}s）")
     return BuildResult(repo, p["catalog"], p["checkpoint"], p["onnx"], artifact, reports=engine_reports)

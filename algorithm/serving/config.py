@@ -112,6 +112,9 @@ class EngineConfig:
 
     kind: str = "onnxruntime"
     device: str = "auto"  # auto / cpu / cuda
+    # true：在 NVIDIA 的 Triton 容器里用原生平台托管（onnxruntime_onnx / tensorrt_plan）；
+    # false：python backend 运行器（内嵌服务器只有 python backend）。tensorrt 总是原生托管。
+    native: bool = False
     num_threads: int = 0  # onnxruntime 每个实例的线程数；0 = onnxruntime 默认
     # torch 引擎：torch.compile 模式与 CUDA Graph 桶（动态批处理形成的 batch 与长度向上取整到桶）
     compile_mode: str = "max-autotune-no-cudagraphs"
@@ -129,6 +132,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _choice("engine", "kind", self.kind, ENGINES)
         _choice("engine", "device", self.device, ("auto", "cpu", "cuda"))
+        if self.native and self.kind == "torch":
+            raise ConfigError("engine.native=true 不支持 engine.kind=torch（它只能由 python backend 运行器托管）")
         _positive("engine", "num_threads", self.num_threads, allow_zero=True)
         _positive("engine", "workspace_gb", self.workspace_gb)
         _positive("engine", "calibration_batches", self.calibration_batches)

@@ -41,14 +41,14 @@ def _copy_file(src: str, dst: str) -> None:
 
 
 def build_repository(config: ServingConfig, out_dir: str, engine_artifact: str, catalog_path: str,
-                     gpus: Optional[Sequence[int]] = None, native: bool = False,
+                     gpus: Optional[Sequence[int]] = None,
                      info: Optional[Dict] = None, extra_engine_files: Sequence[str] = ()) -> str:
     """写出整个仓库并原子替换 out_dir。返回 out_dir 的绝对路径。"""
     out_dir = _safe_target(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    configs = build_model_configs(config, gpus, native)
-    hosting = engine_hosting(config, native)
+    configs = build_model_configs(config, gpus)
+    hosting = engine_hosting(config)
     tmp = tempfile.mkdtemp(prefix=".repo-", dir=parent)
     try:
         for name, mc in configs.items():

@@ -76,14 +76,12 @@ class EngineHosting:
         return not self.platform
 
 
-def engine_hosting(config: ServingConfig, native: bool = False) -> EngineHosting:
-    kind = config.engine.kind
+def engine_hosting(config: ServingConfig) -> EngineHosting:
+    kind, native = config.engine.kind, config.engine.native
     if kind == "tensorrt":
         return EngineHosting("tensorrt_plan", "model.plan")
     if kind == "onnxruntime":
         return EngineHosting("onnxruntime_onnx", "model.onnx") if native else EngineHosting("", "model.onnx")
-    if native:
-        raise ConfigError("engine.kind=torch 只能由 python backend 运行器托管（native=false）")
     return EngineHosting("", "model.pt2")
 
 
@@ -148,6 +146,12 @@ def _set_warmup(mc, contract: EngineContract, seq_len: int = 8) -> None:
         inp.zero_data = True
 
 
+def seq_buckets(config: ServingConfig) -> List[int]:
+    """有效的长度桶：小于 max_seq_length 的桶再加上 max_seq_length 本身。"""
+    limit = config.export.max_seq_length
+    return sorted({b for b in config.engine.seq_buckets if b < limit} | {limit})
+
+
 def _contract_params(config: ServingConfig, contract: EngineContract) -> Dict[str, object]:
     return {"max_seq_length": config.export.max_seq_length,
             "codebook_sizes": list(contract.codebook_sizes),
@@ -168,13 +172,14 @@ def preprocess_config(config: ServingConfig, contract: EngineContract):
     _set_parameters(mc, _contract_params(config, contract) | {
         "unknown_item_policy": config.catalog.unknown_item_policy,
         "max_history_items": config.triton.max_history_items,
-        "seq_buckets": list(config.engine.seq_buckets),
+        # 原生后端要求同一批的形状相同：前处理按桶填充；python 运行器自己合批，前处理不填充
+        "seq_buckets": [] if engine_hosting(config).python_runner else seq_buckets(config),
         "catalog": "catalog.npz"})
     return mc
 
 
-def engine_config(config: ServingConfig, contract: EngineContract, gpus: Sequence[int], native: bool = False):
-    hosting = engine_hosting(config, native)
+def engine_config(config: ServingConfig, contract: EngineContract, gpus: Sequence[int]):
+    hosting = engine_hosting(config)
     mc = pb().ModelConfig(name=ENGINE, max_batch_size=config.export.max_batch_size)
     if hosting.python_runner:
         mc.backend = "python"
@@ -199,7 +204,9 @@ def engine_config(config: ServingConfig, contract: EngineContract, gpus: Sequenc
             "engine_kind": config.engine.kind, "engine_file": hosting.filename,
             "device": "cuda" if on_gpu else "cpu", "num_threads": config.engine.num_threads,
             "precision": config.export.precision,
-            "batch_buckets": list(config.engine.batch_buckets), "seq_buckets": list(config.engine.seq_buckets),
+            # 只有 torch 引擎（CUDA Graph 按桶捕获）需要把合并后的批填充到桶；onnxruntime 按实际最长填充
+            "batch_buckets": list(config.engine.batch_buckets),
+            "seq_buckets": seq_buckets(config) if config.engine.kind == "torch" else [],
             "cuda_graphs": "1" if config.engine.cuda_graphs else "0",
             "compile_mode": config.engine.compile_mode})
     return mc
@@ -271,12 +278,11 @@ def ensemble_config(config: ServingConfig, contract: EngineContract):
     return mc
 
 
-def build_model_configs(config: ServingConfig, gpus: Optional[Sequence[int]] = None,
-                        native: bool = False) -> Dict[str, object]:
+def build_model_configs(config: ServingConfig, gpus: Optional[Sequence[int]] = None) -> Dict[str, object]:
     """四个模型的 ModelConfig（纯函数，便于与黄金文件比较）。gpus=None 时检测本机。"""
     contract = config.model.contract()
     gpus = detect_gpus() if gpus is None else list(gpus)
-    configs = [preprocess_config(config, contract), engine_config(config, contract, gpus, native),
+    configs = [preprocess_config(config, contract), engine_config(config, contract, gpus),
                postprocess_config(config, contract), ensemble_config(config, contract)]
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
@@ -296,13 +302,13 @@ def parse_pbtxt(text: str):
     return text_format.Parse(text, pb().ModelConfig())
 
 
-def generate_triton_config(model_repository: str, config: ServingConfig, gpus: Optional[Sequence[int]] = None,
-                           native: bool = False) -> str:
+def generate_triton_config(model_repository: str, config: ServingConfig,
+                           gpus: Optional[Sequence[int]] = None) -> str:
     """在 model_repository 下为四个模型写 config.pbtxt（目录不存在则创建）。返回仓库路径。
 
     只写配置；引擎文件、目录与 model.py 由 repository.build_repository 放置（它以原子方式生成整个仓库）。
     """
-    for name, mc in build_model_configs(config, gpus, native).items():
+    for name, mc in build_model_configs(config, gpus).items():
         d = os.path.join(model_repository, validate_model_name(name))
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "config.pbtxt"), "w") as f:

@@ -1,0 +1,61 @@
+"""Triton 配置：经 ModelConfig protobuf 生成、能解析回来、与黄金文件一致；实例组与名字校验。"""
+import os
+
+import pytest
+from make_golden import golden_configs
+
+from algorithm.serving.config import EngineConfig, TritonConfig
+from algorithm.serving.errors import ConfigError
+from algorithm.serving.triton_config import build_model_configs, parse_pbtxt, to_pbtxt, validate_model_name
+from conftest import tiny_config
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+
+
+@pytest.mark.parametrize("fname, mc", list(golden_configs()), ids=lambda x: x if isinstance(x, str) else "")
+def test_configs_match_golden_and_parse_back(fname, mc):
+    text = to_pbtxt(mc)
+    with open(os.path.join(GOLDEN, fname)) as f:
+        assert text == f.read(), f"{fname} 与黄金文件不同；若是有意修改，运行 python tests/make_golden.py 并审阅 diff"
+    assert parse_pbtxt(text) == mc
+
+
+def test_instance_group_follows_machine_and_config():
+    gpu = tiny_config("b", engine=EngineConfig(kind="torch", device="auto"))
+    g = build_model_configs(gpu, gpus=[0, 1, 2])["ugt_engine"].instance_group[0]
+    assert g.kind == g.KIND_GPU and list(g.gpus) == [0, 1, 2]
+    pinned = tiny_config("b", engine=EngineConfig(kind="torch"), triton=TritonConfig(gpus=[1], preferred_batch_sizes=[8]))
+    assert list(build_model_configs(pinned, gpus=[0, 1])["ugt_engine"].instance_group[0].gpus) == [1]
+    g = build_model_configs(tiny_config("b", engine=EngineConfig(kind="torch", device="auto")), gpus=[])["ugt_engine"]
+    assert g.instance_group[0].kind == g.instance_group[0].KIND_CPU
+    with pytest.raises(ConfigError, match="GPU"):
+        build_model_configs(tiny_config("b", engine=EngineConfig(kind="tensorrt")), gpus=[])
+    with pytest.raises(ConfigError, match="onnxruntime"):
+        build_model_configs(tiny_config("b", triton=TritonConfig(instance_kind="gpu", preferred_batch_sizes=[8])),
+                            gpus=[0])
+
+
+def test_queue_policy_and_batching_from_config():
+    cfg = tiny_config("b", triton=TritonConfig(preferred_batch_sizes=[2, 4], max_queue_delay_us=500,
+                                               max_queue_size=7, queue_timeout_us=1234))
+    db = build_model_configs(cfg, gpus=[])["ugt_engine"].dynamic_batching
+    assert list(db.preferred_batch_size) == [2, 4] and db.max_queue_delay_microseconds == 500
+    assert db.default_queue_policy.max_queue_size == 7
+    assert db.default_queue_policy.default_timeout_microseconds == 1234
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../x", "", "a b", "x" * 200, "/abs"])
+def test_model_names_are_validated(name):
+    with pytest.raises(ConfigError):
+        validate_model_name(name)
+
+
+def test_python_models_import_without_torch_or_onnx():
+    """前/后处理进程只需要 numpy：导入它们不能拉进 torch / onnx / onnxruntime。"""
+    import subprocess
+    import sys
+
+    code = ("import sys; import algorithm.serving.triton_models, algorithm.serving.triton_glue; "
+            "bad = [m for m in ('torch', 'onnx', 'onnxruntime', 'tritonclient') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
