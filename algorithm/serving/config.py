@@ -236,6 +236,8 @@ class BenchmarkConfig:
     # 开环：每个速率持续 duration_s 秒；rates 为空则只做 SLA 搜索
     rates: List[float] = field(default_factory=list)
     duration_s: float = 5.0
+    # 每个负载点至少这么多请求（低速率时延长持续时间），否则 P99 只是几个样本里的最大值
+    min_requests: int = 200
     # 闭环并发扫描
     concurrency: List[int] = field(default_factory=lambda: [1, 4, 16])
     # SLA 搜索：从 sla_start_rate 开始加倍直到 P99 超标，再二分 sla_steps 步
@@ -253,7 +255,7 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         _choice("benchmark", "target", self.target, BENCH_TARGETS)
         _choice("benchmark", "protocol", self.protocol, PROTOCOLS)
-        for f in ("num_requests", "length_median", "duration_s", "sla_start_rate", "sla_max_rate",
+        for f in ("num_requests", "min_requests", "length_median", "duration_s", "sla_start_rate", "sla_max_rate",
                   "processes", "timeout_s"):
             _positive("benchmark", f, getattr(self, f))
         _positive("benchmark", "length_sigma", self.length_sigma, allow_zero=True)

@@ -239,6 +239,9 @@ def ort_session(onnx_path: str, num_threads: int = 0, providers: Optional[List[s
     if num_threads:
         opts.intra_op_num_threads = int(num_threads)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # 服务进程里与前/后处理、其它实例共享 CPU：关闭线程自旋，空闲时让出核
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(onnx_path, sess_options=opts, providers=providers or ["CPUExecutionProvider"])
 
 
