@@ -22,7 +22,7 @@ CASES = {
 
 def golden_configs():
     for suffix, (overrides, gpus) in CASES.items():
-        for name, mc in build_model_configs(tiny_config("build", **overrides), gpus=gpus).items():
+        for name, mc in build_model_configs(tiny_config("/opt/ugt-build", **overrides), gpus=gpus).items():
             if suffix and name != "ugt_engine" and name != "ugt_preprocess":
                 continue
             yield f"{name}{suffix}.pbtxt", mc

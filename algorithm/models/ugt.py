@@ -85,6 +85,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn = Attention(cfg.d_model, cfg.num_heads)
         self.ln3 = nn.LayerNorm(cfg.d_model)
         self.ff = FeedForward(cfg.d_model, cfg.dim_feedforward)
+        self.register_buffer("causal", torch.ones(3, 3, dtype=torch.bool).tril(), persistent=False)
 
     def forward(self, x: torch.Tensor, memory_kv: Tuple[torch.Tensor, torch.Tensor],
                 memory_bias: torch.Tensor) -> torch.Tensor:
@@ -92,9 +93,8 @@ class DecoderLayer(nn.Module):
         b, k, t, d = x.shape
         flat = x.reshape(b * k, t, d)
         h = self.ln1(flat)
-        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        causal_bias = torch.zeros(t, t, dtype=x.dtype, device=x.device).masked_fill(
-            ~causal, _mask_value(x.dtype))
+        # 因果掩码取自缓冲区（随模型移动设备；torch.export 时不会把创建时的设备固化进图）
+        causal_bias = torch.where(self.causal[:t, :t], 0.0, _mask_value(x.dtype)).to(x.dtype)
         flat = flat + self.self_attn(h, self.self_attn.project_kv(h), causal_bias)
         per_user = flat.reshape(b, k * t, d)
         per_user = per_user + self.cross_attn(self.ln2(per_user), memory_kv, memory_bias)

@@ -160,12 +160,21 @@ async def _run_schedule(spec: Dict[str, Any], requests: List[list]) -> Dict[str,
             "cpu_util": (time.process_time() - cpu0) / max(wall, 1e-9)}
 
 
+_BARRIER = None
+
+
+def _init_worker(barrier) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+
+
 def _worker(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """先生成请求，再在屏障处等所有发压进程就绪，然后同时开始（各进程的计划起点相差不到几毫秒）。"""
     requests = build_requests(spec["requests"])
     spec = dict(spec)
-    ready = time.time()
-    if spec["start_at"] < ready:  # 生成请求超时：整体后移（报告的计划时刻也后移，不算落后）
-        spec["start_at"] = ready
+    if _BARRIER is not None:
+        _BARRIER.wait()
+    spec["start_at"] = time.time() + 0.2
     return asyncio.run(_run_schedule(spec, requests))
 
 
@@ -300,7 +309,8 @@ class Benchmark:
         if len(specs) == 1:
             return [_worker(specs[0])]
         ctx = mp.get_context("spawn")
-        with ctx.Pool(len(specs)) as pool:
+        barrier = ctx.Barrier(len(specs))
+        with ctx.Pool(len(specs), initializer=_init_worker, initargs=(barrier,)) as pool:
             return pool.map(_worker, specs)
 
     def warmup(self) -> None:
@@ -318,7 +328,7 @@ class Benchmark:
         procs = self.cfg.processes
         rng = np.random.default_rng(self._seed + 10_000)
         specs = []
-        start_at = time.time() + 1.0 + 1.5 * (procs > 1)  # 给各进程生成请求留时间
+        start_at = 0.0  # 各进程生成完请求后在屏障处同步起点
         for p in range(procs):
             # 以到达数为条件的泊松过程：n = 速率 x 时长，到达时刻为排序后的均匀分布
             # （间隔仍近似指数分布，但实际平均速率与目标一致，负载点之间可比）
@@ -336,7 +346,7 @@ class Benchmark:
         count = min(count, 200_000)
         procs = min(self.cfg.processes, concurrency)
         per = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
-        start_at = time.time() + 0.5 + 1.5 * (procs > 1)
+        start_at = 0.0
         specs = [self._base_spec("closed", start_at) | {"concurrency": c, "duration_s": duration_s,
                                                         "requests": self._request_spec(max(count // procs, c))}
                  for c in per]

@@ -29,7 +29,7 @@ class BuildResult:
 
     def summary(self) -> str:
         lines = [f"模型仓库：{self.repository}", f"目录：{self.catalog}", f"检查点：{self.checkpoint}",
-                 f"ONNX：{self.onnx}", f"引擎产物：{self.engine_artifact}"]
+                 f"ONNX：{self.onnx if os.path.exists(self.onnx) else '（未导出）'}", f"引擎产物：{self.engine_artifact}"]
         gate = self.reports.get("gates")
         if gate:
             lines.append(f"精度门禁：{'通过' if gate['passed'] else '未通过'}（{gate['summary']}）")
@@ -84,12 +84,23 @@ def ensure_checkpoint(config: ServingConfig, catalog: Catalog, log: Log = print)
     model = build_model(config.model, seed=config.seed)
     pre = Preprocessor(catalog, config.model.contract())
     t = config.train
-    stats = train_reference(model, catalog, t.steps, t.batch_size, t.seq_length, t.lr, t.seed,
+    device = _device(t.device)
+    stats = train_reference(model.to(device), catalog, t.steps, t.batch_size, t.seq_length, t.lr, t.seed,
                             encode=lambda hs: pre.encode_batch(hs), log=log)
+    model.to("cpu")
+    stats["device"] = device
     meta = {"catalog_seed": config.catalog.seed, "train": dataclasses.asdict(t), "train_stats": stats}
     save_checkpoint(model, p["checkpoint"], meta)
     log(f"      -> {p['checkpoint']}")
     return _constrain(model, catalog, config), meta
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _constrain(model, catalog: Catalog, config: ServingConfig):
@@ -107,11 +118,16 @@ def build(config: ServingConfig, log: Log = print, gpus: Optional[List[int]] = N
     os.makedirs(p["build"], exist_ok=True)
     catalog = ensure_catalog(config, log)
     model, meta = ensure_checkpoint(config, catalog, log)
-    log(f"[3/5] 导出 ONNX 并在多个形状上验证：{config.export.checked_shapes()}")
-    export_to_onnx(model, p["onnx"], config.export, tie_tolerance=config.gates.tie_tolerance)
-    with open(p["onnx"] + ".report.json") as f:
-        export_report = json.load(f)
-    log("      " + _export_line(export_report))
+    if config.engine.kind == "torch":
+        # torch 引擎的产物是 torch.export 的 .pt2（门禁检查它）；ONNX 只给 onnxruntime / TensorRT 用
+        log("[3/5] 导出 ONNX：engine=torch 不需要，跳过")
+        export_report = {"skipped": "engine.kind=torch"}
+    else:
+        log(f"[3/5] 导出 ONNX 并在多个形状上验证：{config.export.checked_shapes()}")
+        export_to_onnx(model, p["onnx"], config.export, tie_tolerance=config.gates.tie_tolerance)
+        with open(p["onnx"] + ".report.json") as f:
+            export_report = json.load(f)
+        log("      " + _export_line(export_report))
     log(f"[4/5] 引擎：{config.engine.kind} / {config.export.precision}")
     artifact, engine_reports = build_engine_artifact(config, model, catalog, p["onnx"], p["engine_dir"], log)
     extra = [artifact + ".data"] if os.path.exists(artifact + ".data") else []

@@ -116,10 +116,12 @@ class EngineConfig:
     # false：python backend 运行器（内嵌服务器只有 python backend）。tensorrt 总是原生托管。
     native: bool = False
     num_threads: int = 0  # onnxruntime 每个实例的线程数；0 = onnxruntime 默认
-    # torch 引擎：torch.compile 模式与 CUDA Graph 桶（动态批处理形成的 batch 与长度向上取整到桶）
-    compile_mode: str = "max-autotune-no-cudagraphs"
+    # torch 引擎：torch.compile 模式（none = eager；编译用 dynamic=True 只做一次）与 CUDA Graph 桶
+    # （动态批处理形成的 batch 与长度向上取整到桶）。朴素基线：compile_mode=none cuda_graphs=false
+    compile_mode: str = "default"
     cuda_graphs: bool = True
-    batch_buckets: List[int] = field(default_factory=lambda: [1, 8, 16, 32, 64])
+    # 最小桶为 2 而不是 1：dynamic=True 编译会把大小为 1 的维度特化，batch 1 会触发第二次完整编译
+    batch_buckets: List[int] = field(default_factory=lambda: [2, 8, 16, 32, 64])
     seq_buckets: List[int] = field(default_factory=lambda: [128, 256, 512, 1024])
     compile_cache_dir: str = ""  # 空 = <build_dir>/compile_cache
     # tensorrt
@@ -135,6 +137,8 @@ class EngineConfig:
         if self.native and self.kind == "torch":
             raise ConfigError("engine.native=true 不支持 engine.kind=torch（它只能由 python backend 运行器托管）")
         _positive("engine", "num_threads", self.num_threads, allow_zero=True)
+        _choice("engine", "compile_mode", self.compile_mode,
+                ("none", "default", "max-autotune-no-cudagraphs", "max-autotune"))
         _positive("engine", "workspace_gb", self.workspace_gb)
         _positive("engine", "calibration_batches", self.calibration_batches)
         for name in ("batch_buckets", "seq_buckets"):
@@ -169,8 +173,10 @@ class TrainConfig:
     seq_length: int = 32
     lr: float = 3e-3
     seed: int = 0
+    device: str = "auto"  # auto：有 GPU 就在 GPU 上训练（ugt_base 在 CPU 上太慢）
 
     def __post_init__(self) -> None:
+        _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
         _positive("train", "steps", self.steps, allow_zero=True)
         for f in ("batch_size", "seq_length", "lr"):
             _positive("train", f, getattr(self, f))

@@ -31,19 +31,29 @@ class Postprocessor:
             raise ValueError(f"引擎输出形状不符：recommendations {list(rec.shape)}，scores {list(sc.shape)}")
         b, k = sc.shape
         items, found = self.catalog.lookup_codes(rec)
+        # 按分数降序（引擎已降序；这里不信任、再稳定排序一次）
+        order = np.argsort(-sc, axis=1, kind="stable")
+        items = np.take_along_axis(items, order, 1)
+        found = np.take_along_axis(found, order, 1)
+        sc = np.take_along_axis(sc, order, 1)
+        rec = np.take_along_axis(rec, order[..., None], 1)
+        keep = found & (sc > MASKED_SCORE)  # NaN 比较为 False，也被丢弃
+        # 行内去重：同一物品只保留分数最高（位置最靠前）的一次
+        rows = np.repeat(np.arange(b), k)
+        pos = np.tile(np.arange(k), b)
+        flat_items = np.where(keep, items, -1).ravel()
+        idx = np.lexsort((pos, flat_items, rows))
+        same = np.zeros(b * k, dtype=bool)
+        same[idx[1:]] = (rows[idx[1:]] == rows[idx[:-1]]) & (flat_items[idx[1:]] == flat_items[idx[:-1]])
+        keep &= ~same.reshape(b, k)
+        # 压紧：保留的项按原顺序移到前面，再截取 / 填充到 top_k
+        compact = np.argsort(~keep, axis=1, kind="stable")[:, : self.top_k]
+        kept = np.take_along_axis(keep, compact, 1)
+        n = compact.shape[1]
         out_items = np.full((b, self.top_k), FILL_ITEM, dtype=np.int64)
         out_scores = np.full((b, self.top_k), FILL_SCORE, dtype=np.float32)
         out_sem = np.full((b, self.top_k, 3), FILL_ITEM, dtype=np.int64)
-        for i in range(b):
-            order = np.argsort(-sc[i], kind="stable")  # 引擎已降序；这里不信任、再排一次
-            seen = set()
-            n = 0
-            for j in order:
-                if not found[i, j] or items[i, j] in seen or not sc[i, j] > MASKED_SCORE:
-                    continue
-                seen.add(int(items[i, j]))
-                out_items[i, n], out_scores[i, n], out_sem[i, n] = items[i, j], sc[i, j], rec[i, j]
-                n += 1
-                if n == self.top_k:
-                    break
+        out_items[:, :n] = np.where(kept, np.take_along_axis(items, compact, 1), FILL_ITEM)
+        out_scores[:, :n] = np.where(kept, np.take_along_axis(sc, compact, 1), FILL_SCORE)
+        out_sem[:, :n] = np.where(kept[..., None], np.take_along_axis(rec, compact[..., None], 1), FILL_ITEM)
         return out_items, out_scores, out_sem

@@ -38,8 +38,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_numpy() -> None:
+    """nvidia-pytriton 0.7 的 python backend stub 在 numpy 2 下返回空的（或全零的）输出张量（本项目实测），
+    所以服务进程必须用 numpy < 2。"""
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        raise MissingDependencyError(
+            f"当前解释器的 numpy 为 {numpy.__version__}：内嵌 Triton 的 Python stub 在 numpy 2 下输出为空或全零。"
+            "请在 numpy<2 的环境中运行（scripts/setup.sh 的 .venv；或 python -m venv --system-site-packages "
+            "后在其中安装 numpy<2）")
+
+
 def find_pytriton() -> str:
-    """nvidia-pytriton 的 site-packages 目录（含 pytriton/tritonserver 与 nvidia_pytriton.libs）。"""
+    """nvidia-pytriton 的 site-packages 目录（含 pytriton/tritonserver 与 nvidia_pytriton.libs）。
+    环境变量 UGT_TRITON_SITE 可直接指定该目录（例如只解出了服务器部分的 wheel）。"""
+    if os.environ.get("UGT_TRITON_SITE"):
+        return os.environ["UGT_TRITON_SITE"]
     try:
         import pytriton
     except ImportError as e:
@@ -110,6 +125,7 @@ class EmbeddedTritonServer:
             raise ServerError("服务器已在运行")
         if not os.path.isdir(self.repository):
             raise ServerError(f"模型仓库不存在：{self.repository}（先运行 python scripts/build.py）")
+        check_numpy()
         binary, backend, stub, libs, libdir = self._paths()
         self._tmp = tempfile.mkdtemp(prefix="ugt-triton-")
         backend_dir = os.path.join(self._tmp, "backends")

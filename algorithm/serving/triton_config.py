@@ -106,13 +106,16 @@ def _add_output(mc, name: str, dtype: str, dims: Sequence[int]) -> None:
     o.dims.extend(dims)
 
 
-def _set_batching(mc, config: ServingConfig, preferred: bool = True) -> None:
-    """动态批处理 + 队列策略：超过 max_queue_size 立即拒绝，排队超过 queue_timeout_us 拒绝。"""
+def _set_batching(mc, config: ServingConfig, engine: bool = True) -> None:
+    """动态批处理 + 队列策略：超过 max_queue_size 立即拒绝，排队超过 queue_timeout_us 拒绝。
+
+    只有引擎按 preferred_batch_sizes / max_queue_delay_us 攒批；前/后处理是逐请求的 CPU 工作，
+    等待只增加延迟，所以它们不等（delay 0：执行时队列里有几个就一起处理几个）。"""
     t = config.triton
     db = mc.dynamic_batching
-    if preferred:
+    if engine:
         db.preferred_batch_size.extend(sorted(t.preferred_batch_sizes))
-    db.max_queue_delay_microseconds = t.max_queue_delay_us
+        db.max_queue_delay_microseconds = t.max_queue_delay_us
     qp = db.default_queue_policy
     qp.timeout_action = pb().ModelQueuePolicy.REJECT
     qp.default_timeout_microseconds = t.queue_timeout_us
@@ -167,7 +170,7 @@ def preprocess_config(config: ServingConfig, contract: EngineContract):
     for spec in contract.inputs:
         _add_output(mc, spec.name, spec.triton_dtype, spec.dims_without_batch)
     _add_output(mc, UNKNOWN_COUNT, "TYPE_INT64", [1])
-    _set_batching(mc, config, preferred=False)
+    _set_batching(mc, config, engine=False)
     _set_instance_group(mc, config.triton.preprocess_instance_count, "KIND_CPU")
     _set_parameters(mc, _contract_params(config, contract) | {
         "unknown_item_policy": config.catalog.unknown_item_policy,
@@ -208,8 +211,16 @@ def engine_config(config: ServingConfig, contract: EngineContract, gpus: Sequenc
             "batch_buckets": list(config.engine.batch_buckets),
             "seq_buckets": seq_buckets(config) if config.engine.kind == "torch" else [],
             "cuda_graphs": "1" if config.engine.cuda_graphs else "0",
-            "compile_mode": config.engine.compile_mode})
+            "compile_mode": config.engine.compile_mode, "compile_cache_dir": _compile_cache(config)})
     return mc
+
+
+def _compile_cache(config: ServingConfig) -> str:
+    if config.engine.kind != "torch":
+        return ""
+    from algorithm.serving.torch_engine import compile_cache_dir
+
+    return compile_cache_dir(config)
 
 
 def _engine_on_gpu(config: ServingConfig, gpus: Sequence[int]) -> bool:
@@ -242,7 +253,7 @@ def postprocess_config(config: ServingConfig, contract: EngineContract):
     _add_output(mc, "item_ids", "TYPE_INT64", [contract.top_k])
     _add_output(mc, "scores", "TYPE_FP32", [contract.top_k])
     _add_output(mc, "semantic_ids", "TYPE_INT64", [contract.top_k, 3])
-    _set_batching(mc, config, preferred=False)
+    _set_batching(mc, config, engine=False)
     _set_instance_group(mc, config.triton.postprocess_instance_count, "KIND_CPU")
     _set_parameters(mc, {"top_k": contract.top_k, "catalog": "catalog.npz",
                          "codebook_sizes": list(contract.codebook_sizes)})

@@ -120,7 +120,8 @@ class EngineModel:
 
     def execute(self, requests: Sequence[Mapping[str, np.ndarray]]) -> List[Result]:
         results: List[Result] = [ContractError("内部错误：请求未处理")] * len(requests)
-        good, good_idx = [], []
+        good: List[Mapping[str, np.ndarray]] = []
+        good_idx: List[int] = []
         for i, req in enumerate(requests):
             try:
                 self.contract.validate_inputs(req)
@@ -128,18 +129,29 @@ class EngineModel:
                 good_idx.append(i)
             except ContractError as e:
                 results[i] = e
-        if not good:
-            return results
-        batch = merge_requests(good, self.contract, self.seq_buckets)
-        try:
-            rec, scores = self.runner.run(batch)
-        except Exception as e:  # 引擎失败：这一批的请求都得到错误，服务继续
-            for i in good_idx:
-                results[i] = RuntimeError(f"引擎执行失败：{type(e).__name__}: {e}")
-            return results
-        row = 0
-        for i, req in zip(good_idx, good):
-            b = req["encoder_mask"].shape[0]
-            results[i] = {"recommendations": rec[row:row + b], "scores": scores[row:row + b]}
-            row += b
+        # 按长度分组再合批：一个长历史不会把整批短历史都填充到它的长度
+        groups: Dict[int, List[int]] = {}
+        for j, req in enumerate(good):
+            groups.setdefault(self._length_class(req["encoder_mask"].shape[1]), []).append(j)
+        for members in groups.values():
+            batch = merge_requests([good[j] for j in members], self.contract, self.seq_buckets)
+            try:
+                rec, scores = self.runner.run(batch)
+            except Exception as e:  # 引擎失败：这一组的请求都得到错误，服务继续
+                for j in members:
+                    results[good_idx[j]] = RuntimeError(f"引擎执行失败：{type(e).__name__}: {e}")
+                continue
+            row = 0
+            for j in members:
+                b = good[j]["encoder_mask"].shape[0]
+                results[good_idx[j]] = {"recommendations": rec[row:row + b], "scores": scores[row:row + b]}
+                row += b
         return results
+
+    def _length_class(self, length: int) -> int:
+        """长度所属的组：有桶时为桶，否则按 2 的幂分级（16, 32, 64, ...）。"""
+        from algorithm.serving.preprocess import bucket_length
+
+        if self.seq_buckets:
+            return bucket_length(length, self.seq_buckets, self.contract.max_seq_length)
+        return max(16, 1 << (int(length) - 1).bit_length())
