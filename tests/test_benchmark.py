@@ -73,7 +73,8 @@ def test_run_suite_on_the_ensemble(server, built, tmp_path):
     report = run_suite(server.grpc_url, cfg.export.model_name, b, result.repository, cfg.export.max_seq_length,
                        30.0, str(tmp_path), offline_batches=[1, 4])
     assert report["closed_loop"][0]["error_rate"] == 0 and report["open_loop"][0]["ok"] > 0
-    assert set(report["offline_engine"]) == {"1", "4"}
+    assert set(report["offline_engine"]) == {"1", "4", "length_share"}
+    assert abs(sum(report["offline_engine"]["length_share"].values()) - 1) < 1e-9
     eng = report["closed_loop"][0]["server"]["ugt_engine"]
     assert eng["compute_ms"] > 0 and eng["avg_batch"] >= 1
     assert os.path.exists(report["files"]["png"])
@@ -87,3 +88,10 @@ def test_user_run_benchmark_signature(server, built):
     assert {"throughput", "latency_p50", "latency_p90", "latency_p99"} <= set(out)
     assert out["throughput"] > 0 and out["latency_p50"] <= out["latency_p90"] <= out["latency_p99"]
     assert out["error_rate"] == 0 and out["requests"] == 60
+
+
+def test_sla_search_stops_when_unbatched_latency_already_misses(bench):
+    # 模型本身要 20 ms：P99 <= 10 ms 在任何速率都做不到；搜索应在第一个不合批的点停下并说明
+    sla = bench.sla_search(slo_ms=10.0)
+    assert sla["max_rate"] is None and len(sla["points"]) == 1
+    assert "任何速率" in sla["note"]

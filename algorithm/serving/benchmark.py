@@ -403,10 +403,12 @@ class Benchmark:
 
     def sla_search(self, slo_ms: float) -> Dict[str, Any]:
         """找 P99 <= slo_ms 且错误率达标的最高速率：从 sla_start_rate 起，达标就加倍、不达标就减半，
-        找到相邻的“达标 / 不达标”两个速率后再二分 sla_steps 步。"""
+        找到相邻的“达标 / 不达标”两个速率后再二分 sla_steps 步。减半时若引擎已几乎不合批（平均 batch <= 1.1）
+        仍不达标，就停下并说明：延迟来自服务本身，降速率无用。"""
         points: List[Dict[str, Any]] = []
         good: Optional[Dict[str, Any]] = None
         bad_rate: Optional[float] = None
+        unbatched: Optional[Dict[str, Any]] = None
         rate = self.cfg.sla_start_rate
         min_rate = self.cfg.sla_start_rate / 64
         while min_rate <= rate <= self.cfg.sla_max_rate:
@@ -420,6 +422,11 @@ class Benchmark:
             else:
                 bad_rate = rate
                 if good is not None:
+                    break
+                eng = _engine_stats(p["server"]) or {}
+                if p["error_rate"] <= self.cfg.max_error_rate and (eng.get("avg_batch") or 1.0) <= 1.1:
+                    # 引擎几乎不合批、也没有错误，P99 仍超标：延迟来自服务本身，再降速率也不会达标
+                    unbatched = p
                     break
                 rate /= 2
         if good is not None and bad_rate is not None:
@@ -440,6 +447,9 @@ class Benchmark:
                        "gpu_util": good["gpu"].get("util_mean"), "avg_batch": eng.get("avg_batch") if eng else None}
             if bad_rate is None:
                 result["note"] = f"到 sla_max_rate={self.cfg.sla_max_rate}/s 仍达标"
+        elif unbatched is not None:
+            result["note"] = (f"{unbatched['offered_rate']:.2f}/s 时引擎几乎不合批，P99 仍为 "
+                              f"{unbatched['latency_ms']['p99']:.1f} ms > {slo_ms} ms：任何速率都不达标")
         else:
             result["note"] = f"低至 {min_rate:.2f}/s 仍不达标（P99 > {slo_ms} ms 或错误率超标）"
         return result
@@ -543,27 +553,41 @@ def _plot(report: Dict[str, Any], points: List[Dict[str, Any]], path: str) -> No
 
 
 def offline_engine_throughput(repository: str, batch_sizes: Sequence[int], cfg: BenchmarkConfig,
-                              max_seq_length: int, repeats: int = 3) -> Dict[str, Any]:
-    """在本进程里直接运行仓库中的引擎（与服务同一个运行器），按 batch 测吞吐（请求/秒）。"""
+                              max_seq_length: int, repeats: int = 3, samples: int = 2000) -> Dict[str, Any]:
+    """在本进程里直接运行仓库中的引擎（与服务同一个运行器），按 batch 测吞吐（请求/秒）。
+
+    与服务一致：历史按配置的长度分布抽样，按引擎的长度组（seq 桶）分组，每组单独成批；
+    某 batch 的吞吐 = b / sum_k(p_k * t_k(b))，p_k 为长度组 k 的占比，t_k(b) 为该组 batch b 一次的中位时间。
+    """
     from algorithm.serving.pipeline import InProcessPipeline
     from algorithm.serving.triton_models import merge_requests
 
     pipe = InProcessPipeline(repository)
     catalog = os.path.join(repository, "ugt_preprocess", "1", "catalog.npz")
-    histories = make_histories(catalog, cfg, max(batch_sizes) * repeats, max_seq_length, cfg.seed + 99)
-    feeds = [pipe.pre.pre.encode_one(h)[0] for h in histories]
+    histories = make_histories(catalog, cfg, samples, max_seq_length, cfg.seed + 99)
     eng = pipe.engine
-    out = {}
+    groups: Dict[int, List[Dict[str, np.ndarray]]] = {}
+    for h in histories:
+        feed = pipe.pre.pre.encode_one(h)[0]
+        groups.setdefault(eng._length_class(feed["encoder_mask"].shape[1]), []).append(feed)
+    share = {k: len(v) / len(histories) for k, v in groups.items()}
+    out: Dict[str, Any] = {}
     for b in batch_sizes:
-        times = []
-        for r in range(repeats + 1):
-            batch = merge_requests(feeds[r * b % len(feeds):][:b] or feeds[:b], eng.contract, eng.seq_buckets)
-            t0 = time.perf_counter()
-            eng.runner.run(batch)
-            if r:  # 第一次是预热
-                times.append(time.perf_counter() - t0)
-        out[str(b)] = {"batch": b, "seconds_median": float(np.median(times)),
-                       "throughput": float(b / np.median(times))}
+        per_class = {}
+        for k, feeds in sorted(groups.items()):
+            times = []
+            for r in range(repeats + 1):
+                picked = [feeds[(r * b + i) % len(feeds)] for i in range(b)]
+                batch = merge_requests(picked, eng.contract, eng.seq_buckets)
+                t0 = time.perf_counter()
+                eng.runner.run(batch)
+                if r:  # 第一次是预热
+                    times.append(time.perf_counter() - t0)
+            per_class[str(k)] = float(np.median(times))
+        seconds = sum(share[int(k)] * t for k, t in per_class.items())
+        out[str(b)] = {"batch": b, "seconds_weighted": seconds, "throughput": float(b / seconds),
+                       "seconds_by_length": per_class}
+    out["length_share"] = {str(k): v for k, v in sorted(share.items())}
     return out
 
 
@@ -589,6 +613,20 @@ def run_benchmark(triton_url: str, model_name: str, num_requests: int = 10000,
 
 # ---------------------------------------------------------------- perf_analyzer 交叉检查
 
+def _perf_analyzer_exe() -> Optional[str]:
+    """pip 包 perf_analyzer 自带二进制（perf_analyzer/bin/perf_analyzer）；它的入口脚本用装它时的解释器，
+    换了环境会找不到包，所以优先直接用包里的二进制，其次 PATH 上的。"""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("perf_analyzer")
+    if spec and spec.origin:
+        exe = os.path.join(os.path.dirname(spec.origin), "bin", "perf_analyzer")
+        if os.access(exe, os.X_OK):
+            return exe
+    return shutil.which("perf_analyzer")
+
+
 def run_perf_analyzer(grpc_url: str, model_name: str, catalog_path: str, cfg: BenchmarkConfig,
                       max_seq_length: int, out_dir: str) -> Dict[str, Any]:
     """若装有 perf_analyzer，用同样分布的原始历史在同一模型上跑闭环并发扫描，返回它的数字。"""
@@ -597,7 +635,7 @@ def run_perf_analyzer(grpc_url: str, model_name: str, catalog_path: str, cfg: Be
 
     from algorithm.serving.triton_config import HISTORY_INPUT
 
-    exe = shutil.which("perf_analyzer")
+    exe = _perf_analyzer_exe()
     if not exe:
         return {"available": False, "reason": "未找到 perf_analyzer（pip install perf_analyzer；它的 wheel 需要 glibc 2.38+）"}
     if cfg.target != "ensemble":
@@ -612,10 +650,12 @@ def run_perf_analyzer(grpc_url: str, model_name: str, catalog_path: str, cfg: Be
         csv_path = os.path.join(out_dir, f"perf_analyzer_c{c}.csv")
         cmd = [exe, "-m", model_name, "-u", grpc_url, "-i", "grpc", "--input-data", data_path,
                "--concurrency-range", str(c), "--measurement-interval", str(int(cfg.duration_s * 1000)),
-               "--percentile=99", "-f", csv_path]
+               "--percentile=99", "--stability-percentage", "20", "--max-trials", "6", "-f", csv_path]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0 or not os.path.exists(csv_path):
-            return {"available": True, "error": proc.stdout[-2000:] + proc.stderr[-2000:], "command": cmd}
+            # 例如 P99 在 max_trials 个窗口内不稳定：记下原因，继续下一个并发
+            rows.append({"concurrency": c, "error": (proc.stdout[-1200:] + proc.stderr[-800:]).strip()})
+            continue
         with open(csv_path) as f:
             r = next(csv.DictReader(f))
         rows.append({"concurrency": c, "throughput": float(r["Inferences/Second"]),
@@ -640,10 +680,6 @@ def run_suite(url: str, model_name: str, cfg: BenchmarkConfig, repository: str, 
     try:
         bench.warmup()
         bar.update()
-        if offline_batches:
-            bar.set_postfix_str("引擎离线吞吐")
-            report["offline_engine"] = offline_engine_throughput(repository, offline_batches, cfg, max_seq_length)
-        bar.update()
         report["closed_loop"] = []
         for c in cfg.concurrency:
             bar.set_postfix_str(f"闭环 并发 {c}")
@@ -666,7 +702,13 @@ def run_suite(url: str, model_name: str, cfg: BenchmarkConfig, repository: str, 
                 tqdm.write(format_point(p))
             bar.update()
         if cfg.perf_analyzer:
+            bar.set_postfix_str("perf_analyzer")
             report["perf_analyzer"] = run_perf_analyzer(url, model_name, catalog, cfg, max_seq_length, out_dir)
+        # 引擎离线吞吐放在最后：它在本进程里再加载一份引擎（GPU 上占显存与上下文），不能干扰服务的测量
+        if offline_batches:
+            bar.set_postfix_str("引擎离线吞吐")
+            report["offline_engine"] = offline_engine_throughput(repository, offline_batches, cfg, max_seq_length)
+        bar.update()
     finally:
         bar.close()
     _add_overhead(report)
@@ -680,7 +722,7 @@ def _add_overhead(report: Dict[str, Any]) -> None:
     sla = report.get("sla") or {}
     if not off or not sla.get("max_rate") or not sla.get("avg_batch"):
         return
-    best = min(off.values(), key=lambda v: abs(v["batch"] - sla["avg_batch"]))
+    best = min((v for k, v in off.items() if k.isdigit()), key=lambda v: abs(v["batch"] - sla["avg_batch"]))
     report["serving_overhead"] = {"avg_batch_at_sla": sla["avg_batch"], "offline_batch": best["batch"],
                                   "offline_throughput": best["throughput"], "served_throughput": sla["throughput"],
                                   "offline_over_served": best["throughput"] / max(sla["throughput"], 1e-9)}
@@ -704,4 +746,15 @@ def summary_table(report: Dict[str, Any]) -> str:
                          f"{sla['avg_batch'] or 0:.2f}，GPU {sla['gpu_util'] if sla['gpu_util'] is not None else '-'}）")
         else:
             lines.append(f"SLA：{sla.get('note')}")
+    pa = report.get("perf_analyzer") or {}
+    for r in pa.get("points", []):
+        lines.append(f"perf_analyzer c={r['concurrency']}: " + (
+            f"吞吐 {r['throughput']:.1f}/s p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms" if "throughput" in r
+            else "失败：" + (r["error"].splitlines() or [""])[-1][:120]))
+    if pa and not pa.get("available"):
+        lines.append(f"perf_analyzer：{pa.get('reason')}")
+    off = {k: v for k, v in (report.get("offline_engine") or {}).items() if k.isdigit()}
+    if off:
+        lines.append("引擎离线吞吐（同一运行器，按长度分组）：" + "，".join(
+            f"b{k} {v['throughput']:.0f}/s" for k, v in off.items()))
     return "\n".join(lines)

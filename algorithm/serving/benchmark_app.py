@@ -76,14 +76,27 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
             url = server.grpc_url if b.protocol == "grpc" else server.http_url
             report = run_suite(url, target, b, repo, config.export.max_seq_length, config.export.target_latency_ms,
                                out_dir, offline, meta, contract_kwargs)
-    sla = report.get("sla") or {}
-    if sla.get("max_rate"):
-        sla["model_tflops_per_s"] = sla["throughput"] * flops / 1e12
+    add_flops(report, flops, b.peak_tflops)
     with open(report["files"]["json"], "w") as f:
         json.dump(report, f, indent=2, ensure_ascii=False, default=float)
     print(summary_table(report))
     print(f"报告：{report['files']['json']}\n      {report['files']['csv']}\n      {report['files']['png']}")
     return report
+
+
+def add_flops(report: Dict[str, Any], flops_per_request: float, peak_tflops: float) -> None:
+    """模型 FLOPs/请求 x 吞吐 = 实际算力；给了峰值就再除以峰值得 MFU（SLA 点与离线引擎各一份）。"""
+    def fill(d: Dict[str, Any], throughput: float) -> None:
+        d["model_tflops_per_s"] = throughput * flops_per_request / 1e12
+        d["mfu"] = d["model_tflops_per_s"] / peak_tflops if peak_tflops else None
+
+    report["peak_tflops"] = peak_tflops or None
+    sla = report.get("sla") or {}
+    if sla.get("max_rate"):
+        fill(sla, sla["throughput"])
+    for k, v in (report.get("offline_engine") or {}).items():
+        if k.isdigit():
+            fill(v, v["throughput"])
 
 
 def update_sweep_summary(sweep_dir: str, run_dir: str, report: Dict[str, Any], overrides: List[str]) -> str:

@@ -257,6 +257,8 @@ class BenchmarkConfig:
     timeout_s: float = 10.0
     output_dir: str = ""  # 空 = <build_dir>/benchmark
     perf_analyzer: bool = False  # 若已安装 perf_analyzer，在同一模型上运行并并列其结果
+    # 算 MFU 用的设备峰值（TFLOP/s，按引擎精度的稠密峰值）；0 = 不算。H100 SXM 的 fp16/bf16 稠密峰值为 989
+    peak_tflops: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("benchmark", "target", self.target, BENCH_TARGETS)
@@ -267,6 +269,7 @@ class BenchmarkConfig:
         _positive("benchmark", "length_sigma", self.length_sigma, allow_zero=True)
         _positive("benchmark", "sla_steps", self.sla_steps, allow_zero=True)
         _positive("benchmark", "warmup_requests", self.warmup_requests, allow_zero=True)
+        _positive("benchmark", "peak_tflops", self.peak_tflops, allow_zero=True)
         if not 0 <= self.max_error_rate < 1:
             raise ConfigError(f"benchmark.max_error_rate 应在 [0, 1) 内，得到 {self.max_error_rate}")
         if any(r <= 0 for r in self.rates):
