@@ -213,11 +213,7 @@ class UGTModel(nn.Module):
         logp = self.decode_logp(prefix, 1, memory_kv, bias)  # [B, K, V2]
         if self.constrained:
             logp = logp.masked_fill(~self.valid_l2[c1], neg)
-        v2 = logp.shape[-1]
-        total = (scores.unsqueeze(-1) + logp).reshape(b, -1)
-        scores, idx = torch.topk(total, width, dim=-1)
-        parent = torch.div(idx, v2, rounding_mode="floor")
-        c2 = idx - parent * v2
+        scores, parent, c2 = _beam_topk(scores.unsqueeze(-1) + logp, width)
         c1 = torch.gather(c1, 1, parent)
 
         # 步 3：三级码
@@ -234,17 +230,30 @@ class UGTModel(nn.Module):
             logp = torch.gather(logp, 2, kids).masked_fill(~ok, neg)
         else:
             kids = None
-        v3 = logp.shape[-1]
-        total = (scores.unsqueeze(-1) + logp).reshape(b, -1)
-        scores, idx = torch.topk(total, self.cfg.top_k, dim=-1)
-        parent = torch.div(idx, v3, rounding_mode="floor")
-        c3 = idx - parent * v3
-        if kids is not None:
-            c3 = torch.gather(kids.reshape(b, -1), 1, idx)
+        scores, parent, c3 = _beam_topk(scores.unsqueeze(-1) + logp, self.cfg.top_k)
+        if kids is not None:  # c3 是 kids 里的槽位 -> 真正的三级码
+            c3 = torch.gather(torch.gather(kids, 1, parent.unsqueeze(-1).expand(-1, -1, kids.shape[-1])),
+                              2, c3.unsqueeze(-1)).squeeze(-1)
         c1 = torch.gather(c1, 1, parent)
         c2 = torch.gather(c2, 1, parent)
         recommendations = torch.stack([c1, c2, c3], dim=-1).to(torch.int64)
         return recommendations, scores.float()
+
+
+def _beam_topk(total: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """total [B, K, V]（每个 beam 的累计分数）-> 全局 top-k 的 (分数 [B, k], 父 beam [B, k], 子码 [B, k])。
+
+    先每个 beam 取 top-min(k, V)，再在 K x min(k, V) 个候选里取 top-k：全局前 k 个里每个 beam 至多贡献 k 个，结果相同。
+    父 beam 用常量表 gather 得到，不做除法：导出的图里没有“整数 -> 浮点 -> 除法 -> 取整”，fp16 引擎里
+    大于 65504 的扁平下标不会溢出（曾在 ONNX Runtime fp16 里把下标变成越界的 Gather）。
+    """
+    b, beams, v = total.shape
+    kk = min(k, v)
+    s, child = torch.topk(total, kk, dim=-1)  # [B, K, kk]
+    scores, idx = torch.topk(s.reshape(b, beams * kk), k, dim=-1)
+    # 每个候选的父 beam 编号 [K * kk]：由 ones_like 的累加得到（不写设备，导出的程序与设备无关）
+    parent_of = (torch.ones_like(child[0]).cumsum(0) - 1).reshape(-1)
+    return scores, parent_of[idx], torch.gather(child.reshape(b, beams * kk), 1, idx)
 
 
 def teacher_forcing_loss(model: "UGTModel", inputs, targets: torch.Tensor) -> torch.Tensor:

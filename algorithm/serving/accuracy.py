@@ -17,7 +17,8 @@ class TopKComparison:
     overlap: float  # 允许并列交换后的平均 top-k 集合重合率
     exact_overlap: float  # 不考虑并列的平均重合率
     min_overlap: float  # 最差一行（允许并列）
-    top1_agreement: float
+    top1_agreement: float  # 允许并列
+    exact_top1_agreement: float
     score_mae: float  # 对两边都有的三元组，分数平均绝对误差
     score_max_abs: float
 
@@ -31,7 +32,7 @@ def compare_topk(ref_rec: np.ndarray, ref_scores: np.ndarray, rec: np.ndarray, s
     ref_rec, rec = np.asarray(ref_rec), np.asarray(rec)
     ref_scores, scores = np.asarray(ref_scores, np.float64), np.asarray(scores, np.float64)
     b, k = ref_scores.shape
-    overlaps, exact, top1, errs = [], [], [], []
+    overlaps, exact, top1, strict_top1, errs = [], [], [], [], []
     for i in range(b):
         ref = {tuple(t): s for t, s in zip(ref_rec[i].tolist(), ref_scores[i])}
         got = {tuple(t): s for t, s in zip(rec[i].tolist(), scores[i])}
@@ -42,9 +43,14 @@ def compare_topk(ref_rec: np.ndarray, ref_scores: np.ndarray, rec: np.ndarray, s
         tied_missing = sum(1 for t in ref.keys() - got.keys() if ref[t] - kth <= tie_tolerance)
         tied_extra = sum(1 for t in got.keys() - ref.keys() if abs(got[t] - kth) <= tie_tolerance)
         overlaps.append((len(common) + min(tied_missing, tied_extra)) / k)
-        top1.append(tuple(ref_rec[i, int(np.argmax(ref_scores[i]))]) == tuple(rec[i, int(np.argmax(scores[i]))]))
+        ref_top = tuple(ref_rec[i, int(np.argmax(ref_scores[i]))])
+        got_top = tuple(rec[i, int(np.argmax(scores[i]))])
+        strict_top1.append(ref_top == got_top)
+        # 候选的第一名在参考里与参考第一名并列（分数差 <= tie_tolerance）也算一致
+        top1.append(ref_top == got_top or (got_top in ref and ref_scores[i].max() - ref[got_top] <= tie_tolerance))
         errs.extend(abs(ref[t] - got[t]) for t in common)
     errs_arr = np.asarray(errs) if errs else np.asarray([np.inf])
     return TopKComparison(rows=b, overlap=float(np.mean(overlaps)), exact_overlap=float(np.mean(exact)),
                           min_overlap=float(np.min(overlaps)), top1_agreement=float(np.mean(top1)),
+                          exact_top1_agreement=float(np.mean(strict_top1)),
                           score_mae=float(errs_arr.mean()), score_max_abs=float(errs_arr.max()))

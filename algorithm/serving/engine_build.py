@@ -26,22 +26,26 @@ Log = Callable[[str], None]
 FP32_OPS = ["LogSoftmax", "Softmax", "TopK", "LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Div", "Erf"]
 
 
-def sample_feeds(config: ServingConfig, catalog: Catalog, num: int, seed: int, batch: int = 16) -> Iterator[Dict[str, np.ndarray]]:
-    """从合成行为序列采样历史（长度服从压测同样的对数正态分布），经前处理得到引擎输入。"""
+def sample_feeds(config: ServingConfig, catalog: Catalog, num: int, seed: int, batch: int = 16,
+                 max_len: int = 0, pad_to: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+    """从合成行为序列采样历史（长度服从压测同样的对数正态分布，截断到 max_len，缺省 max_seq_length），
+    经前处理得到引擎输入；pad_to > 0 时每批右侧填充到这个长度（TensorRT 校准要求固定形状）。"""
     from algorithm.models.train import SyntheticSequences
     from algorithm.serving.preprocess import Preprocessor
 
     data = SyntheticSequences(catalog, seed)
     pre = Preprocessor(catalog, config.model.contract())
     rng = np.random.default_rng(seed)
-    max_len = config.export.max_seq_length
+    max_len = min(max_len or config.export.max_seq_length, config.export.max_seq_length)
+    if pad_to and pad_to < max_len:
+        raise ValueError(f"pad_to={pad_to} 小于 max_len={max_len}")
     done = 0
     while done < num:
         b = min(batch, num - done)
         lengths = np.clip(rng.lognormal(np.log(config.benchmark.length_median), config.benchmark.length_sigma, b),
                           1, max_len).astype(int)
         histories = [data.sample(1, int(n), random_lengths=False)[0][0] for n in lengths]
-        yield pre.encode_batch(histories)
+        yield pre.encode_batch(histories, pad_to=pad_to or None)
         done += b
 
 
@@ -56,7 +60,7 @@ def convert_fp16(onnx_path: str, out_path: str) -> str:
 
 
 def quantize_int8(config: ServingConfig, catalog: Catalog, onnx_path: str, out_path: str, log: Log) -> str:
-    """静态 int8（QDQ）：激活用采样历史校准，权重按通道对称量化；只量化 MatMul/Gemm。"""
+    """静态 int8（QDQ）：激活用采样历史校准，权重按通道对称量化；只量化带权重的 MatMul/Gemm（见 int8_weight_matmuls）。"""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
@@ -69,32 +73,52 @@ def quantize_int8(config: ServingConfig, catalog: Catalog, onnx_path: str, out_p
         def get_next(self):
             return next(self.it, None)
 
-    log(f"      int8 校准：{len(feeds)} 批采样历史")
+    nodes = int8_weight_matmuls(onnx_path, config.model.codebook_sizes)
+    log(f"      int8 校准：{len(feeds)} 批采样历史；量化 {len(nodes)} 个权重矩阵乘（打分头与注意力留在 fp32）")
     quantize_static(onnx_path, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=["MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
+                    op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes,
+                    calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
     return out_path
 
 
+def int8_weight_matmuls(onnx_path: str, codebook_sizes) -> list:
+    """要量化的 MatMul/Gemm：第二个输入是权重（initializer），且不是输出码本 logits 的打分头
+    （输出维等于某个码本大小）。注意力里两个激活相乘的 MatMul 不量化。"""
+    import onnx
+
+    model = onnx.load(onnx_path, load_external_data=False)
+    weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    heads = set(int(v) for v in codebook_sizes)
+    return [n.name for n in model.graph.node
+            if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights and weights[n.input[1]][-1] not in heads]
+
+
 def run_gates(config: ServingConfig, catalog: Catalog, model, runner, gates: GateConfig,
-              precision: str) -> Dict[str, Any]:
-    """候选引擎 vs fp32 PyTorch：返回报告；不通过抛 AccuracyError。"""
+              precision: str, baseline=None) -> Dict[str, Any]:
+    """候选引擎 vs fp32 PyTorch：返回报告；不通过抛 AccuracyError。
+    baseline（例如 fp32 的 ONNX 运行器）给出时，在同样的批上计时，报告候选相对它的加速比。"""
     from algorithm.serving.export_onnx import torch_reference
 
     contract = config.model.contract()
     refs, cands = [], []
-    t_ref = t_cand = 0.0
+    t_ref = t_cand = t_base = 0.0
     for feeds in sample_feeds(config, catalog, gates.num_samples, seed=4242):
         t0 = time.time()
         refs.append(torch_reference(model, feeds, contract))
         t1 = time.time()
         cands.append(runner.run(feeds))
+        t2 = time.time()
+        if baseline is not None:
+            baseline.run(feeds)
         t_ref += t1 - t0
-        t_cand += time.time() - t1
+        t_cand += t2 - t1
+        t_base += time.time() - t2
     cmp = compare_topk(np.concatenate([r[0] for r in refs]), np.concatenate([r[1] for r in refs]),
                        np.concatenate([c[0] for c in cands]), np.concatenate([c[1] for c in cands]),
-                       gates.tie_tolerance)
+                       gates.tie_tolerance if precision == "fp32"
+                       else max(gates.tie_tolerance, gates.low_precision_tie_tolerance))
     if precision == "fp32":
         checks = {"overlap": (cmp.overlap, ">=", gates.fp32_min_overlap)}
     else:
@@ -106,6 +130,8 @@ def run_gates(config: ServingConfig, catalog: Catalog, model, runner, gates: Gat
     report = {"precision": precision, "samples": cmp.rows, **cmp.to_dict(),
               "thresholds": {k: f"{op} {th}" for k, (v, op, th) in checks.items()},
               "reference_seconds": t_ref, "candidate_seconds": t_cand, "passed": not failed,
+              **({"fp32_engine_seconds": t_base, "speedup_vs_fp32_engine": t_base / max(t_cand, 1e-9)}
+                 if baseline is not None else {}),
               "summary": f"top-{contract.top_k} 重合 {cmp.overlap:.4f}，top-1 一致 {cmp.top1_agreement:.3f}，"
                          f"分数 MAE {cmp.score_mae:.2e}，{cmp.rows} 条历史"}
     if failed:
@@ -123,6 +149,7 @@ def build_engine_artifact(config: ServingConfig, model, catalog: Catalog, onnx_p
     name = config.model.name
     reports: Dict[str, Any] = {}
     contract = config.model.contract()
+    baseline = None  # onnxruntime 低精度时的 fp32 ONNX 运行器（计时对照）
     if kind == "onnxruntime":
         if precision == "fp32":
             artifact = onnx_path
@@ -131,31 +158,34 @@ def build_engine_artifact(config: ServingConfig, model, catalog: Catalog, onnx_p
         else:
             artifact = quantize_int8(config, catalog, onnx_path, os.path.join(engine_dir, f"{name}.int8.onnx"), log)
         runner = OnnxRuntimeRunner(artifact, contract, config.engine.num_threads)
+        baseline = None if precision == "fp32" else OnnxRuntimeRunner(onnx_path, contract, config.engine.num_threads)
     elif kind == "torch":
         from algorithm.serving.torch_engine import TorchRunner, export_torch_program
 
         artifact = export_torch_program(model, os.path.join(engine_dir, f"{name}.pt2"), config)
         runner = TorchRunner.from_config(artifact, contract, config)
     else:
-        from algorithm.serving.optimize_trt import build_trt_engine
+        from algorithm.serving.optimize_trt import TensorRTRunner, build_trt_engine, trt_profiles
 
         artifact = build_trt_engine(onnx_path, os.path.join(engine_dir, f"{name}.{precision}.plan"), config,
                                     catalog=catalog)
-        reports["gates"] = {"passed": False, "summary": "TensorRT 引擎的门禁需在有 TensorRT 的机器上运行 "
-                                                        "scripts/build.py；本次未运行"}
-        return artifact, reports
+        runner = TensorRTRunner(artifact, contract, trt_profiles(config))
     reference = model
-    if kind == "torch" and getattr(runner, "device", None) is not None and runner.device.type == "cuda":
+    on_gpu = kind == "tensorrt" or (getattr(runner, "device", None) is not None and runner.device.type == "cuda")
+    if on_gpu:
         import copy
 
-        reference = copy.deepcopy(model).to(runner.device)  # fp32 参考放在同一块 GPU 上（更快，仍是 fp32）
+        reference = copy.deepcopy(model).to("cuda")  # fp32 参考放在同一块 GPU 上（更快，仍是 fp32）
     log(f"      门禁：{config.gates.num_samples} 条采样历史，对比 fp32 PyTorch")
-    reports["gates"] = run_gates(config, catalog, reference, runner, config.gates, precision)
+    reports["gates"] = run_gates(config, catalog, reference, runner, config.gates, precision,
+                                 baseline=baseline)
     if kind == "torch":
         reports["torch_engine"] = {"load_seconds": runner.load_seconds, "capture_seconds": runner.capture_seconds,
                                    "cuda_graphs": len(runner.graphs), "compile_mode": config.engine.compile_mode}
     reports["gates"]["speedup_vs_reference"] = (reports["gates"]["reference_seconds"]
                                                 / max(reports["gates"]["candidate_seconds"], 1e-9))
-    log(f"      门禁通过：{reports['gates']['summary']}")
+    g = reports["gates"]
+    speed = f"；同样的批上比 fp32 ONNX 快 {g['speedup_vs_fp32_engine']:.2f} 倍" if "speedup_vs_fp32_engine" in g else ""
+    log(f"      门禁通过：{g['summary']}{speed}")
     return artifact, reports
 

@@ -1,0 +1,77 @@
+"""精度门禁与 onnxruntime 的低精度引擎（fp16 转换、int8 静态量化），在 CPU 上、tiny 模型上。"""
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+
+from algorithm.models.checkpoint import load_checkpoint
+from algorithm.serving.config import ExportConfig, GateConfig
+from algorithm.serving.engine_build import build_engine_artifact, int8_weight_matmuls, run_gates
+from algorithm.serving.engines import OnnxRuntimeRunner
+from algorithm.serving.errors import AccuracyError
+
+
+@pytest.fixture(scope="module")
+def model(built, catalog):
+    cfg, result = built
+    m, _ = load_checkpoint(result.checkpoint)
+    return m.attach_catalog(catalog.semantic_ids)
+
+
+def with_precision(cfg, precision):
+    return dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, precision=precision))
+
+
+class Perturbed:
+    """把 fp32 引擎的结果弄坏一点：每行 top-1 与最后一项交换，分数加噪声。"""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def run(self, feeds):
+        rec, scores = self.runner.run(feeds)
+        rec = rec.copy()
+        rec[:, [0, -1]] = rec[:, [-1, 0]]
+        return rec, scores + 0.3
+
+
+def test_gate_stops_a_bad_engine_with_the_numbers(built, catalog, model):
+    cfg, result = built
+    bad = Perturbed(OnnxRuntimeRunner(result.onnx, cfg.model.contract()))
+    with pytest.raises(AccuracyError) as e:
+        run_gates(cfg, catalog, model, bad, GateConfig(num_samples=8), "fp16")
+    report = e.value.report
+    assert report["passed"] is False and report["top1_agreement"] < 0.95 and report["score_mae"] > 0.05
+    assert "top1_agreement" in str(e.value) and "score_mae" in str(e.value)
+    # 同一引擎不弄坏就通过，fp32 要求 top-50 完全一致
+    ok = run_gates(cfg, catalog, model, bad.runner, GateConfig(num_samples=8), "fp32")
+    assert ok["passed"] and ok["overlap"] == 1.0
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_onnxruntime_reduced_precision_builds_and_passes_gates(built, catalog, model, tmp_path, precision):
+    cfg, result = built
+    cfg = with_precision(cfg, precision)
+    artifact, reports = build_engine_artifact(cfg, model, catalog, result.onnx, str(tmp_path), log=lambda s: None)
+    g = reports["gates"]
+    assert g["passed"] and g["overlap"] >= cfg.gates.min_overlap and g["top1_agreement"] >= cfg.gates.min_top1_agreement
+    assert g["speedup_vs_fp32_engine"] > 0 and g["fp32_engine_seconds"] > 0
+    graph = onnx.load(artifact).graph
+    if precision == "fp16":
+        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+        assert [i.type.tensor_type.elem_type for i in graph.input][-1] == onnx.TensorProto.FLOAT  # 输入类型不变
+    else:
+        assert sum(n.op_type == "DequantizeLinear" for n in graph.node) >= len(int8_weight_matmuls(result.onnx, cfg.model.codebook_sizes))
+
+
+def test_int8_leaves_score_heads_and_attention_in_float(built):
+    cfg, result = built
+    chosen = set(int8_weight_matmuls(result.onnx, cfg.model.codebook_sizes))
+    m = onnx.load(result.onnx)
+    weights = {i.name: list(i.dims) for i in m.graph.initializer}
+    matmuls = [n for n in m.graph.node if n.op_type == "MatMul"]
+    heads = [n.name for n in matmuls if n.input[1] in weights and weights[n.input[1]][-1] in cfg.model.codebook_sizes]
+    attention = [n.name for n in matmuls if n.input[1] not in weights]
+    assert len(heads) == 3 and attention and chosen
+    assert not chosen & set(heads) and not chosen & set(attention)
