@@ -378,6 +378,8 @@ class Benchmark:
         point = point | {
             "sent": n_issued, "ok": int(ok.sum()), "errors": errors,
             "error_rate": (n_issued - int(ok.sum())) / max(n_issued, 1),
+            # 过载时被队列策略拒绝（gRPC UNAVAILABLE / HTTP 503）的比例：丢弃而不是排队
+            "refused_share": (errors.get("UNAVAILABLE", 0) + errors.get("503", 0)) / max(n_issued, 1),
             "throughput": float(ok.sum() / window),
             "latency_ms": _percentiles(lat),
             "p50_first_quarter_ms": float(np.median(lat[order[:q]])) if ok.any() else None,
@@ -404,7 +406,7 @@ class Benchmark:
     def sla_search(self, slo_ms: float) -> Dict[str, Any]:
         """找 P99 <= slo_ms 且错误率达标的最高速率：从 sla_start_rate 起，达标就加倍、不达标就减半，
         找到相邻的“达标 / 不达标”两个速率后再二分 sla_steps 步。减半时若引擎已几乎不合批（平均 batch <= 1.1）
-        仍不达标，就停下并说明：延迟来自服务本身，降速率无用。"""
+        而中位延迟仍超过目标，就停下并说明：延迟来自服务本身，降速率无用。"""
         points: List[Dict[str, Any]] = []
         good: Optional[Dict[str, Any]] = None
         bad_rate: Optional[float] = None
@@ -424,8 +426,10 @@ class Benchmark:
                 if good is not None:
                     break
                 eng = _engine_stats(p["server"]) or {}
-                if p["error_rate"] <= self.cfg.max_error_rate and (eng.get("avg_batch") or 1.0) <= 1.1:
-                    # 引擎几乎不合批、也没有错误，P99 仍超标：延迟来自服务本身，再降速率也不会达标
+                p50 = p["latency_ms"]["p50"]
+                if (p["error_rate"] <= self.cfg.max_error_rate and (eng.get("avg_batch") or 1.0) <= 1.1
+                        and p50 is not None and p50 > slo_ms):
+                    # 引擎几乎不合批（没有排队）而中位延迟已超过目标：延迟来自服务本身，再降速率也不会达标
                     unbatched = p
                     break
                 rate /= 2
@@ -448,8 +452,8 @@ class Benchmark:
             if bad_rate is None:
                 result["note"] = f"到 sla_max_rate={self.cfg.sla_max_rate}/s 仍达标"
         elif unbatched is not None:
-            result["note"] = (f"{unbatched['offered_rate']:.2f}/s 时引擎几乎不合批，P99 仍为 "
-                              f"{unbatched['latency_ms']['p99']:.1f} ms > {slo_ms} ms：任何速率都不达标")
+            result["note"] = (f"{unbatched['offered_rate']:.2f}/s 时引擎几乎不合批，中位延迟已是 "
+                              f"{unbatched['latency_ms']['p50']:.1f} ms > {slo_ms} ms：任何速率都不达标")
         else:
             result["note"] = f"低至 {min_rate:.2f}/s 仍不达标（P99 > {slo_ms} ms 或错误率超标）"
         return result
@@ -707,7 +711,8 @@ def run_suite(url: str, model_name: str, cfg: BenchmarkConfig, repository: str, 
         # 引擎离线吞吐放在最后：它在本进程里再加载一份引擎（GPU 上占显存与上下文），不能干扰服务的测量
         if offline_batches:
             bar.set_postfix_str("引擎离线吞吐")
-            report["offline_engine"] = offline_engine_throughput(repository, offline_batches, cfg, max_seq_length)
+            report["offline_engine"] = offline_engine_throughput(repository, offline_batches, cfg, max_seq_length,
+                                                                 samples=cfg.offline_samples)
         bar.update()
     finally:
         bar.close()

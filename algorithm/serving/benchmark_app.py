@@ -66,7 +66,7 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
     contract_kwargs = {"max_seq_length": contract.max_seq_length, "codebook_sizes": list(contract.codebook_sizes),
                        "num_token_types": contract.num_token_types, "top_k": contract.top_k}
     target = config.export.model_name if b.target == "ensemble" else "ugt_engine"
-    offline = sorted({1, *config.triton.preferred_batch_sizes})
+    offline = sorted({1, *config.triton.preferred_batch_sizes}) if b.offline_samples else []
     if b.url:
         report = run_suite(b.url, target, b, repo, config.export.max_seq_length, config.export.target_latency_ms,
                            out_dir, offline, meta, contract_kwargs)

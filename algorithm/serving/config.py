@@ -129,6 +129,8 @@ class EngineConfig:
     fp32_layers: bool = True  # softmax / layernorm / 打分路径保持 fp32
     opt_batch_size: int = 32
     opt_seq_length: int = 128
+    # 按长度切分优化 profile：[1, 256] 与 [257, max_seq_length] 各一个（长尾分布里短历史居多，内核按各段的 opt 调优）
+    trt_seq_splits: List[int] = field(default_factory=lambda: [256])
     calibration_batches: int = 16
 
     def __post_init__(self) -> None:
@@ -145,6 +147,11 @@ class EngineConfig:
             b = list(getattr(self, name))
             if not b or b != sorted(set(b)) or b[0] < 1:
                 raise ConfigError(f"engine.{name} 应为严格递增的正整数列表，得到 {b}")
+        splits = list(self.trt_seq_splits)
+        if splits != sorted(set(splits)) or (splits and splits[0] < 1):
+            raise ConfigError(f"engine.trt_seq_splits 应为严格递增的正整数列表（可为空），得到 {splits}")
+        _positive("engine", "opt_batch_size", self.opt_batch_size)
+        _positive("engine", "opt_seq_length", self.opt_seq_length)
 
 
 @dataclass
@@ -197,6 +204,9 @@ class GateConfig:
     min_top1_agreement: float = 0.95
     max_score_mae: float = 0.05
     tie_tolerance: float = 1e-4
+    # fp16 / int8 引擎的并列容差：分数是三个对数概率之和（量级约 -10），fp16 的相对精度约 1e-3，
+    # 参考分数相差小于 0.01 的两项在低精度下互换名次不是模型给出了不同的推荐
+    low_precision_tie_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         _positive("gates", "num_samples", self.num_samples)
@@ -206,6 +216,7 @@ class GateConfig:
                 raise ConfigError(f"gates.{f} 应在 [0, 1] 内，得到 {v}")
         _positive("gates", "max_score_mae", self.max_score_mae, allow_zero=True)
         _positive("gates", "tie_tolerance", self.tie_tolerance, allow_zero=True)
+        _positive("gates", "low_precision_tie_tolerance", self.low_precision_tie_tolerance, allow_zero=True)
 
 
 @dataclass
@@ -218,6 +229,11 @@ class ServerConfig:
     metrics_port: int = 0
     startup_timeout_s: float = 180.0
     log_verbose: int = 0
+    # 监护：Triton 2.51 的 python backend 不会重启被杀死的存根进程（请求一直得到 "Stub process is not healthy"）。
+    # 开启时服务器以 explicit 模型控制模式启动（启动时加载全部模型），后台线程每 supervise_interval_s 秒检查
+    # 各 python 模型的存根进程，发现死掉的就通过模型仓库 API 重新加载该模型（产生新的存根）。
+    supervise: bool = True
+    supervise_interval_s: float = 0.5
 
     def __post_init__(self) -> None:
         for f in ("http_port", "grpc_port", "metrics_port"):
@@ -225,6 +241,7 @@ class ServerConfig:
             if not 0 <= v < 65536:
                 raise ConfigError(f"server.{f} 应在 [0, 65535] 内，得到 {v}")
         _positive("server", "startup_timeout_s", self.startup_timeout_s)
+        _positive("server", "supervise_interval_s", self.supervise_interval_s)
 
 
 @dataclass
@@ -257,6 +274,8 @@ class BenchmarkConfig:
     timeout_s: float = 10.0
     output_dir: str = ""  # 空 = <build_dir>/benchmark
     perf_analyzer: bool = False  # 若已安装 perf_analyzer，在同一模型上运行并并列其结果
+    # 引擎离线吞吐：按长度分布抽这么多条历史（分组后每组成批计时）；0 = 不测
+    offline_samples: int = 2000
     # 算 MFU 用的设备峰值（TFLOP/s，按引擎精度的稠密峰值）；0 = 不算。H100 SXM 的 fp16/bf16 稠密峰值为 989
     peak_tflops: float = 0.0
 
@@ -270,6 +289,7 @@ class BenchmarkConfig:
         _positive("benchmark", "sla_steps", self.sla_steps, allow_zero=True)
         _positive("benchmark", "warmup_requests", self.warmup_requests, allow_zero=True)
         _positive("benchmark", "peak_tflops", self.peak_tflops, allow_zero=True)
+        _positive("benchmark", "offline_samples", self.offline_samples, allow_zero=True)
         if not 0 <= self.max_error_rate < 1:
             raise ConfigError(f"benchmark.max_error_rate 应在 [0, 1) 内，得到 {self.max_error_rate}")
         if any(r <= 0 for r in self.rates):

@@ -20,10 +20,11 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from algorithm.serving.config import ServerConfig
 from algorithm.serving.errors import MissingDependencyError, ServerError
@@ -78,6 +79,10 @@ class EmbeddedTritonServer:
         self._tmp: Optional[str] = None
         self._log_file = None
         self.http_port = self.grpc_port = self.metrics_port = 0
+        self._stop_event: Optional[threading.Event] = None
+        self._supervisor: Optional[threading.Thread] = None
+        self._stubs: Dict[str, List[int]] = {}
+        self.restarts: Dict[str, int] = {}  # 监护线程重新加载各模型的次数
 
     # ---- 地址 ----
     @property
@@ -114,7 +119,8 @@ class EmbeddedTritonServer:
     def _command(self, binary: str, backend_dir: str) -> List[str]:
         c = self.config
         return [binary, f"--model-repository={self.repository}", f"--backend-directory={backend_dir}",
-                "--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true",
+                *(["--model-control-mode=explicit", "--load-model=*"] if c.supervise else ["--model-control-mode=none"]),
+                "--strict-readiness=true", "--exit-on-error=true",
                 f"--http-address={c.host}", f"--http-port={self.http_port}",
                 f"--grpc-address={c.host}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-address={c.host}", f"--metrics-port={self.metrics_port}",
@@ -151,7 +157,60 @@ class EmbeddedTritonServer:
             self.stop()
             raise
         log.info("Triton 就绪：HTTP %s  gRPC %s  metrics %s", self.http_url, self.grpc_url, self.metrics_url)
+        if self.config.supervise:
+            self._stop_event = threading.Event()
+            self._stubs = self.stub_processes()
+            self._supervisor = threading.Thread(target=self._supervise, name="ugt-triton-supervisor", daemon=True)
+            self._supervisor.start()
         return self
+
+    # ---- 监护：重启死掉的 python backend 存根 ----
+    def stub_processes(self) -> Dict[str, List[int]]:
+        """{模型名: [存根进程 pid]}（python backend 的 triton_python_backend_stub，命令行里带模型目录）。"""
+        import psutil
+
+        out: Dict[str, List[int]] = {}
+        if self.process is None:
+            return out
+        for p in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                cmd = p.cmdline()
+            except psutil.Error:
+                continue
+            if cmd and cmd[0].endswith("triton_python_backend_stub") and len(cmd) > 1:
+                model = os.path.basename(os.path.dirname(os.path.dirname(cmd[1])))
+                out.setdefault(model, []).append(p.pid)
+        return out
+
+    def _alive(self, pid: int) -> bool:
+        import psutil
+
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def _supervise(self) -> None:
+        while not self._stop_event.wait(self.config.supervise_interval_s):
+            for model, pids in list(self._stubs.items()):
+                if all(self._alive(p) for p in pids):
+                    continue
+                log.warning("模型 %s 的 python backend 存根进程已退出（%s），重新加载该模型", model, pids)
+                self.restarts[model] = self.restarts.get(model, 0) + 1
+                status = self._post(f"/v2/repository/models/{model}/load")
+                if status != 200:
+                    log.error("重新加载 %s 失败（HTTP %s）；日志末尾：\n%s", model, status, self.log_tail(10))
+                self._stubs = self.stub_processes()
+
+    def _post(self, path: str) -> int:
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except (urllib.error.URLError, OSError):
+            return 0
 
     def log_tail(self, n: int = 40) -> str:
         try:
@@ -185,6 +244,10 @@ class EmbeddedTritonServer:
         raise ServerError(f"tritonserver {self.config.startup_timeout_s:.0f}s 内未就绪。日志末尾：\n{self.log_tail()}")
 
     def stop(self, timeout: float = 30.0) -> None:
+        if self._stop_event is not None:
+            self._stop_event.set()
+            if self._supervisor is not None:
+                self._supervisor.join(timeout=5)
         p, self.process = self.process, None
         if p is not None and p.poll() is None:
             try:

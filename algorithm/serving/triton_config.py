@@ -165,7 +165,9 @@ def _contract_params(config: ServingConfig, contract: EngineContract) -> Dict[st
 
 def preprocess_config(config: ServingConfig, contract: EngineContract):
     mc = pb().ModelConfig(name=PREPROCESS, backend="python", max_batch_size=config.export.max_batch_size)
-    _add_input(mc, HISTORY_INPUT, "TYPE_INT64", [-1], ragged=True)
+    # 历史也标为 optional：请求只带行为类型时，前处理照样执行并给出“缺少 history_item_ids”的错误；
+    # 若它是必需的，ensemble 会因该步永远凑不齐输入而报 “unexpected deadlock”，看不出缺了什么
+    _add_input(mc, HISTORY_INPUT, "TYPE_INT64", [-1], optional=True, ragged=True)
     _add_input(mc, BEHAVIOR_INPUT, "TYPE_INT64", [-1], optional=True, ragged=True)
     for spec in contract.inputs:
         _add_output(mc, spec.name, spec.triton_dtype, spec.dims_without_batch)
@@ -198,6 +200,11 @@ def engine_config(config: ServingConfig, contract: EngineContract, gpus: Sequenc
     on_gpu = _engine_on_gpu(config, gpus)
     if on_gpu:
         _set_instance_group(mc, config.triton.instance_count, "KIND_GPU", list(config.triton.gpus) or list(gpus))
+        if config.engine.kind == "tensorrt":
+            # 计划文件里有几个优化 profile（optimize_trt.trt_profiles）就全部交给实例，按输入形状选用
+            from algorithm.serving.optimize_trt import trt_profiles
+
+            mc.instance_group[0].profile.extend(str(i) for i in range(len(trt_profiles(config))))
     else:
         _set_instance_group(mc, config.triton.instance_count, "KIND_CPU")
     if config.triton.warmup:
@@ -263,7 +270,7 @@ def postprocess_config(config: ServingConfig, contract: EngineContract):
 def ensemble_config(config: ServingConfig, contract: EngineContract):
     name = validate_model_name(config.export.model_name)
     mc = pb().ModelConfig(name=name, platform="ensemble", max_batch_size=config.export.max_batch_size)
-    _add_input(mc, HISTORY_INPUT, "TYPE_INT64", [-1])
+    _add_input(mc, HISTORY_INPUT, "TYPE_INT64", [-1], optional=True)  # 缺失时由前处理报错（见 preprocess_config）
     _add_input(mc, BEHAVIOR_INPUT, "TYPE_INT64", [-1], optional=True)
     _add_output(mc, "item_ids", "TYPE_INT64", [contract.top_k])
     _add_output(mc, "scores", "TYPE_FP32", [contract.top_k])

@@ -1,0 +1,248 @@
+"""坏输入、过载、后端进程崩溃与浸泡：真实的内嵌 Triton 上，服务给出清楚的错误并继续服务。
+
+README 的“可靠性”一节把每条保证对应到这里的测试。
+"""
+import dataclasses
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from algorithm.models.train import SyntheticSequences
+from algorithm.serving.benchmark import Benchmark
+from algorithm.serving.client import RecommendClient, make_inputs
+from algorithm.serving.config import BenchmarkConfig
+from algorithm.serving.repository import build_repository
+from algorithm.serving.server import EmbeddedTritonServer
+from algorithm.serving.triton_config import BEHAVIOR_INPUT, HISTORY_INPUT
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def history(catalog):
+    return SyntheticSequences(catalog, seed=5).sample(1, 40, random_lengths=False)[0][0]
+
+
+def infer_raw(url, model, arrays, dtypes=None):
+    """按原样发送（不经客户端的整形），返回结果或抛出 InferenceServerException。"""
+    c = grpcclient.InferenceServerClient(url)
+    try:
+        inputs = []
+        for name, arr in arrays.items():
+            dt = (dtypes or {}).get(name) or {np.dtype("int64"): "INT64", np.dtype("float32"): "FP32"}[arr.dtype]
+            i = grpcclient.InferInput(name, list(arr.shape), dt)
+            i.set_data_from_numpy(arr)
+            inputs.append(i)
+        return c.infer(model, inputs, client_timeout=30)
+    finally:
+        c.close()
+
+
+def engine_feeds(contract, rng, **override):
+    f = contract.random_inputs(2, 12, rng)
+    f.update(override)
+    return f
+
+
+def test_bad_input_battery_is_refused_clearly_and_service_is_unchanged(server, built, history, rng):
+    cfg, _ = built
+    model, url = cfg.export.model_name, server.grpc_url
+    client = RecommendClient(url, model)
+    before = client.recommend(history)
+    contract = cfg.model.contract()
+    v1 = contract.codebook_sizes[0]
+    h = history.reshape(1, -1)
+    cases = [
+        # (说明, 模型, 输入, dtype 覆盖, 错误里必须出现的词)
+        ("空历史", model, {HISTORY_INPUT: np.zeros((1, 0), np.int64)}, None, [HISTORY_INPUT, "为空"]),
+        ("全部未知", model, {HISTORY_INPUT: np.array([[-5, -1, 10 ** 15]], np.int64)}, None, [HISTORY_INPUT, "不在目录"]),
+        ("错误 dtype", model, {HISTORY_INPUT: h.astype(np.float32)}, None, [HISTORY_INPUT, "INT64"]),
+        ("错误秩", model, {HISTORY_INPUT: h.reshape(1, 1, -1)}, None, [HISTORY_INPUT, "shape"]),
+        ("缺少输入", model, {BEHAVIOR_INPUT: np.zeros_like(h)}, None, [HISTORY_INPUT]),
+        ("没有输入", model, {}, None, ["0 inputs"]),  # Triton 自己拒绝
+        ("batch 超过上限", model, {HISTORY_INPUT: np.repeat(h, cfg.export.max_batch_size + 1, 0)}, None, ["batch"]),
+        ("超长请求体", model, {HISTORY_INPUT: np.ones((1, cfg.triton.max_history_items + 1), np.int64)}, None,
+         [HISTORY_INPUT, "上限"]),
+        ("行为类型越界", model, {HISTORY_INPUT: h, BEHAVIOR_INPUT: np.full_like(h, 99)}, None, [BEHAVIOR_INPUT]),
+        ("行为类型长度不符", model, {HISTORY_INPUT: h, BEHAVIOR_INPUT: h[:, :3] * 0}, None, [BEHAVIOR_INPUT]),
+        # 直接发给引擎：越界的 id / 位置 / 行为类型、NaN 与 inf 的掩码、负数 —— 都到不了引擎
+        ("引擎：l1 越界", "ugt_engine", engine_feeds(contract, rng, encoder_l1_ids=np.full((2, 12), v1, np.int64)),
+         None, ["encoder_l1_ids"]),
+        ("引擎：负 l3", "ugt_engine", engine_feeds(contract, rng, encoder_l3_ids=np.full((2, 12), -1, np.int64)),
+         None, ["encoder_l3_ids"]),
+        ("引擎：位置越界", "ugt_engine",
+         engine_feeds(contract, rng, encoder_positions=np.full((2, 12), contract.max_seq_length, np.int64)),
+         None, ["encoder_positions"]),
+        ("引擎：行为类型越界", "ugt_engine",
+         engine_feeds(contract, rng, encoder_token_types=np.full((2, 12), 8, np.int64)), None, ["encoder_token_types"]),
+        ("引擎：NaN 掩码", "ugt_engine", engine_feeds(contract, rng, encoder_mask=np.full((2, 12), np.nan, np.float32)),
+         None, ["encoder_mask"]),
+        ("引擎：inf 掩码", "ugt_engine", engine_feeds(contract, rng, encoder_mask=np.full((2, 12), np.inf, np.float32)),
+         None, ["encoder_mask"]),
+    ]
+    for what, target, arrays, dtypes, words in cases:
+        with pytest.raises(InferenceServerException) as e:
+            infer_raw(url, target, arrays, dtypes)
+        msg = str(e.value)
+        assert all(w in msg for w in words), (what, msg)
+        assert server.is_ready(), what
+    # 超过 max_seq_length 的历史按规则截断（保留最近的），不是错误
+    long = np.concatenate([history] * 10)[: cfg.export.max_seq_length + 50]
+    assert np.array_equal(client.recommend(long).item_ids, client.recommend(long[-cfg.export.max_seq_length:]).item_ids)
+    # 未知 / 负 id 按规则跳过并计数
+    got = client.recommend(np.concatenate([[-3], history, [10 ** 15]]))
+    assert got.num_unknown_items == 2 and np.array_equal(got.item_ids, before.item_ids)
+    after = client.recommend(history)
+    assert np.array_equal(after.item_ids, before.item_ids) and np.array_equal(after.scores, before.scores)
+    client.close()
+
+
+# ---------------------------------------------------------------- 过载：丢弃而不是无限排队
+
+@pytest.fixture(scope="module")
+def small_queue_server(built, tmp_path_factory):
+    cfg, result = built
+    triton = dataclasses.replace(cfg.triton, max_queue_size=2, queue_timeout_us=2_000_000, warmup=False)
+    small = dataclasses.replace(cfg, triton=triton)
+    repo = build_repository(small, str(tmp_path_factory.mktemp("overload") / "repo"), result.engine_artifact,
+                            result.catalog)
+    with EmbeddedTritonServer(repo, cfg.server, ready_models=[cfg.export.model_name]) as s:
+        yield s
+
+
+def flood(url, model, history, n):
+    """n 个请求几乎同时发出（gRPC 异步），返回 [(是否成功, 延迟 ms, 错误状态)]。"""
+    c = grpcclient.InferenceServerClient(url)
+    out, done = [None] * n, threading.Semaphore(0)
+    t0 = [0.0] * n
+
+    def cb(i):
+        def f(result, error):
+            status = error.status() if error is not None else None
+            out[i] = (error is None, (time.perf_counter() - t0[i]) * 1000, status)
+            done.release()
+        return f
+
+    for i in range(n):
+        t0[i] = time.perf_counter()
+        c.async_infer(model, make_inputs("grpc", history), cb(i), client_timeout=30)
+    for _ in range(n):
+        assert done.acquire(timeout=60)
+    c.close()
+    return out
+
+
+def test_overload_is_shed_fast_and_accepted_requests_keep_latency(small_queue_server, built, history):
+    model, url = built[0].export.model_name, small_queue_server.grpc_url
+    client = RecommendClient(url, model)
+    unloaded = []
+    for _ in range(10):
+        t = time.perf_counter()
+        client.recommend(history)
+        unloaded.append((time.perf_counter() - t) * 1000)
+    base = float(np.median(unloaded))
+    res = flood(url, model, history, 300)
+    ok = [lat for good, lat, _ in res if good]
+    refused = [(lat, st) for good, lat, st in res if not good]
+    assert refused and ok, (len(ok), len(refused))
+    assert {st for _, st in refused} == {"StatusCode.UNAVAILABLE"}, {st for _, st in refused}
+    # 被拒的立即返回（全部排队时最后一个要等约 300 x 单次耗时）；被接受的等待受队列策略约束（超时 2 s）
+    refused_ms = [lat for lat, _ in refused]
+    print(f"单次 {base:.1f} ms；接受 {len(ok)} 个，延迟 {[round(x) for x in sorted(ok)]} ms；"
+          f"拒绝 {len(refused)} 个，中位 {np.median(refused_ms):.1f} ms")
+    assert np.median(refused_ms) < min(100.0, 300 * base / 4)
+    assert max(ok) < 2000 + 500
+    assert small_queue_server.is_ready()
+    assert client.recommend(history).item_ids.shape == (50,)
+    client.close()
+
+
+def test_benchmark_reports_the_refused_share(small_queue_server, built):
+    cfg, result = built
+    b = Benchmark(small_queue_server.grpc_url, cfg.export.model_name,
+                  BenchmarkConfig(processes=2, warmup_requests=0, length_median=30, min_requests=50),
+                  result.catalog, cfg.export.max_seq_length, progress=False)
+    p = b.open_loop(2000.0, duration_s=0.5)
+    assert p["refused_share"] > 0 and p["errors"].get("UNAVAILABLE", 0) > 0
+    assert p["refused_share"] == pytest.approx(p["errors"]["UNAVAILABLE"] / p["sent"])
+
+
+# ---------------------------------------------------------------- 后端进程被 kill -9
+
+@pytest.fixture(scope="module")
+def fragile_server(built, tmp_path_factory):
+    cfg, result = built
+    d = tmp_path_factory.mktemp("fragile")
+    repo = build_repository(cfg, str(d / "repo"), result.engine_artifact, result.catalog)
+    with EmbeddedTritonServer(repo, cfg.server, ready_models=[cfg.export.model_name],
+                              log_path=str(d / "triton.log")) as s:
+        yield s
+
+
+@pytest.mark.parametrize("victim", ["ugt_engine", "ugt_preprocess"])
+def test_killed_backend_process_is_restarted_and_service_recovers(fragile_server, built, history, victim):
+    cfg, _ = built
+    client = RecommendClient(fragile_server.grpc_url, cfg.export.model_name)
+    expected = client.recommend(history).item_ids
+    procs = fragile_server.stub_processes()
+    assert procs.get(victim), procs
+    old = set(procs[victim])
+    restarts = fragile_server.restarts.get(victim, 0)
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    failures, recovered_after, seen = 0, None, []
+    for i in range(60):
+        try:
+            got = client.recommend(history, timeout_s=20)
+            assert np.array_equal(got.item_ids, expected)
+            recovered_after = i
+            break
+        except InferenceServerException as e:
+            failures += 1
+            seen.append(str(e)[:160])
+            time.sleep(0.5)
+    assert recovered_after is not None, (f"{victim} 被杀后没有恢复：{sorted(set(seen))}；重新加载 "
+                                         f"{fragile_server.restarts}；日志：\n{fragile_server.log_tail(30)[-3000:]}")
+    assert failures <= 5, failures
+    new = set(fragile_server.stub_processes().get(victim, []))
+    assert new and not new & old  # 新的存根进程（监护线程重新加载了模型）
+    assert fragile_server.restarts.get(victim, 0) == restarts + 1
+    for _ in range(5):
+        assert np.array_equal(client.recommend(history).item_ids, expected)
+    print(f"{victim}：kill -9 后失败 {failures} 个请求，第 {recovered_after + 1} 个请求恢复")
+    client.close()
+
+
+# ---------------------------------------------------------------- 浸泡
+
+SOAK_S = float(os.environ.get("UGT_SOAK_S", "60"))
+SOAK_RSS_BOUND_MB = 64.0
+
+
+def server_rss_mb(server) -> float:
+    root = psutil.Process(server.process.pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2 ** 20
+
+
+@pytest.mark.slow
+def test_soak_no_errors_and_bounded_memory(server, built):
+    cfg, result = built
+    b = Benchmark(server.grpc_url, cfg.export.model_name,
+                  BenchmarkConfig(processes=1, warmup_requests=50, length_median=60), result.catalog,
+                  cfg.export.max_seq_length, progress=False)
+    b.warmup()
+    b.open_loop(10.0, duration_s=5)  # 预热分配器与缓存，之后再量基线
+    rss0 = server_rss_mb(server)
+    p = b.open_loop(10.0, duration_s=SOAK_S)
+    rss1 = server_rss_mb(server)
+    print(f"浸泡 {SOAK_S:.0f} s：{p['sent']} 个请求，错误 {p['errors']}，P99 {p['latency_ms']['p99']:.1f} ms，"
+          f"服务器 RSS {rss0:.0f} -> {rss1:.0f} MiB")
+    assert p["sent"] >= 0.9 * 10 * SOAK_S and p["error_rate"] == 0, p["errors"]
+    assert rss1 - rss0 < SOAK_RSS_BOUND_MB, (rss0, rss1)
