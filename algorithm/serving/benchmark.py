@@ -318,9 +318,10 @@ class Benchmark:
             self.closed_loop(min(4, self.cfg.warmup_requests), duration_s=60.0, count=self.cfg.warmup_requests,
                              record=False)
 
-    def _base_spec(self, mode: str, start_at: float) -> Dict[str, Any]:
+    def _base_spec(self, mode: str) -> Dict[str, Any]:
+        # 起点 start_at 由各发压进程在屏障之后设定（见 _worker）
         return {"url": self.url, "model": self.model, "protocol": self.cfg.protocol, "mode": mode,
-                "timeout_s": self.cfg.timeout_s, "start_at": start_at}
+                "timeout_s": self.cfg.timeout_s}
 
     def open_loop(self, rate: float, duration_s: Optional[float] = None) -> Dict[str, Any]:
         """泊松到达，目标速率 rate（请求/秒），持续 duration_s 秒。"""
@@ -328,14 +329,13 @@ class Benchmark:
         procs = self.cfg.processes
         rng = np.random.default_rng(self._seed + 10_000)
         specs = []
-        start_at = 0.0  # 各进程生成完请求后在屏障处同步起点
         for p in range(procs):
             # 以到达数为条件的泊松过程：n = 速率 x 时长，到达时刻为排序后的均匀分布
             # （间隔仍近似指数分布，但实际平均速率与目标一致，负载点之间可比）
             n = max(1, int(round(rate / procs * duration_s)))
             offsets = np.sort(rng.uniform(0.0, duration_s, size=n))
-            specs.append(self._base_spec("open", start_at) | {"offsets": offsets.tolist(),
-                                                              "requests": self._request_spec(len(offsets))})
+            specs.append(self._base_spec("open") | {"offsets": offsets.tolist(),
+                                                    "requests": self._request_spec(len(offsets))})
         return self._measure(specs, {"mode": "open", "offered_rate": rate, "duration_s": duration_s})
 
     def closed_loop(self, concurrency: int, duration_s: Optional[float] = None, count: Optional[int] = None,
@@ -346,9 +346,8 @@ class Benchmark:
         count = min(count, 200_000)
         procs = min(self.cfg.processes, concurrency)
         per = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
-        start_at = 0.0
-        specs = [self._base_spec("closed", start_at) | {"concurrency": c, "duration_s": duration_s,
-                                                        "requests": self._request_spec(max(count // procs, c))}
+        specs = [self._base_spec("closed") | {"concurrency": c, "duration_s": duration_s,
+                                              "requests": self._request_spec(max(count // procs, c))}
                  for c in per]
         return self._measure(specs, {"mode": "closed", "concurrency": concurrency, "duration_s": duration_s},
                              record=record)
@@ -672,7 +671,7 @@ def run_perf_analyzer(grpc_url: str, model_name: str, catalog_path: str, cfg: Be
 def run_suite(url: str, model_name: str, cfg: BenchmarkConfig, repository: str, max_seq_length: int,
               slo_ms: float, out_dir: str, offline_batches: Sequence[int] = (), meta: Optional[Dict] = None,
               contract_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """预热 -> 引擎离线吞吐 -> 闭环并发扫描 -> 开环速率 -> SLA 搜索 ->（可选）perf_analyzer -> 写报告。"""
+    """预热 -> 闭环并发扫描 -> 开环速率 -> SLA 搜索 ->（可选）perf_analyzer -> 引擎离线吞吐 -> 写报告。"""
     from tqdm import tqdm
 
     catalog = os.path.join(repository, "ugt_preprocess", "1", "catalog.npz")
@@ -684,26 +683,19 @@ def run_suite(url: str, model_name: str, cfg: BenchmarkConfig, repository: str, 
     try:
         bench.warmup()
         bar.update()
-        report["closed_loop"] = []
-        for c in cfg.concurrency:
-            bar.set_postfix_str(f"闭环 并发 {c}")
-            p = bench.closed_loop(c)
-            report["closed_loop"].append(p)
-            tqdm.write(format_point(p))
-            bar.update()
-        report["open_loop"] = []
-        for r in cfg.rates:
-            bar.set_postfix_str(f"开环 {r}/s")
-            p = bench.open_loop(r)
-            report["open_loop"].append(p)
-            tqdm.write(format_point(p))
-            bar.update()
+        sweeps = (("closed_loop", cfg.concurrency, "闭环 并发 {}", bench.closed_loop),
+                  ("open_loop", cfg.rates, "开环 {}/s", bench.open_loop))
+        for key, values, label, run in sweeps:
+            report[key] = []
+            for v in values:
+                bar.set_postfix_str(label.format(v))
+                report[key].append(run(v))
+                tqdm.write(format_point(report[key][-1]))
+                bar.update()
         if cfg.sla_search:
             bar.set_postfix_str("SLA 搜索")
-            bench.progress = True
+            bench.progress = True  # 搜索中的每个点在测完时打印一次
             report["sla"] = bench.sla_search(slo_ms)
-            for p in report["sla"]["points"]:
-                tqdm.write(format_point(p))
             bar.update()
         if cfg.perf_analyzer:
             bar.set_postfix_str("perf_analyzer")

@@ -68,6 +68,7 @@ def ensure_checkpoint(config: ServingConfig, catalog: Catalog, log: Log = print)
     from algorithm.models.train import train_reference
     from algorithm.models.ugt import build_model
     from algorithm.serving.preprocess import Preprocessor
+    from algorithm.serving.torch_engine import resolve_device
 
     p = paths(config)
     if os.path.isfile(p["checkpoint"]):
@@ -84,7 +85,7 @@ def ensure_checkpoint(config: ServingConfig, catalog: Catalog, log: Log = print)
     model = build_model(config.model, seed=config.seed)
     pre = Preprocessor(catalog, config.model.contract())
     t = config.train
-    device = _device(t.device)
+    device = resolve_device(t.device)
     stats = train_reference(model.to(device), catalog, t.steps, t.batch_size, t.seq_length, t.lr, t.seed,
                             encode=lambda hs: pre.encode_batch(hs), log=log)
     model.to("cpu")
@@ -93,14 +94,6 @@ def ensure_checkpoint(config: ServingConfig, catalog: Catalog, log: Log = print)
     save_checkpoint(model, p["checkpoint"], meta)
     log(f"      -> {p['checkpoint']}")
     return _constrain(model, catalog, config), meta
-
-
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _constrain(model, catalog: Catalog, config: ServingConfig):

@@ -31,22 +31,18 @@ def sample_feeds(config: ServingConfig, catalog: Catalog, num: int, seed: int, b
     """从合成行为序列采样历史（长度服从压测同样的对数正态分布，截断到 max_len，缺省 max_seq_length），
     经前处理得到引擎输入；pad_to > 0 时每批右侧填充到这个长度（TensorRT 校准要求固定形状）。"""
     from algorithm.models.train import SyntheticSequences
+    from algorithm.serving.benchmark import sample_lengths
     from algorithm.serving.preprocess import Preprocessor
 
     data = SyntheticSequences(catalog, seed)
     pre = Preprocessor(catalog, config.model.contract())
-    rng = np.random.default_rng(seed)
     max_len = min(max_len or config.export.max_seq_length, config.export.max_seq_length)
     if pad_to and pad_to < max_len:
         raise ValueError(f"pad_to={pad_to} 小于 max_len={max_len}")
-    done = 0
-    while done < num:
-        b = min(batch, num - done)
-        lengths = np.clip(rng.lognormal(np.log(config.benchmark.length_median), config.benchmark.length_sigma, b),
-                          1, max_len).astype(int)
-        histories = [data.sample(1, int(n), random_lengths=False)[0][0] for n in lengths]
+    lengths = sample_lengths(config.benchmark, num, max_len, seed)  # 与压测同一个长度分布
+    for start in range(0, num, batch):
+        histories = [data.sample(1, int(n), random_lengths=False)[0][0] for n in lengths[start:start + batch]]
         yield pre.encode_batch(histories, pad_to=pad_to or None)
-        done += b
 
 
 def convert_fp16(onnx_path: str, out_path: str) -> str:

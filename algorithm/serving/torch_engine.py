@@ -33,6 +33,13 @@ def _torch():
     return torch
 
 
+def resolve_device(name: str) -> str:
+    """auto -> 有 GPU 用 cuda，否则 cpu；其它原样返回。"""
+    if name != "auto":
+        return name
+    return "cuda" if _torch().cuda.is_available() else "cpu"
+
+
 def export_torch_program(model, path: str, config) -> str:
     """torch.export（batch 与 seq_len 动态）-> .pt2。precision 决定权重 dtype（fp16 / fp32）。"""
     torch = _torch()
@@ -127,11 +134,9 @@ class TorchRunner:
     def from_config(cls, path: str, contract: EngineContract, config, warmup: bool = True) -> "TorchRunner":
         from algorithm.serving.triton_config import seq_buckets
 
-        device = config.engine.device
-        if device == "auto":
-            device = "cuda" if _torch().cuda.is_available() else "cpu"
-        return cls(path, contract, device, 0, config.engine.compile_mode, config.engine.cuda_graphs,
-                   config.engine.batch_buckets, seq_buckets(config), compile_cache_dir(config), warmup)
+        e = config.engine
+        return cls(path, contract, resolve_device(e.device), 0, e.compile_mode, e.cuda_graphs, e.batch_buckets,
+                   seq_buckets(config), compile_cache_dir(config), warmup)
 
     # ---- CUDA Graph ----
     def _inputs_on_device(self, feeds: Mapping[str, np.ndarray]):
@@ -184,4 +189,4 @@ def compile_cache_dir(config) -> str:
     return os.path.abspath(config.engine.compile_cache_dir or os.path.join(config.build_dir, "compile_cache"))
 
 
-__all__ = ["TorchRunner", "export_torch_program", "compile_cache_dir"]
+__all__ = ["TorchRunner", "export_torch_program", "compile_cache_dir", "resolve_device"]

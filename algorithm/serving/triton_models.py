@@ -15,7 +15,7 @@ import numpy as np
 from algorithm.interfaces import ContractError, EngineContract
 from algorithm.models.catalog import load_catalog
 from algorithm.serving.postprocess import Postprocessor
-from algorithm.serving.preprocess import PreprocessError, Preprocessor
+from algorithm.serving.preprocess import PreprocessError, Preprocessor, bucket_length
 
 # 与 triton_config 中的名字一致（这里不导入 triton_config，以免前处理进程依赖 protobuf）
 HISTORY_INPUT = "history_item_ids"
@@ -91,8 +91,6 @@ class PostprocessModel:
 def merge_requests(feeds: Sequence[Mapping[str, np.ndarray]], contract: EngineContract,
                    seq_buckets: Sequence[int] = ()) -> Dict[str, np.ndarray]:
     """把若干（已校验的）请求右侧填充到同一长度（再向上取整到桶）并拼成一批。"""
-    from algorithm.serving.preprocess import bucket_length
-
     longest = max(f["encoder_mask"].shape[1] for f in feeds)
     length = bucket_length(longest, seq_buckets, contract.max_seq_length)
     total = sum(f["encoder_mask"].shape[0] for f in feeds)
@@ -150,8 +148,6 @@ class EngineModel:
 
     def _length_class(self, length: int) -> int:
         """长度所属的组：有桶时为桶，否则按 2 的幂分级（16, 32, 64, ...）。"""
-        from algorithm.serving.preprocess import bucket_length
-
         if self.seq_buckets:
             return bucket_length(length, self.seq_buckets, self.contract.max_seq_length)
         return max(16, 1 << (int(length) - 1).bit_length())
