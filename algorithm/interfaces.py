@@ -181,6 +181,9 @@ class EngineContract:
         assert shape is not None
         if shape[0] < 1 or shape[1] < 1:
             raise ContractError(f"batch 与 seq_len 都应 >= 1，得到形状 {list(shape)}")
+        empty = ~(feeds["encoder_mask"] > 0).any(axis=1)
+        if empty.any():
+            raise ContractError(f"encoder_mask: 第 {int(np.argmax(empty))} 行没有有效位置（全为 0）；每行至少要有一个 1")
         if shape[1] > self.max_seq_length:
             raise ContractError(f"seq_len {shape[1]} 超过 max_seq_length {self.max_seq_length}")
         if max_batch_size is not None and shape[0] > max_batch_size:
@@ -206,6 +209,51 @@ class EngineContract:
             if name != "encoder_mask":
                 feeds[name] = feeds[name] * (mask > 0)
         return feeds
+
+
+# ---------------------------------------------------------------- ensemble 的公开 I/O
+# 客户端看到的名字只在这里声明；Triton 配置、前/后处理、客户端、压测都从这里取。
+HISTORY_INPUT = "history_item_ids"
+BEHAVIOR_INPUT = "history_behavior_types"
+ITEM_IDS_OUTPUT = "item_ids"
+SCORES_OUTPUT = "scores"
+SEMANTIC_IDS_OUTPUT = "semantic_ids"
+UNKNOWN_COUNT_OUTPUT = "num_unknown_items"
+# 引擎输出进入后处理时的名字（与 ensemble 的输出 scores 区分）
+POST_IN_REC = "engine_recommendations"
+POST_IN_SCORES = "engine_scores"
+
+
+@dataclass(frozen=True)
+class EnsembleContract:
+    """ensemble（原始历史 -> top-k 物品）的公开契约。每个请求一条历史（batch 维为 1 或多行）。
+
+    - history_item_ids: int64 [n]，旧 -> 新；history_behavior_types: int64 [n]，可选
+    - item_ids [K] int64（不足 K 个时 -1 填充）、scores [K] fp32（降序，填充处 -inf）、
+      semantic_ids [K, 3] int64、num_unknown_items [1] int64（跳过的未知物品数）
+    """
+
+    top_k: int = DEFAULT_TOP_K
+    inputs: Tuple[TensorSpec, ...] = field(init=False)
+    outputs: Tuple[TensorSpec, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        i64, f32 = np.dtype(np.int64), np.dtype(np.float32)
+        k = int(self.top_k)
+        object.__setattr__(self, "inputs", (
+            TensorSpec(HISTORY_INPUT, i64, (BATCH_AXIS, "history"), doc="物品 id，旧 -> 新"),
+            TensorSpec(BEHAVIOR_INPUT, i64, (BATCH_AXIS, "history"), doc="行为类型（可选）"),
+        ))
+        object.__setattr__(self, "outputs", (
+            TensorSpec(ITEM_IDS_OUTPUT, i64, (BATCH_AXIS, k), doc="top-k 物品 id"),
+            TensorSpec(SCORES_OUTPUT, f32, (BATCH_AXIS, k), doc="降序分数"),
+            TensorSpec(SEMANTIC_IDS_OUTPUT, i64, (BATCH_AXIS, k, 3), doc="top-k 语义 ID"),
+            TensorSpec(UNKNOWN_COUNT_OUTPUT, i64, (BATCH_AXIS, 1), doc="跳过的未知物品数"),
+        ))
+
+    @property
+    def output_names(self) -> Tuple[str, ...]:
+        return tuple(s.name for s in self.outputs)
 
 
 class ServingExporterInterface(abc.ABC):

@@ -22,7 +22,7 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     _common.setup_logging()
-    from algorithm.serving.benchmark_app import benchmark_from_config
+    from algorithm.serving.bench.app import benchmark_from_config
 
     hc = HydraConfig.get()
     out_dir = hc.runtime.output_dir
@@ -33,11 +33,11 @@ def main(cfg: DictConfig) -> None:
         print(f"压测失败：{type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
     if hc.mode.name == "MULTIRUN":
-        from algorithm.serving.benchmark_app import update_sweep_summary
+        from algorithm.serving.bench.app import update_sweep_summary
 
         path = update_sweep_summary(hc.sweep.dir, out_dir, report, list(hc.overrides.task))
         print(f"汇总表：{path}")
-    print(json.dumps(report.get("sla", {}).get("max_rate"), ensure_ascii=False))
+    print(json.dumps((report.get("headline") or {}).get("sla_rate", {}).get("median"), ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -1,69 +1,139 @@
 #!/usr/bin/env bash
-# GPU 机器上的测量（本项目在 H100 上用它得到 benchmarks/ 下的结果）。分阶段运行，每阶段一条命令：
-#   bash scripts/gpu_bench.sh setup      # 用 .carry/ 中带来的 wheel 建环境（numpy<2，见 server.check_numpy）
+# GPU 机器上的测量（本项目在 H100 上用它得到 benchmarks/ 下的结果）。分阶段运行，结果写到 $OUT（device 工具带回）：
+#   bash scripts/gpu_bench.sh setup      # 用 .carry/（scripts/make_carry.sh 生成）建环境（numpy<2，见 server.check_numpy）
 #   bash scripts/gpu_bench.sh build      # ugt_base / torch 引擎 / fp16：训练、torch.export、编译 + CUDA Graph、门禁
-#   bash scripts/gpu_bench.sh bench      # 内嵌 Triton 上的 SLA 搜索、闭环扫描、perf_analyzer、引擎离线吞吐
-#   bash scripts/gpu_bench.sh baseline   # 朴素基线：eager fp32，无编译、无 CUDA Graph，同样的压测
-#   bash scripts/gpu_bench.sh tuned      # 同一引擎，前/后处理各 4 个实例、引擎 2 个实例（CPU 侧是瓶颈时）
-#   bash scripts/gpu_bench.sh aoti       # AOTInductor 与 torch.compile + CUDA Graph 的对照（scripts/aoti_probe.py）
-# 结果写到 $OUT（device 工具带回）或 benchmarks/out。
+#   bash scripts/gpu_bench.sh oldbuild   # 旧的服务路径（.carry/old.tar.xz = 提交 28b27eb 的代码）用同一检查点构建
+#   bash scripts/gpu_bench.sh profile    # 引擎剖析（scripts/engine_profile.py）
+#   bash scripts/gpu_bench.sh bench_old  # 旧路径的服务器 + 新的压测工具（benchmark.url），3 次重复
+#   bash scripts/gpu_bench.sh bench_new  # 新路径，同样的 Triton 设置与压测，3 次重复，含地板、追踪、离线吞吐
+#   bash scripts/gpu_bench.sh floor      # ../shared/probes/python-backend-floor（拷在 .carry/probe）的 4/2 实例配置
+#   bash scripts/gpu_bench.sh reliability # GPU 上的过载（2 倍 SLA 速率 60 s）与浸泡（SOAK_S 秒，70 % SLA 速率）
+# 构建产物在 /tmp/gpubuild（不在带来的目录里，同一台机器热着时各阶段复用）。
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?用法：gpu_bench.sh setup|build|bench|baseline}
+STAGE=${1:?用法：gpu_bench.sh setup|build|oldbuild|profile|bench_old|bench_new|floor|reliability}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 VENV=/tmp/ugtvenv
 PY=$VENV/bin/python
+G=/tmp/gpubuild
 export UGT_TRITON_SITE=/tmp/ugt-triton PYTHONUNBUFFERED=1
 BASE_SITE=${BASE_SITE:-/opt/torch/.venv/lib/python3.12/site-packages}
-# perf_analyzer 的可执行文件由 pip --target 装在 <site>/bin
-[ -x $PY ] && export PATH="$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bin:$PATH"
 
-COMMON=(model=ugt_base "export.validation_shapes=[[1,5],[7,37],[16,256]]"
-        server.startup_timeout_s=900 triton.instance_count=1 "triton.preferred_batch_sizes=[8,16,32,64]"
-        triton.max_queue_delay_us=2000 "engine.batch_buckets=[2,8,16,32,64]" "engine.seq_buckets=[128,256,512,1024]")
-# MFU 的峰值：H100 SXM 稠密 fp16 989 TFLOP/s、fp32（非 TF32）67 TFLOP/s（NVIDIA 规格书）
-BENCH=(benchmark.processes=4 "benchmark.concurrency=[1,8,32,64]" benchmark.duration_s=4 benchmark.min_requests=300
-       benchmark.sla_start_rate=50 benchmark.sla_steps=3 benchmark.warmup_requests=100)
+# 模型与引擎（新旧两条路径共用）；MFU 的峰值：H100 SXM 稠密 fp16 989 TFLOP/s
+COMMON=(model=ugt_base "export.validation_shapes=[[1,5],[7,37],[16,256]]" server.startup_timeout_s=900
+        engine=torch precision=fp16 "engine.batch_buckets=[2,8,16,32,64]" "engine.seq_buckets=[128,256,512,1024]")
+# Triton 设置：新旧路径相同（引擎 2 实例、前/后处理各 4 实例），差别只在代码
+TRITON=(triton.instance_count=${ENGINE_INSTANCES:-2} triton.preprocess_instance_count=4 triton.postprocess_instance_count=4
+        "triton.preferred_batch_sizes=[8,16,32,64]" triton.max_queue_delay_us=${QUEUE_DELAY_US:-500})
+# 压测：每点至少 10,000 个请求或 5 s（不足 10,000 时报告 P99 的置信区间），3 次重复
+BENCH=(benchmark.processes=4 "benchmark.concurrency=[1,8,64]" benchmark.duration_s=3 benchmark.min_requests=10000
+       benchmark.max_point_s=5 benchmark.sla_start_rate=${SLA_START:-500} benchmark.sla_steps=3 benchmark.warmup_requests=200
+       benchmark.light_rate=50 benchmark.light_duration_s=10 benchmark.repeats=${REPEATS:-3} benchmark.peak_tflops=989
+       benchmark.trace_rate=10)
 
 case "$STAGE" in
   setup)
-    if [ -x $PY ] && [ -d "$UGT_TRITON_SITE" ]; then echo "环境已在 $VENV"; exit 0; fi
-    python3 -m venv --without-pip "$VENV"
-    SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .carry/whl/*.whl
-    cp -r .carry/py/* "$SITE"/
-    echo "$BASE_SITE" > "$SITE/zz_base_site.pth"   # torch 等来自镜像；排在本环境的 numpy<2 之后
-    mkdir -p "$UGT_TRITON_SITE" && tar -xJf .carry/triton312.tar.xz -C "$UGT_TRITON_SITE"
-    $PY -c 'import numpy, torch, onnxruntime, tritonclient, hydra; print("numpy", numpy.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0))'
+    # .carry/ 由 scripts/make_carry.sh 生成：site312.tar.xz（numpy<2、tritonclient[grpc]、hydra、torchao 等解开的 wheel）、
+    # triton312.tar.xz（tritonserver、python backend、3.12 stub、nvidia_pytriton.libs）、MANIFEST.txt。
+    # 环境与 .carry 一致（MANIFEST 的 sha256 相同）时不重建，只重新打印版本。
+    [ -f .carry/MANIFEST.txt ] || { echo "缺少 .carry/：先在有网络的机器上运行 bash scripts/make_carry.sh" >&2; exit 1; }
+    STAMP=$(sha256sum .carry/MANIFEST.txt | cut -c1-64)
+    if [ -x $PY ] && [ "$(cat "$VENV/.carry-stamp" 2>/dev/null)" = "$STAMP" ] && [ -x "$UGT_TRITON_SITE/pytriton/tritonserver/bin/tritonserver" ]; then
+      echo "环境已在 $VENV（与 .carry 一致）"
+    else
+      rm -rf "$VENV" "$UGT_TRITON_SITE"
+      python3 -m venv --without-pip "$VENV"
+      # 带来的二进制都是 cp312 的：解释器必须是 3.12
+      $PY -c 'import sys; assert sys.version_info[:2] == (3, 12), f"需要 Python 3.12，python3 是 {sys.version}"'
+      SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+      tar -xJf .carry/site312.tar.xz -C "$SITE"
+      echo "$BASE_SITE" > "$SITE/zz_base_site.pth"   # torch 等来自镜像；排在本环境的 numpy<2 之后
+      mkdir -p "$UGT_TRITON_SITE" && tar -xJf .carry/triton312.tar.xz -C "$UGT_TRITON_SITE"
+      # tar 里已是 755；这里再设一次，防止解包时的 umask 或旧 tar 丢掉可执行位
+      chmod 755 "$UGT_TRITON_SITE/pytriton/tritonserver/bin/tritonserver" \
+                "$UGT_TRITON_SITE/pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub"
+      echo "$STAMP" > "$VENV/.carry-stamp"
+    fi
+    # 必需的导入失败则本阶段失败；torchao 只打印失败原因（int8 的 Python 路径不依赖它的 C++ 扩展）
+    $PY - <<'PYEOF'
+import importlib.metadata as md
+import sys
+
+import numpy
+assert int(numpy.__version__.split(".")[0]) < 2, f"numpy {numpy.__file__} 是 {numpy.__version__}：.pth 的顺序不对"
+import torch
+import tritonclient.grpc
+import tritonclient.grpc.aio
+from tritonclient.grpc import model_config_pb2  # noqa: F401  （protobuf 运行时须 >= 生成码的 6.33.5）
+import google.protobuf
+import grpc
+import onnxruntime
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+OverridesParser.create().parse_overrides(["a=1"])  # 经 antlr4 解析命令行覆盖
+print("python", sys.version.split()[0], sys.executable)
+print("numpy", numpy.__version__, numpy.__file__)
+print("torch", torch.__version__, "cuda", torch.version.cuda)
+print("tritonclient", md.version("tritonclient"), "grpcio", grpc.__version__, "protobuf", google.protobuf.__version__,
+      "hydra", md.version("hydra-core"), "onnxruntime", onnxruntime.__version__)
+try:
+    import torchao
+except Exception as e:  # noqa: BLE001
+    print("torchao 导入失败：", f"{type(e).__name__}: {e}")
+else:
+    # C++ 扩展（_C*.so）加载失败时 torchao 只打警告：看它们是否真的映射进了本进程
+    with open("/proc/self/maps") as f:
+        so = sorted({l.rsplit("/", 1)[-1].strip() for l in f if "/torchao/_C" in l})
+    print("torchao", torchao.__version__, "C++ 扩展：", ", ".join(so) or "未加载（只有 Python 实现可用）")
+try:
+    import matplotlib
+
+    print("matplotlib", matplotlib.__version__, matplotlib.__file__)
+except ImportError as e:
+    print("没有 matplotlib（压测不画 benchmark.png）：", e)
+print("GPU", torch.cuda.get_device_name(0))
+PYEOF
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     ;;
   build)
-    $PY scripts/build.py "${COMMON[@]}" build_dir=build/gpu engine=torch precision=fp16 2>&1 | tee "$OUT/build_torch_fp16.log"
-    cp build/gpu/model_repository/build_info.json "$OUT/build_info_torch_fp16.json"
+    $PY scripts/build.py "${COMMON[@]}" "${TRITON[@]}" build_dir=$G/new 2>&1 | tee "$OUT/build_new.log"
+    cp $G/new/model_repository/build_info.json "$OUT/build_info_new.json"
     ;;
-  bench)
-    $PY scripts/benchmark.py "${COMMON[@]}" build_dir=build/gpu engine=torch precision=fp16 "${BENCH[@]}" benchmark.perf_analyzer=true benchmark.peak_tflops=989 \
-        benchmark.output_dir=build/gpu/bench_torch_fp16 2>&1 | tee "$OUT/bench_torch_fp16.log"
-    cp build/gpu/bench_torch_fp16/benchmark.{json,png,csv} "$OUT/"
+  oldbuild)
+    rm -rf /tmp/old && mkdir -p /tmp/old && tar -xJf .carry/old.tar.xz -C /tmp/old
+    (cd /tmp/old && $PY scripts/build.py "${COMMON[@]}" "${TRITON[@]}" build_dir=$G/old \
+        checkpoint=$G/new/checkpoints/ugt_base.pt 2>&1 | tee "$OUT/build_old.log")
     ;;
-  baseline)
-    # 另一个构建目录（不覆盖 fp16 的仓库）；同一检查点（若 build 阶段已在这台机器上训练过）
-    CK=(); [ -f build/gpu/checkpoints/ugt_base.pt ] && CK=(checkpoint=build/gpu/checkpoints/ugt_base.pt)
-    $PY scripts/build.py "${COMMON[@]}" build_dir=build/gpu_eager "${CK[@]}" engine=torch precision=fp32 \
-        engine.compile_mode=none engine.cuda_graphs=false 2>&1 | tee "$OUT/build_eager_fp32.log"
-    $PY scripts/benchmark.py "${COMMON[@]}" build_dir=build/gpu_eager "${CK[@]}" engine=torch precision=fp32 engine.compile_mode=none engine.cuda_graphs=false \
-        "${BENCH[@]}" benchmark.peak_tflops=67 benchmark.output_dir=build/gpu_eager/bench 2>&1 | tee "$OUT/bench_eager_fp32.log"
-    for f in json png; do cp build/gpu_eager/bench/benchmark.$f "$OUT/baseline.$f"; done
+  profile)
+    timeout 240 $PY scripts/engine_profile.py --repo $G/new/model_repository --out $G/profile ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" || true
     ;;
-  tuned)
-    $PY scripts/benchmark.py "${COMMON[@]}" build_dir=build/gpu engine=torch precision=fp16 "${BENCH[@]}" benchmark.peak_tflops=989 \
-        triton.preprocess_instance_count=4 triton.postprocess_instance_count=4 triton.instance_count=2 \
-        benchmark.output_dir=build/gpu/bench_tuned 2>&1 | tee "$OUT/bench_tuned.log"
-    for f in json png; do cp build/gpu/bench_tuned/benchmark.$f "$OUT/tuned.$f"; done
+  bench_old)
+    # 旧代码的服务器（同样的 Triton 设置），新的压测工具经 benchmark.url 测它（旧仓库没有地板模型与自定义指标）
+    (cd /tmp/old && exec $PY scripts/serve.py "${COMMON[@]}" "${TRITON[@]}" build_dir=$G/old checkpoint=$G/new/checkpoints/ugt_base.pt \
+        server.http_port=18000 server.grpc_port=18001 server.metrics_port=18002 > "$OUT/serve_old.log" 2>&1) &
+    SP=$!
+    for i in $(seq 300); do curl -sf localhost:18000/v2/models/ugt_recommend/ready >/dev/null && break; sleep 1; done
+    $PY scripts/benchmark.py "${COMMON[@]}" "${TRITON[@]}" build_dir=$G/new "${BENCH[@]}" benchmark.url=127.0.0.1:18001 \
+        benchmark.offline_samples=0 benchmark.trace_rate=0 benchmark.floor=false benchmark.output_dir=$G/bench_old \
+        ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/bench_old.log"
+    kill $SP; wait $SP 2>/dev/null || true
     ;;
-  aoti)
-    $PY scripts/aoti_probe.py ${AOTI_REPO:-build/gpu/model_repository} "$OUT/aoti_vs_compile.json" 2>&1 | tee "$OUT/aoti.log"
+  bench_new)
+    # BENCH_EXTRA：追加的覆盖（例如设备时间不够时减少负载点）
+    $PY scripts/benchmark.py "${COMMON[@]}" "${TRITON[@]}" build_dir=$G/new "${BENCH[@]}" benchmark.offline_samples=1000 \
+        benchmark.output_dir=$G/bench_new ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/bench_new.log"
+    ;;
+  floor)
+    # 共享的地板探针：三步恒等模型的 ensemble，与 ugt_recommend 同样的 I/O；只跑 4/2 实例，并发 16 与 64，每点 5 s
+    P=/tmp/floorprobe; rm -rf $P && cp -r .carry/probe $P
+    sed -i 's/for cfg in "2 1" "4 2" "8 4"/for cfg in "4 2"/' $P/run.sh
+    sed -i 's/for conc in (4, 16, 64, 128)/for conc in (16, 64)/; s/def run(url, model, conc, dur=8/def run(url, model, conc, dur=5/' $P/client.py
+    PY=$PY TS=$UGT_TRITON_SITE OUT=$G bash $P/run.sh 2>&1 | tee "$OUT/floor_probe.log"
+    ;;
+  reliability)
+    $PY scripts/gpu_reliability.py --repo-build $G/new --out $G/reliability --soak-s ${SOAK_S:-600} \
+        --rate ${RELIABILITY_RATE:?给出 SLA 速率} "${COMMON[@]}" "${TRITON[@]}" 2>&1 | tee "$OUT/reliability.log"
     ;;
   *) echo "未知阶段 $STAGE" >&2; exit 2 ;;
 esac

@@ -11,5 +11,10 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 # 先装固定版本的 torch（本机磁盘上的 CPU 版），避免不带版本的 torch 拉下几 GB 的 CUDA 版
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,deploy]"
+# checkov 的依赖钉得很死（networkx<2.7、packaging<24），与 torch 装在一起会降级 torch 的依赖：单独一个虚拟环境
+if [ ! -x .venv/checkov/bin/python ]; then
+  "$PY" -m venv .venv/checkov
+fi
+.venv/checkov/bin/python -m pip install -q "checkov==3.3.30"
 .venv/bin/python -c "import torch, onnxruntime, tritonclient, pytriton; print('环境就绪：torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"

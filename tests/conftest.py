@@ -5,9 +5,11 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _p in (ROOT, HERE):  # 子目录里的测试也能 from conftest import tiny_config
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 from algorithm.serving.config import (CatalogConfig, ExportConfig, GateConfig, ServingConfig,  # noqa: E402
                                       TrainConfig, TritonConfig)

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from algorithm.models.config import UGT_PRESETS
+from algorithm.models.config import UGTConfig, preset, preset_names
 from algorithm.serving.config import (ExportConfig, GateConfig, ServingConfig, TritonConfig, register_configs,
                                       to_serving_config)
 from algorithm.serving.errors import ConfigError
@@ -50,9 +50,17 @@ def test_triton_config_errors():
 def test_gate_and_cross_section_errors():
     with pytest.raises(ConfigError, match="gates.min_overlap"):
         GateConfig(min_overlap=1.5)
-    with pytest.raises(ConfigError, match="int8"):
-        from algorithm.serving.config import EngineConfig
-        ServingConfig(export=ExportConfig(precision="int8"), engine=EngineConfig(kind="torch"))
+    from algorithm.serving.config import EngineConfig
+
+    with pytest.raises(ConfigError, match="engine.int8_mode"):
+        EngineConfig(kind="torch", int8_mode="int4")
+    with pytest.raises(ConfigError, match="engine.seq_bucket_plan"):
+        EngineConfig(seq_bucket_plan=-1)
+    # torch 引擎接受 int8（服务时由 torchao 量化）；规划的长度桶以 max_seq_length 结尾、按 align 对齐
+    cfg = ServingConfig(export=ExportConfig(precision="int8"), engine=EngineConfig(kind="torch", seq_bucket_plan=4))
+    buckets = cfg.seq_buckets()
+    assert buckets[-1] == cfg.export.max_seq_length and len(buckets) <= 4
+    assert all(b % 16 == 0 for b in buckets) and buckets == sorted(buckets)
 
 
 def _compose(overrides):
@@ -75,7 +83,8 @@ def test_hydra_validation_runs_on_compose():
         to_serving_config(_compose(["export.precision=fp64"]))
 
 
-@pytest.mark.parametrize("name", sorted(UGT_PRESETS))
-def test_yaml_presets_match_python_presets(name):
+@pytest.mark.parametrize("name", preset_names())
+def test_presets_come_from_the_hydra_model_group(name):
     cfg = to_serving_config(_compose([f"model={name}"]))
-    assert cfg.model == UGT_PRESETS[name]
+    assert cfg.model == preset(name)
+    assert preset_names() == ["ugt_base", "ugt_tiny"] and preset("ugt_tiny") == UGTConfig()  # dataclass 默认即 ugt_tiny

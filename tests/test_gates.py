@@ -7,8 +7,10 @@ import pytest
 
 from algorithm.models.checkpoint import load_checkpoint
 from algorithm.serving.config import ExportConfig, GateConfig
-from algorithm.serving.engine_build import build_engine_artifact, int8_weight_matmuls, run_gates
-from algorithm.serving.engines import OnnxRuntimeRunner
+from algorithm.serving.engines import build_engine_artifact
+from algorithm.serving.engines.onnxruntime import int8_weight_matmuls
+from algorithm.serving.gates import run_gates
+from algorithm.serving.runtime.engines.onnxruntime import OnnxRuntimeRunner
 from algorithm.serving.errors import AccuracyError
 
 

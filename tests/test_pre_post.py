@@ -4,8 +4,9 @@ import pytest
 
 from algorithm.interfaces import EngineContract
 from algorithm.models.catalog import synthetic_catalog
-from algorithm.serving.postprocess import FILL_ITEM, Postprocessor
-from algorithm.serving.preprocess import PreprocessError, Preprocessor, bucket_length
+from algorithm.serving.runtime.postprocess import FILL_ITEM, Postprocessor
+from algorithm.serving.runtime.buckets import round_up as bucket_length
+from algorithm.serving.runtime.preprocess import PreprocessError, Preprocessor
 
 CAT = synthetic_catalog(200, (1024, 4096, 16384), seed=9)
 

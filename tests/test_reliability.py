@@ -20,7 +20,7 @@ from algorithm.serving.client import RecommendClient, make_inputs
 from algorithm.serving.config import BenchmarkConfig
 from algorithm.serving.repository import build_repository
 from algorithm.serving.server import EmbeddedTritonServer
-from algorithm.serving.triton_config import BEHAVIOR_INPUT, HISTORY_INPUT
+from algorithm.interfaces import BEHAVIOR_INPUT, HISTORY_INPUT
 
 pytestmark = pytest.mark.server
 
@@ -86,6 +86,8 @@ def test_bad_input_battery_is_refused_clearly_and_service_is_unchanged(server, b
          None, ["encoder_mask"]),
         ("引擎：inf 掩码", "ugt_engine", engine_feeds(contract, rng, encoder_mask=np.full((2, 12), np.inf, np.float32)),
          None, ["encoder_mask"]),
+        ("引擎：一行没有有效位置", "ugt_engine", engine_feeds(contract, rng, encoder_mask=np.zeros((2, 12), np.float32)),
+         None, ["encoder_mask", "有效位置"]),
     ]
     for what, target, arrays, dtypes, words in cases:
         with pytest.raises(InferenceServerException) as e:
@@ -181,7 +183,9 @@ def fragile_server(built, tmp_path_factory):
     cfg, result = built
     d = tmp_path_factory.mktemp("fragile")
     repo = build_repository(cfg, str(d / "repo"), result.engine_artifact, result.catalog)
-    with EmbeddedTritonServer(repo, cfg.server, ready_models=[cfg.export.model_name],
+    # 打到已死存根的请求让旧版本模型一直“在用”：停止时不必等满默认的 30 s
+    server_cfg = dataclasses.replace(cfg.server, exit_timeout_s=3.0)
+    with EmbeddedTritonServer(repo, server_cfg, ready_models=[cfg.export.model_name],
                               log_path=str(d / "triton.log")) as s:
         yield s
 
@@ -246,3 +250,114 @@ def test_soak_no_errors_and_bounded_memory(server, built):
           f"服务器 RSS {rss0:.0f} -> {rss1:.0f} MiB")
     assert p["sent"] >= 0.9 * 10 * SOAK_S and p["error_rate"] == 0, p["errors"]
     assert rss1 - rss0 < SOAK_RSS_BOUND_MB, (rss0, rss1)
+
+
+# ---------------------------------------------------------------- 共享内存区与仓库锁（issue #15）
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from algorithm.errors import ServerError  # noqa: E402
+from algorithm.serving.server import repository_lock_path  # noqa: E402
+
+SHM = "/dev/shm"
+SLEEP_REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sleep_repo")
+
+
+def stub_regions(server):
+    """{存根 pid: 它的共享内存区名}：python backend 把区名作为存根命令行的第 3 个参数传入。"""
+    out = {}
+    for pids in server.stub_processes().values():
+        for pid in pids:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode().split("\0")
+            assert argv[2].startswith("triton_python_backend_shm_region_"), argv
+            out[pid] = argv[2]
+    return out
+
+
+def test_killed_stub_region_is_removed_and_model_reloads_every_time(fragile_server, built, history):
+    """同一模型连续被杀两次：每次监护线程都真的重新加载（不只第一次），删掉死存根的区，活存根的区不动。"""
+    cfg, _ = built
+    victim = "ugt_postprocess"
+    client = RecommendClient(fragile_server.grpc_url, cfg.export.model_name)
+    expected = client.recommend(history).item_ids
+    for round_ in range(2):
+        regions = stub_regions(fragile_server)
+        old = set(fragile_server.stub_processes()[victim])
+        dead = {regions[p] for p in old}
+        others = {r for p, r in regions.items() if p not in old}
+        restarts = fragile_server.restarts.get(victim, 0)
+        t = time.perf_counter()
+        for pid in old:
+            os.kill(pid, signal.SIGKILL)
+        while True:
+            try:
+                got = client.recommend(history, timeout_s=20)
+                break
+            except InferenceServerException:
+                assert time.perf_counter() - t < 30, (round_, fragile_server.restarts, fragile_server.log_tail(30))
+                time.sleep(0.2)
+        assert np.array_equal(got.item_ids, expected)
+        assert fragile_server.restarts.get(victim, 0) == restarts + 1
+        new = set(fragile_server.stub_processes().get(victim, []))
+        assert new and not new & old
+        assert not any(os.path.exists(os.path.join(SHM, r)) for r in dead), dead
+        assert all(os.path.exists(os.path.join(SHM, r)) for r in others), others  # 活存根的区还在
+        print(f"第 {round_ + 1} 次：{time.perf_counter() - t:.1f} s 恢复，删掉 {sorted(dead)}")
+    client.close()
+
+
+@pytest.fixture
+def sleep_repo(tmp_path):
+    """sleep_repo 的私有副本（一个 python 模型、启动快）：锁按仓库目录，别的测试或会话用原件不受影响。"""
+    repo = str(tmp_path / "repo")
+    shutil.copytree(SLEEP_REPO, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    return repo
+
+
+def test_second_server_on_the_same_repository_is_refused(sleep_repo, tmp_path):
+    alias = str(tmp_path / "alias")
+    os.symlink(sleep_repo, alias)  # 另一种写法指向同一目录，也是同一把锁
+    # 另一个进程持锁：拒绝；它被 kill -9 后锁自动释放
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode())\n"
+        "print('locked', flush=True); time.sleep(60)"), repository_lock_path(sleep_repo)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        first = EmbeddedTritonServer(sleep_repo, ready_models=["sleepy"])
+        with pytest.raises(ServerError, match=f"pid {holder.pid}") as e:
+            first.start()
+        assert sleep_repo in str(e.value) and first.process is None
+    finally:
+        holder.kill()
+        holder.wait()
+    first.start()
+    try:
+        second = EmbeddedTritonServer(alias, ready_models=["sleepy"])
+        with pytest.raises(ServerError, match="同一仓库目录同时只能有一个服务器"):
+            second.start()
+        assert second.process is None and first.is_ready()
+    finally:
+        first.stop()
+    with second:  # stop() 释放了锁
+        assert second.is_ready()
+
+
+def test_killed_tritonserver_leaves_no_stubs_or_regions(sleep_repo):
+    s = EmbeddedTritonServer(sleep_repo, ready_models=["sleepy"]).start()
+    try:
+        regions = stub_regions(s)
+        assert regions
+        os.kill(s.process.pid, signal.SIGKILL)
+        s.process.wait()
+        left = [r for r in regions.values() if os.path.exists(os.path.join(SHM, r))]  # Triton 已死，没人删
+    finally:
+        s.stop()
+    assert not [p for p in regions if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not [r for r in regions.values() if os.path.exists(os.path.join(SHM, r))]
+    assert sorted(s.removed_shm_regions) == sorted(left)

@@ -55,7 +55,7 @@ def test_python_models_import_without_torch_or_onnx():
     import subprocess
     import sys
 
-    code = ("import sys; import algorithm.serving.triton_models, algorithm.serving.triton_glue; "
+    code = ("import sys; import algorithm.serving.runtime.models, algorithm.serving.runtime.glue, algorithm.serving.runtime.params; "
             "bad = [m for m in ('torch', 'onnx', 'onnxruntime', 'tritonclient') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

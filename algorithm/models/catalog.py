@@ -16,7 +16,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from algorithm.serving.errors import ConfigError
+from algorithm.errors import ConfigError
 
 FORMAT_KEYS = ("item_ids", "semantic_ids", "codebook_sizes")
 

@@ -8,7 +8,7 @@ import torch
 
 from algorithm.models.config import UGTConfig
 from algorithm.models.ugt import UGTModel
-from algorithm.serving.errors import ConfigError
+from algorithm.errors import ConfigError
 
 FORMAT = "ugt-serving/1"
 

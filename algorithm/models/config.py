@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
 from algorithm.interfaces import DEFAULT_CODEBOOK_SIZES, DEFAULT_NUM_TOKEN_TYPES, DEFAULT_TOP_K, EngineContract
-from algorithm.serving.errors import ConfigError
+from algorithm.errors import ConfigError
 
 
 @dataclass
@@ -58,16 +59,21 @@ class UGTConfig:
         return cls(**{k: (list(v) if k == "codebook_sizes" else v) for k, v in d.items()})
 
 
-# 预设：ugt_base 按 DESIGN.md（d_model 768、12 头、8 层编码器、4 层解码器、FFN 3072、最长 1024）
-UGT_PRESETS: Dict[str, UGTConfig] = {
-    "ugt_tiny": UGTConfig(),
-    "ugt_base": UGTConfig(name="ugt_base", d_model=768, num_heads=12, num_encoder_layers=8,
-                          num_decoder_layers=4, dim_feedforward=3072, max_seq_length=1024),
-}
+# 预设只在 conf/model/<名字>.yaml 里声明一次（Hydra 的 model 组直接用它们）；preset() 从同一批文件读，不在这里重述。
+PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf", "model")
+
+
+def preset_names() -> List[str]:
+    if not os.path.isdir(PRESET_DIR):
+        return []
+    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
 
 
 def preset(name: str) -> UGTConfig:
-    """按名字取预设（返回副本，调用方可以修改）。"""
-    if name not in UGT_PRESETS:
-        raise ConfigError(f"未知的模型预设 {name!r}；可选 {sorted(UGT_PRESETS)}")
-    return dataclasses.replace(UGT_PRESETS[name], codebook_sizes=list(UGT_PRESETS[name].codebook_sizes))
+    """按名字取预设：读 conf/model/<name>.yaml（源码检出里；安装成 wheel 时没有 conf/，请直接构造 UGTConfig）。"""
+    if name not in preset_names():
+        raise ConfigError(f"未知的模型预设 {name!r}；可选 {preset_names()}（{PRESET_DIR}）")
+    import yaml
+
+    with open(os.path.join(PRESET_DIR, f"{name}.yaml")) as f:
+        return UGTConfig.from_dict(yaml.safe_load(f) or {})

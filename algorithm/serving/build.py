@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+from algorithm.errors import ConfigError
 from algorithm.models.catalog import Catalog, load_catalog, synthetic_catalog
 from algorithm.serving.config import ServingConfig
-from algorithm.serving.errors import ConfigError
 
 Log = Callable[[str], None]
 
@@ -67,8 +67,8 @@ def ensure_checkpoint(config: ServingConfig, catalog: Catalog, log: Log = print)
     from algorithm.models.checkpoint import load_checkpoint, save_checkpoint
     from algorithm.models.train import train_reference
     from algorithm.models.ugt import build_model
-    from algorithm.serving.preprocess import Preprocessor
-    from algorithm.serving.torch_engine import resolve_device
+    from algorithm.serving.runtime.engines.torch import resolve_device
+    from algorithm.serving.runtime.preprocess import Preprocessor
 
     p = paths(config)
     if os.path.isfile(p["checkpoint"]):
@@ -83,7 +83,7 @@ def ensure_checkpoint(config: ServingConfig, catalog: Catalog, log: Log = print)
         raise ConfigError(f"检查点不存在：{config.checkpoint}")
     log(f"[2/5] 检查点：构建 {config.model.name}，在合成序列上训练 {config.train.steps} 步")
     model = build_model(config.model, seed=config.seed)
-    pre = Preprocessor(catalog, config.model.contract())
+    pre = Preprocessor(catalog, config.contract())
     t = config.train
     device = resolve_device(t.device)
     stats = train_reference(model.to(device), catalog, t.steps, t.batch_size, t.seq_length, t.lr, t.seed,
@@ -102,7 +102,7 @@ def _constrain(model, catalog: Catalog, config: ServingConfig):
 
 def build(config: ServingConfig, log: Log = print, gpus: Optional[List[int]] = None) -> BuildResult:
     """完整构建；返回各产物路径与报告。"""
-    from algorithm.serving.engine_build import build_engine_artifact
+    from algorithm.serving.engines import build_engine_artifact, engine_module
     from algorithm.serving.export_onnx import export_to_onnx
     from algorithm.serving.repository import build_repository
 
@@ -111,10 +111,10 @@ def build(config: ServingConfig, log: Log = print, gpus: Optional[List[int]] = N
     os.makedirs(p["build"], exist_ok=True)
     catalog = ensure_catalog(config, log)
     model, meta = ensure_checkpoint(config, catalog, log)
-    if config.engine.kind == "torch":
-        # torch 引擎的产物是 torch.export 的 .pt2（门禁检查它）；ONNX 只给 onnxruntime / TensorRT 用
-        log("[3/5] 导出 ONNX：engine=torch 不需要，跳过")
-        export_report = {"skipped": "engine.kind=torch"}
+    if not engine_module(config.engine.kind).NEEDS_ONNX:
+        # 例如 torch 引擎的产物是 torch.export 的 .pt2（门禁检查它）；ONNX 只给 onnxruntime / TensorRT 用
+        log(f"[3/5] 导出 ONNX：engine={config.engine.kind} 不需要，跳过")
+        export_report = {"skipped": f"engine.kind={config.engine.kind}"}
     else:
         log(f"[3/5] 导出 ONNX 并在多个形状上验证：{config.export.checked_shapes()}")
         export_to_onnx(model, p["onnx"], config.export, tie_tolerance=config.gates.tie_tolerance)

@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from algorithm.serving.triton_config import BEHAVIOR_INPUT, HISTORY_INPUT, UNKNOWN_COUNT
+from algorithm.interfaces import BEHAVIOR_INPUT, HISTORY_INPUT, UNKNOWN_COUNT_OUTPUT as UNKNOWN_COUNT
 
 
 @dataclass

@@ -5,11 +5,14 @@ scripts/ 下的 Hydra 应用直接使用这些类。ExportConfig / TritonConfig 
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, Dict, List
 
+from algorithm.errors import ConfigError
+from algorithm.interfaces import EngineContract
 from algorithm.models.config import UGTConfig
-from algorithm.serving.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINES = ("onnxruntime", "torch", "tensorrt")
@@ -124,6 +127,16 @@ class EngineConfig:
     batch_buckets: List[int] = field(default_factory=lambda: [2, 8, 16, 32, 64])
     seq_buckets: List[int] = field(default_factory=lambda: [128, 256, 512, 1024])
     compile_cache_dir: str = ""  # 空 = <build_dir>/compile_cache
+    # 一次 execute 的请求按长度分组；true 时按各桶实测的重放时间，在相邻组“合并后填充更多但少一次启动”
+    # 更便宜时合并（runtime/batching.plan_groups）。只对有 CUDA Graph 计时的 torch 引擎起作用
+    plan_groups: bool = True
+    # torch 引擎的 int8（torchao，服务时在加载的模块上量化，见 runtime/engines/torch_int8.py）：
+    # dynamic = 按行动态 int8 激活 + 按通道 int8 权重；weight_only = 只量化权重。打分头与嵌入不量化
+    int8_mode: str = "dynamic"
+    # 长度桶的规划：0 = 按 seq_buckets 原样；N > 0 = 构建时按压测的长度分布（benchmark.length_*）规划至多 N 个桶，
+    # 使期望的填充后计算量最小（bucket_plan.plan_seq_buckets，最后一个桶为 export.max_seq_length），代替 seq_buckets
+    seq_bucket_plan: int = 0
+    seq_bucket_align: int = 16
     # tensorrt
     workspace_gb: float = 4.0
     fp32_layers: bool = True  # softmax / layernorm / 打分路径保持 fp32
@@ -150,6 +163,9 @@ class EngineConfig:
         splits = list(self.trt_seq_splits)
         if splits != sorted(set(splits)) or (splits and splits[0] < 1):
             raise ConfigError(f"engine.trt_seq_splits 应为严格递增的正整数列表（可为空），得到 {splits}")
+        _choice("engine", "int8_mode", self.int8_mode, ("dynamic", "weight_only"))
+        _positive("engine", "seq_bucket_plan", self.seq_bucket_plan, allow_zero=True)
+        _positive("engine", "seq_bucket_align", self.seq_bucket_align)
         _positive("engine", "opt_batch_size", self.opt_batch_size)
         _positive("engine", "opt_seq_length", self.opt_seq_length)
 
@@ -234,6 +250,8 @@ class ServerConfig:
     # 各 python 模型的存根进程，发现死掉的就通过模型仓库 API 重新加载该模型（产生新的存根）。
     supervise: bool = True
     supervise_interval_s: float = 0.5
+    # 停止时等在途请求的上限（--exit-timeout-secs）：请求打到已死的存根时旧版本模型一直算“在用”，停止要等满这么久
+    exit_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         for f in ("http_port", "grpc_port", "metrics_port"):
@@ -242,6 +260,7 @@ class ServerConfig:
                 raise ConfigError(f"server.{f} 应在 [0, 65535] 内，得到 {v}")
         _positive("server", "startup_timeout_s", self.startup_timeout_s)
         _positive("server", "supervise_interval_s", self.supervise_interval_s)
+        _positive("server", "exit_timeout_s", self.exit_timeout_s, allow_zero=True)
 
 
 @dataclass
@@ -259,8 +278,10 @@ class BenchmarkConfig:
     # 开环：每个速率持续 duration_s 秒；rates 为空则只做 SLA 搜索
     rates: List[float] = field(default_factory=list)
     duration_s: float = 5.0
-    # 每个负载点至少这么多请求（低速率时延长持续时间），否则 P99 只是几个样本里的最大值
-    min_requests: int = 200
+    # 每个负载点的请求数：至少 min_requests 个（P99 之外有 100 个请求），时长至少 duration_s、至多 max_point_s；
+    # 样本不够 min_requests 时报告照样给出 P99 的 95% 置信区间（次序统计量），SLA 按区间上界判定
+    min_requests: int = 10_000
+    max_point_s: float = 20.0
     # 闭环并发扫描
     concurrency: List[int] = field(default_factory=lambda: [1, 4, 16])
     # SLA 搜索：从 sla_start_rate 开始加倍直到 P99 超标，再二分 sla_steps 步
@@ -268,7 +289,22 @@ class BenchmarkConfig:
     sla_start_rate: float = 20.0
     sla_max_rate: float = 100_000.0
     sla_steps: int = 4
+    # 搜索不低于这个速率（0 = sla_start_rate / 64）：低速率的点要很久才凑够判定所需的样本
+    sla_min_rate: float = 0.0
+    # SLA 的目标（毫秒）；0 = export.target_latency_ms（用户的目标）。CPU 上的检查预设用更宽的目标，报告写明用了哪个
+    slo_ms: float = 0.0
     max_error_rate: float = 0.001
+    # 搜索得到的速率再用新的随机种子独立重测一次确认（不过就降 10% 再测，最多 3 次）
+    sla_confirm: bool = True
+    # 整套测量重复几次；报告每个主要数字的中位数与范围
+    repeats: int = 1
+    # 轻负载点（P99 / P50 之比看长尾）；0 = 不测
+    light_rate: float = 50.0
+    light_duration_s: float = 10.0
+    # 地板：同一发压端、同样速率下打一个不做计算、与 ensemble 同 I/O 的模型（ugt_floor），得到客户端与 Triton 前端的份额
+    floor: bool = True
+    # Triton 追踪（TIMESTAMPS）：在每次重复的 SLA 确认点上开启，每 trace_rate 个请求追踪一个；0 = 不追踪
+    trace_rate: int = 10
     processes: int = 1  # 发压进程数
     warmup_requests: int = 50
     timeout_s: float = 10.0
@@ -283,13 +319,17 @@ class BenchmarkConfig:
         _choice("benchmark", "target", self.target, BENCH_TARGETS)
         _choice("benchmark", "protocol", self.protocol, PROTOCOLS)
         for f in ("num_requests", "min_requests", "length_median", "duration_s", "sla_start_rate", "sla_max_rate",
-                  "processes", "timeout_s"):
+                  "processes", "timeout_s", "repeats", "max_point_s", "light_duration_s"):
             _positive("benchmark", f, getattr(self, f))
         _positive("benchmark", "length_sigma", self.length_sigma, allow_zero=True)
         _positive("benchmark", "sla_steps", self.sla_steps, allow_zero=True)
         _positive("benchmark", "warmup_requests", self.warmup_requests, allow_zero=True)
         _positive("benchmark", "peak_tflops", self.peak_tflops, allow_zero=True)
         _positive("benchmark", "offline_samples", self.offline_samples, allow_zero=True)
+        _positive("benchmark", "light_rate", self.light_rate, allow_zero=True)
+        _positive("benchmark", "sla_min_rate", self.sla_min_rate, allow_zero=True)
+        _positive("benchmark", "slo_ms", self.slo_ms, allow_zero=True)
+        _positive("benchmark", "trace_rate", self.trace_rate, allow_zero=True)
         if not 0 <= self.max_error_rate < 1:
             raise ConfigError(f"benchmark.max_error_rate 应在 [0, 1) 内，得到 {self.max_error_rate}")
         if any(r <= 0 for r in self.rates):
@@ -323,13 +363,44 @@ class ServingConfig:
         if too_big:
             raise ConfigError(f"triton.preferred_batch_sizes 中 {too_big} 大于 export.max_batch_size "
                               f"({self.export.max_batch_size})")
-        if self.export.precision == "int8" and self.engine.kind == "torch":
-            raise ConfigError("engine.kind=torch 不支持 export.precision=int8；可选 fp32 / fp16 "
-                              "（int8 用 engine=onnxruntime 或 engine=tensorrt）")
         max_items = self.catalog.num_items
         cap = self.model.codebook_sizes[0] * self.model.codebook_sizes[1] * self.model.codebook_sizes[2]
         if not self.catalog.path and max_items > cap:
             raise ConfigError(f"catalog.num_items ({max_items}) 超过语义 ID 空间 ({cap})")
+
+
+    def contract(self) -> EngineContract:
+        """服务的引擎契约：长度上限取 export.max_seq_length（可小于模型的上限），其余来自模型结构。"""
+        m = self.model
+        return EngineContract(max_seq_length=self.export.max_seq_length, codebook_sizes=tuple(m.codebook_sizes),
+                              num_token_types=m.num_token_types, top_k=m.top_k)
+
+    def seq_buckets(self) -> List[int]:
+        """有效的长度桶：小于 export.max_seq_length 的 engine.seq_buckets，再加上 max_seq_length 本身。"""
+        limit = self.export.max_seq_length
+        if self.engine.seq_bucket_plan:
+            from algorithm.serving.bucket_plan import default_lengths, model_cost, plan_seq_buckets
+
+            b = self.benchmark
+            lengths = default_lengths(b.length_median, b.length_sigma, limit, 100_000, b.seed)
+            return [int(x) for x in plan_seq_buckets(lengths, self.engine.seq_bucket_plan, limit,
+                                                     self.engine.seq_bucket_align, cost=model_cost(self.model))]
+        return sorted({b for b in self.engine.seq_buckets if b < limit} | {limit})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ServingConfig":
+        """to_dict 的逆：各节重建为同样的 dataclass（构造时照常校验）；缺的节与字段取 dataclass 的默认值。"""
+        hints = typing.get_type_hints(cls)
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            t = hints[f.name]
+            kw[f.name] = t(**d[f.name]) if dataclasses.is_dataclass(t) else d[f.name]
+        return cls(**kw)
 
 
 def register_configs() -> None:

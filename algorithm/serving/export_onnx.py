@@ -25,7 +25,8 @@ import numpy as np
 from algorithm.interfaces import EngineContract
 from algorithm.serving.accuracy import compare_topk
 from algorithm.serving.config import ExportConfig
-from algorithm.serving.errors import AccuracyError, MissingDependencyError, ShapeError, ValidationError
+from algorithm.serving.runtime.engines.onnxruntime import ort_session
+from algorithm.errors import AccuracyError, MissingDependencyError, ShapeError, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -227,22 +228,6 @@ def _move_onnx(src: str, dst: str) -> None:
         os.remove(data_src)
     else:
         os.replace(src, dst)
-
-
-def ort_session(onnx_path: str, num_threads: int = 0, providers: Optional[List[str]] = None):
-    """创建 ONNX Runtime 会话（CPU 默认）。"""
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise MissingDependencyError("需要 onnxruntime：pip install onnxruntime") from e
-    opts = ort.SessionOptions()
-    if num_threads:
-        opts.intra_op_num_threads = int(num_threads)
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # 服务进程里与前/后处理、其它实例共享 CPU：关闭线程自旋，空闲时让出核
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(onnx_path, sess_options=opts, providers=providers or ["CPUExecutionProvider"])
 
 
 def torch_reference(model, feeds: Dict[str, np.ndarray], contract: EngineContract):

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 
 from algorithm.serving.config import ExportConfig, ServingConfig
-from algorithm.serving.errors import ConfigError, MissingDependencyError, UGTServingError
+from algorithm.errors import ConfigError, MissingDependencyError, UGTServingError
 
 log = logging.getLogger(__name__)
 Shape = Tuple[int, int]
@@ -84,14 +84,12 @@ def trt_profiles(config) -> List[Profile]:
     batch 总是 [1, max_batch_size]，opt 取 engine.opt_batch_size（不超过 max_batch_size）；第一段的 opt 长度取 engine.opt_seq_length
     （截到段内），后面各段取段内最小的长度桶（长尾分布里段内最常见的是短的一端）。
     """
-    from algorithm.serving.triton_config import seq_buckets
-
     cfg = _as_serving(config)
     e, x = cfg.engine, cfg.export
     max_b, max_l = x.max_batch_size, x.max_seq_length
     splits = sorted(s for s in set(e.trt_seq_splits) if 1 <= s < max_l)  # 不小于 max_seq_length 的切点无意义，忽略
     opt_b = min(e.opt_batch_size, max_b)
-    buckets = seq_buckets(cfg)
+    buckets = cfg.seq_buckets()
     edges = [0, *splits, max_l]
     out = []
     for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
@@ -128,7 +126,7 @@ def keep_in_fp32(layer_type: str, layer_name: str) -> bool:
 def calibration_batches(config, catalog, num_batches: Optional[int] = None, seed: int = 777
                         ) -> Iterator[Dict[str, np.ndarray]]:
     """校准数据：采样历史，形状恰为校准 profile（第一个）的 opt —— 动态形状下 TensorRT 用 opt 形状校准。"""
-    from algorithm.serving.engine_build import sample_feeds
+    from algorithm.serving.gates import sample_feeds
 
     cfg = _as_serving(config)
     p = trt_profiles(cfg)[0]

@@ -15,10 +15,11 @@ import shutil
 import tempfile
 from typing import Dict, Optional, Sequence
 
+from algorithm.errors import ConfigError
 from algorithm.serving.config import ServingConfig
-from algorithm.serving.errors import ConfigError
-from algorithm.serving.triton_config import (ENGINE, POSTPROCESS, PREPROCESS, build_model_configs, engine_hosting,
-                                             to_pbtxt, validate_model_name)
+from algorithm.serving.engines import hosting as engine_hosting
+from algorithm.serving.triton_config import (ENGINE, FLOOR, POSTPROCESS, PREPROCESS, build_model_configs, to_pbtxt,
+                                             validate_model_name, warmup_files)
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "model_repository")
@@ -42,12 +43,13 @@ def _copy_file(src: str, dst: str) -> None:
 
 def build_repository(config: ServingConfig, out_dir: str, engine_artifact: str, catalog_path: str,
                      gpus: Optional[Sequence[int]] = None,
-                     info: Optional[Dict] = None, extra_engine_files: Sequence[str] = ()) -> str:
-    """写出整个仓库并原子替换 out_dir。返回 out_dir 的绝对路径。"""
+                     info: Optional[Dict] = None, extra_engine_files: Sequence[str] = (),
+                     include_floor: bool = False) -> str:
+    """写出整个仓库并原子替换 out_dir。返回 out_dir 的绝对路径。include_floor：加上压测的地板模型。"""
     out_dir = _safe_target(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    configs = build_model_configs(config, gpus)
+    configs = build_model_configs(config, gpus, include_floor=include_floor)
     hosting = engine_hosting(config)
     tmp = tempfile.mkdtemp(prefix=".repo-", dir=parent)
     try:
@@ -59,6 +61,13 @@ def build_repository(config: ServingConfig, out_dir: str, engine_artifact: str, 
         for name in (PREPROCESS, POSTPROCESS):
             _copy_file(os.path.join(TEMPLATE_DIR, name, "1", "model.py"), os.path.join(tmp, name, "1", "model.py"))
             _copy_file(catalog_path, os.path.join(tmp, name, "1", "catalog.npz"))
+        if configs[ENGINE].model_warmup:
+            os.makedirs(os.path.join(tmp, ENGINE, "warmup"))
+            for fname, data in warmup_files().items():
+                with open(os.path.join(tmp, ENGINE, "warmup", fname), "wb") as f:
+                    f.write(data)
+        if include_floor:
+            _copy_file(os.path.join(TEMPLATE_DIR, FLOOR, "1", "model.py"), os.path.join(tmp, FLOOR, "1", "model.py"))
         if hosting.python_runner:
             _copy_file(os.path.join(TEMPLATE_DIR, ENGINE, "1", "model.py"), os.path.join(tmp, ENGINE, "1", "model.py"))
         _copy_file(engine_artifact, os.path.join(tmp, ENGINE, "1", hosting.filename))

@@ -7,12 +7,18 @@
   所以把当前解释器（venv）的 bin 目录放在 PATH 最前，stub 才会用 venv 里的 numpy（<2）；
   本包的路径经 UGT_PYTHONPATH 传给 model.py；
 - 默认所有端点只绑定 127.0.0.1，端口自动选空闲的，model control mode = none；
-- 等到 ensemble 就绪才返回；stop() 先 SIGTERM 再 SIGKILL。可作上下文管理器。
+- 等到 ensemble 就绪才返回；stop() 先 SIGTERM 再 SIGKILL。可作上下文管理器；
+- 同一仓库目录同时只允许一个服务器（临时目录里按仓库路径加 flock 锁，进程死了锁自动释放）；
+- 存根被杀后监护线程先卸载再加载该模型（见 _reload），并删掉死存根留下的 /dev/shm 共享内存区。
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,13 +30,35 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from algorithm.serving.config import ServerConfig
-from algorithm.serving.errors import MissingDependencyError, ServerError
+from algorithm.errors import MissingDependencyError, ServerError
 
 log = logging.getLogger(__name__)
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHM_DIR = "/dev/shm"
+# python backend 为每个存根建一个 POSIX 共享内存区，名字（前缀 + UUID）是存根命令行的第 3 个参数：
+#   triton_python_backend_stub <model.py> <区名> <默认大小> <增长步长> <父 pid> <backend 目录> ... <实例名> ...
+_SHM_REGION_RE = re.compile(r"^triton_python_backend_shm_region_[0-9A-Za-z-]+$")
+
+
+@dataclass(frozen=True)
+class StubProcess:
+    """一个 python backend 存根进程：所属模型、实例名与它的共享内存区名（存根死后就读不到命令行了，所以先记下）。"""
+
+    pid: int
+    model: str
+    instance: str
+    shm_region: str  # 空 = 命令行里没有可识别的区名（不删任何东西）
+    create_time: float  # 与 pid 一起识别进程（pid 可能被复用）
+
+
+def repository_lock_path(model_repository: str) -> str:
+    """仓库目录对应的锁文件：放在临时目录里（仓库可能只读），以真实路径的哈希命名（符号链接指向同一目录时同一把锁）。"""
+    key = hashlib.sha256(os.path.realpath(model_repository).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"ugt-triton-repository-{key}.lock")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -81,8 +109,13 @@ class EmbeddedTritonServer:
         self.http_port = self.grpc_port = self.metrics_port = 0
         self._stop_event: Optional[threading.Event] = None
         self._supervisor: Optional[threading.Thread] = None
-        self._stubs: Dict[str, List[int]] = {}
+        self._stubs: Dict[str, List[StubProcess]] = {}  # 监护线程上次看到的各模型存根
+        self._known_stubs: Dict[int, StubProcess] = {}  # 见过的全部存根（stop() 据此清理共享内存区）
+        self._retry_at: Dict[str, float] = {}  # 重新加载失败后的下次尝试时刻（退避）
+        self._failures: Dict[str, int] = {}  # 各模型连续重新加载失败的次数
+        self._lock_fd: Optional[int] = None
         self.restarts: Dict[str, int] = {}  # 监护线程重新加载各模型的次数
+        self.removed_shm_regions: List[str] = []  # 本服务器删掉的（死存根留下的）共享内存区
 
     # ---- 地址 ----
     @property
@@ -124,13 +157,78 @@ class EmbeddedTritonServer:
                 f"--http-address={c.host}", f"--http-port={self.http_port}",
                 f"--grpc-address={c.host}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-address={c.host}", f"--metrics-port={self.metrics_port}",
-                "--allow-gpu-metrics=false", f"--log-verbose={c.log_verbose}", *self.extra_args]
+                "--allow-gpu-metrics=false", f"--log-verbose={c.log_verbose}",
+                f"--exit-timeout-secs={int(c.exit_timeout_s)}", *self.extra_args]
 
     def start(self) -> "EmbeddedTritonServer":
         if self.process is not None:
             raise ServerError("服务器已在运行")
         if not os.path.isdir(self.repository):
             raise ServerError(f"模型仓库不存在：{self.repository}（先运行 python scripts/build.py）")
+        self._lock_repository()
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _lock_repository(self) -> None:
+        """独占、非阻塞地锁住仓库对应的锁文件，拒绝同一仓库目录上的第二个服务器：两者共用模型目录
+        （存根写 __pycache__、重建仓库、Triton 按目录修改时间决定是否重新加载），会互相干扰。
+        flock 随文件描述符：stop() 关闭即释放，进程死了内核自动释放（不会留下“假锁”）。"""
+        path = repository_lock_path(self.repository)
+        for _ in range(10):
+            fd = self._open_lock_file(path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "未知"
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise ServerError(f"无法锁住仓库锁文件 {path}（仓库 {self.repository}）：{e}") from e
+                raise ServerError(f"模型仓库 {self.repository} 已有一个内嵌 tritonserver 在服务（持锁进程 pid {holder}，"
+                                  f"锁文件 {path}）：同一仓库目录同时只能有一个服务器。先停掉那个，"
+                                  "或把仓库复制一份再启动") from None
+            # 上一个持锁者 stop() 时会删掉锁文件：锁住的若已不是目录里的那个文件，重新打开再锁
+            try:
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise ServerError(f"仓库锁文件 {path} 反复被删除，无法锁住（仓库 {self.repository}）")
+        try:  # 写下持锁 pid，供被拒的那一方在错误里报告
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
+        self._lock_fd = fd
+
+    def _open_lock_file(self, path: str) -> int:
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC  # 临时目录是公共的：不跟随别人放的符号链接
+        try:
+            try:
+                return os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644)
+            except PermissionError:  # 别的用户建的锁文件：只读打开也能加 flock
+                return os.open(path, os.O_RDONLY | flags)
+        except OSError as e:
+            raise ServerError(f"无法打开仓库锁文件 {path}（仓库 {self.repository}）：{e}") from e
+
+    def _unlock_repository(self) -> None:
+        """持锁时先删锁文件再关闭，临时目录里不留文件；等在旧文件上的一方锁住后会发现它已不在目录里，重新打开。"""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        try:
+            os.unlink(repository_lock_path(self.repository))
+        except OSError:
+            pass
+        os.close(fd)
+
+    def _start(self) -> None:
         check_numpy()
         binary, backend, stub, libs, libdir = self._paths()
         self._tmp = tempfile.mkdtemp(prefix="ugt-triton-")
@@ -151,56 +249,131 @@ class EmbeddedTritonServer:
         self._log_file = open(log_path, "ab")
         self.process = subprocess.Popen(self._command(binary, backend_dir), stdout=self._log_file,
                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self._wait_ready()
         log.info("Triton 就绪：HTTP %s  gRPC %s  metrics %s", self.http_url, self.grpc_url, self.metrics_url)
+        self._stubs = self._by_model(self._scan_stubs())
         if self.config.supervise:
             self._stop_event = threading.Event()
-            self._stubs = self.stub_processes()
             self._supervisor = threading.Thread(target=self._supervise, name="ugt-triton-supervisor", daemon=True)
             self._supervisor.start()
-        return self
 
     # ---- 监护：重启死掉的 python backend 存根 ----
     def stub_processes(self) -> Dict[str, List[int]]:
         """{模型名: [存根进程 pid]}（python backend 的 triton_python_backend_stub，命令行里带模型目录）。"""
+        return {m: [st.pid for st in stubs] for m, stubs in self._by_model(self._scan_stubs()).items()}
+
+    def _scan_stubs(self) -> List[StubProcess]:
+        """tritonserver 当前活着的存根（僵尸与已退出的读不到命令行，不在其中）；顺便记入 _known_stubs。"""
         import psutil
 
-        out: Dict[str, List[int]] = {}
+        out: List[StubProcess] = []
         if self.process is None:
             return out
-        for p in psutil.Process(self.process.pid).children(recursive=True):
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            return out
+        for p in children:
             try:
-                cmd = p.cmdline()
+                cmd, created = p.cmdline(), p.create_time()
             except psutil.Error:
                 continue
             if cmd and cmd[0].endswith("triton_python_backend_stub") and len(cmd) > 1:
+                region = cmd[2] if len(cmd) > 2 and _SHM_REGION_RE.match(cmd[2]) else ""
+                instance = cmd[8] if len(cmd) > 8 else ""
                 model = os.path.basename(os.path.dirname(os.path.dirname(cmd[1])))
-                out.setdefault(model, []).append(p.pid)
+                out.append(StubProcess(p.pid, model, instance, region, created))
+        for st in out:
+            self._known_stubs[st.pid] = st
         return out
 
-    def _alive(self, pid: int) -> bool:
+    @staticmethod
+    def _by_model(stubs: List[StubProcess]) -> Dict[str, List[StubProcess]]:
+        out: Dict[str, List[StubProcess]] = {}
+        for st in stubs:
+            out.setdefault(st.model, []).append(st)
+        return out
+
+    def _stub_alive(self, st: StubProcess) -> bool:
+        """pid 还在且是同一个进程（创建时间相同），且不是僵尸。"""
         import psutil
 
         try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            p = psutil.Process(st.pid)
+            return abs(p.create_time() - st.create_time) < 1e-3 and p.status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
 
     def _supervise(self) -> None:
+        # 监护启动时有存根的模型都要一直有活的存根；重新加载失败的模型也会按退避再试，而不是从此不管
+        watched = sorted(self._stubs)
         while not self._stop_event.wait(self.config.supervise_interval_s):
-            for model, pids in list(self._stubs.items()):
-                if all(self._alive(p) for p in pids):
+            for model in watched:
+                if self._stop_event.is_set():
+                    return
+                stubs = self._stubs.get(model, [])
+                dead = [st for st in stubs if not self._stub_alive(st)]
+                if (stubs and not dead) or time.monotonic() < self._retry_at.get(model, 0.0):
                     continue
-                log.warning("模型 %s 的 python backend 存根进程已退出（%s），重新加载该模型", model, pids)
+                log.warning("模型 %s 的 python backend 存根进程已退出（%s），重新加载该模型",
+                            model, [st.pid for st in dead] or "没有存根")
                 self.restarts[model] = self.restarts.get(model, 0) + 1
-                status = self._post(f"/v2/repository/models/{model}/load")
-                if status != 200:
-                    log.error("重新加载 %s 失败（HTTP %s）；日志末尾：\n%s", model, status, self.log_tail(10))
-                self._stubs = self.stub_processes()
+                ok = self._reload(model)
+                self._stubs[model] = [st for st in self._scan_stubs() if st.model == model]
+                self._remove_shm_regions(dead)
+                if ok:
+                    self._failures.pop(model, None)
+                    self._retry_at.pop(model, None)
+                else:  # 连续失败按 2^n 倍间隔退避（最多 30 s），不在一个加载不了的模型上空转
+                    n = self._failures[model] = self._failures.get(model, 0) + 1
+                    self._retry_at[model] = time.monotonic() + min(30.0, self.config.supervise_interval_s * 2 ** n)
+
+    def _reload(self, model: str) -> bool:
+        """先卸载再加载。只发 load 不够：explicit 模式下 Triton 只在模型目录比上次加载时有改动才真的重新加载
+        （仓库目录的修改时间；新仓库里存根首次写 __pycache__ 恰好算一次改动，所以以前只在第一次被杀时有效），
+        否则 load 立即返回 200 而死掉的存根还在，请求一直得到 “Stub process is not healthy”。
+        卸载会连带卸载依赖它的 ensemble，load 完成后 Triton 再把 ensemble 加载回来。"""
+        unload = self._post(f"/v2/repository/models/{model}/unload")
+        status = self._post(f"/v2/repository/models/{model}/load")
+        if status != 200:
+            log.error("重新加载 %s 失败（unload HTTP %s，load HTTP %s）；日志末尾：\n%s", model, unload, status,
+                      self.log_tail(10))
+        return status == 200
+
+    def _remove_shm_regions(self, stubs: List[StubProcess]) -> None:
+        """删掉已死存根的共享内存区。只删：命令行里记下的、名字符合 python backend 格式的、
+        属于已确认死掉的那个进程（pid + 创建时间）的区；活存根的区名各不相同（UUID），不会被碰到。
+        Triton 卸载旧实例时通常自己会删；它没删（例如 tritonserver 被杀）时由这里补上。"""
+        for st in stubs:
+            if not st.shm_region or self._stub_alive(st):
+                continue
+            path = os.path.join(SHM_DIR, st.shm_region)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("无法删除死存根 %s（模型 %s）的共享内存区 %s：%s", st.pid, st.model, path, e)
+                continue  # 留在 _known_stubs 里，stop() 再试一次
+            else:
+                self.removed_shm_regions.append(st.shm_region)
+                log.info("删除了死存根 %s（模型 %s）留下的共享内存区 %s", st.pid, st.model, path)
+            self._known_stubs.pop(st.pid, None)
+
+    def _kill_orphan_stubs(self, timeout: float = 5.0) -> None:
+        """tritonserver 被杀后它的存根还会活一阵（直到自己发现父进程没了）：按记录逐个确认身份后杀掉。"""
+        import psutil
+
+        procs = []
+        for st in list(self._known_stubs.values()):
+            try:
+                p = psutil.Process(st.pid)
+                if abs(p.create_time() - st.create_time) < 1e-3 and p.status() != psutil.STATUS_ZOMBIE:
+                    p.kill()
+                    procs.append(p)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=timeout)
 
     def _post(self, path: str) -> int:
         req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST")
@@ -248,6 +421,8 @@ class EmbeddedTritonServer:
             self._stop_event.set()
             if self._supervisor is not None:
                 self._supervisor.join(timeout=5)
+        if self.process is not None and self.process.poll() is None:
+            self._scan_stubs()  # 记下所有存根的共享内存区，以防下面要 SIGKILL
         p, self.process = self.process, None
         if p is not None and p.poll() is None:
             try:
@@ -258,6 +433,12 @@ class EmbeddedTritonServer:
                 p.wait()
             except ProcessLookupError:
                 pass
+        # 正常退出时 Triton 自己删共享内存区；被杀（或超时被 SIGKILL）时没人删，存根也可能还活着
+        self._kill_orphan_stubs()
+        self._remove_shm_regions(list(self._known_stubs.values()))
+        self._known_stubs.clear()
+        self._stubs = {}
+        self._unlock_repository()
         if self._log_file:
             self._log_file.close()
             self._log_file = None

@@ -12,23 +12,20 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from algorithm.interfaces import EngineContract, TensorSpec
+from algorithm.errors import ConfigError, MissingDependencyError
+from algorithm.interfaces import (BEHAVIOR_INPUT, HISTORY_INPUT, POST_IN_REC, POST_IN_SCORES, UNKNOWN_COUNT_OUTPUT,
+                                  EngineContract, EnsembleContract, TensorSpec)
 from algorithm.serving.config import ServingConfig
-from algorithm.serving.errors import ConfigError, MissingDependencyError
+from algorithm.serving.engines import engine_module, hosting as engine_hosting
+from algorithm.serving.runtime import params
 
 PREPROCESS = "ugt_preprocess"
 ENGINE = "ugt_engine"
 POSTPROCESS = "ugt_postprocess"
-# 前处理额外输出：跳过的未知物品数
-UNKNOWN_COUNT = "num_unknown_items"
-# 原始历史输入（ensemble 与前处理）
-from algorithm.serving.triton_models import BEHAVIOR_INPUT, HISTORY_INPUT  # noqa: E402
-# 后处理的输入名（与引擎输出区分，避免与其输出 scores 同名）
-POST_IN_REC = "engine_recommendations"
-POST_IN_SCORES = "engine_scores"
+FLOOR = "ugt_floor"  # 压测的地板模型（只在压测生成的仓库里）
+UNKNOWN_COUNT = UNKNOWN_COUNT_OUTPUT
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
@@ -62,27 +59,6 @@ def detect_gpus() -> List[int]:
             pynvml.nvmlShutdown()
     except Exception:
         return []
-
-
-@dataclass(frozen=True)
-class EngineHosting:
-    """引擎的托管方式（由 engine.kind 与是否内嵌决定）。"""
-
-    platform: str  # "" = python backend 运行器
-    filename: str  # 版本目录中的引擎文件
-
-    @property
-    def python_runner(self) -> bool:
-        return not self.platform
-
-
-def engine_hosting(config: ServingConfig) -> EngineHosting:
-    kind, native = config.engine.kind, config.engine.native
-    if kind == "tensorrt":
-        return EngineHosting("tensorrt_plan", "model.plan")
-    if kind == "onnxruntime":
-        return EngineHosting("onnxruntime_onnx", "model.onnx") if native else EngineHosting("", "model.onnx")
-    return EngineHosting("", "model.pt2")
 
 
 # ---------------- 小步骤：每步设置 ModelConfig 的一部分 ----------------
@@ -131,34 +107,53 @@ def _set_instance_group(mc, count: int, kind: str, gpus: Sequence[int] = ()) -> 
         g.gpus.extend(gpus)
 
 
-def _set_parameters(mc, params: Dict[str, object]) -> None:
-    for k, v in params.items():
-        mc.parameters[k].string_value = v if isinstance(v, str) else repr(v) if not isinstance(v, (list, tuple)) \
-            else ",".join(str(x) for x in v)
+WARMUP_SEQ_LEN = 8
+# 预热样本里 mask 的数据文件（全 1）：放在 <模型>/warmup/ 下（repository.build_repository 写出）
+WARMUP_MASK_FILE = "mask_ones"
 
 
-def _set_warmup(mc, contract: EngineContract, seq_len: int = 8) -> None:
-    """引擎加载后先跑一个 batch=1 的零输入（mask 全 0 也不会产生 NaN），避免首个请求承担初始化。"""
+def warmup_files() -> Dict[str, bytes]:
+    import numpy as np
+
+    return {WARMUP_MASK_FILE: np.ones(WARMUP_SEQ_LEN, dtype=np.float32).tobytes()}
+
+
+def _set_warmup(mc, contract: EngineContract, seq_len: int = WARMUP_SEQ_LEN) -> None:
+    """引擎加载后先跑一个 batch=1 的样本（id 全 0、mask 全 1：引擎拒绝没有有效位置的行），
+    避免首个请求承担初始化。"""
     w = mc.model_warmup.add()
-    w.name = "zeros_b1"
+    w.name = "warmup_b1"
     w.batch_size = 1
     for spec in contract.inputs:
         inp = w.inputs[spec.name]
         inp.data_type = _dtype(spec)
         inp.dims.extend([seq_len])
-        inp.zero_data = True
+        if spec.name == "encoder_mask":
+            inp.input_data_file = WARMUP_MASK_FILE
+        else:
+            inp.zero_data = True
 
 
-def seq_buckets(config: ServingConfig) -> List[int]:
-    """有效的长度桶：小于 max_seq_length 的桶再加上 max_seq_length 本身。"""
-    limit = config.export.max_seq_length
-    return sorted({b for b in config.engine.seq_buckets if b < limit} | {limit})
+def runtime_spec(config: ServingConfig, on_gpu: bool = False) -> params.RuntimeSpec:
+    """服务进程需要、只有构建时才能决定的事实（托管方式、设备、有效的桶）。"""
+    hosting = engine_hosting(config)
+    torch_kind = config.engine.kind == "torch"
+    cache = ""
+    if torch_kind:
+        cache = engine_module("torch").compile_cache_dir(config)
+    return params.RuntimeSpec(
+        engine_kind=config.engine.kind, engine_file=hosting.filename, device="cuda" if on_gpu else "cpu",
+        # 只有 torch 引擎（CUDA Graph 按桶捕获）与原生后端需要按桶填充；onnxruntime 运行器按实际最长填充
+        seq_buckets=tuple(config.seq_buckets()) if (torch_kind or not hosting.python_runner) else (),
+        batch_buckets=tuple(config.engine.batch_buckets),
+        pad_in_preprocess=not hosting.python_runner, catalog_file="catalog.npz", compile_cache_dir=cache,
+        num_threads=config.engine.num_threads, compile_mode=config.engine.compile_mode,
+        cuda_graphs=config.engine.cuda_graphs, plan_groups=config.engine.plan_groups,
+        precision=config.export.precision, int8_mode=config.engine.int8_mode)
 
 
-def _contract_params(config: ServingConfig, contract: EngineContract) -> Dict[str, object]:
-    return {"max_seq_length": config.export.max_seq_length,
-            "codebook_sizes": list(contract.codebook_sizes),
-            "num_token_types": contract.num_token_types, "top_k": contract.top_k}
+def _set_runtime(mc, config: ServingConfig, on_gpu: bool = False) -> None:
+    mc.parameters[params.PARAM_KEY].string_value = params.encode(config, runtime_spec(config, on_gpu))
 
 
 # ---------------- 四个模型 ----------------
@@ -167,19 +162,14 @@ def preprocess_config(config: ServingConfig, contract: EngineContract):
     mc = pb().ModelConfig(name=PREPROCESS, backend="python", max_batch_size=config.export.max_batch_size)
     # 历史也标为 optional：请求只带行为类型时，前处理照样执行并给出“缺少 history_item_ids”的错误；
     # 若它是必需的，ensemble 会因该步永远凑不齐输入而报 “unexpected deadlock”，看不出缺了什么
-    _add_input(mc, HISTORY_INPUT, "TYPE_INT64", [-1], optional=True, ragged=True)
-    _add_input(mc, BEHAVIOR_INPUT, "TYPE_INT64", [-1], optional=True, ragged=True)
+    for spec in EnsembleContract(contract.top_k).inputs:
+        _add_input(mc, spec.name, spec.triton_dtype, [-1], optional=True, ragged=True)
     for spec in contract.inputs:
         _add_output(mc, spec.name, spec.triton_dtype, spec.dims_without_batch)
     _add_output(mc, UNKNOWN_COUNT, "TYPE_INT64", [1])
     _set_batching(mc, config, engine=False)
     _set_instance_group(mc, config.triton.preprocess_instance_count, "KIND_CPU")
-    _set_parameters(mc, _contract_params(config, contract) | {
-        "unknown_item_policy": config.catalog.unknown_item_policy,
-        "max_history_items": config.triton.max_history_items,
-        # 原生后端要求同一批的形状相同：前处理按桶填充；python 运行器自己合批，前处理不填充
-        "seq_buckets": [] if engine_hosting(config).python_runner else seq_buckets(config),
-        "catalog": "catalog.npz"})
+    _set_runtime(mc, config)
     return mc
 
 
@@ -200,34 +190,17 @@ def engine_config(config: ServingConfig, contract: EngineContract, gpus: Sequenc
     on_gpu = _engine_on_gpu(config, gpus)
     if on_gpu:
         _set_instance_group(mc, config.triton.instance_count, "KIND_GPU", list(config.triton.gpus) or list(gpus))
-        if config.engine.kind == "tensorrt":
-            # 计划文件里有几个优化 profile（optimize_trt.trt_profiles）就全部交给实例，按输入形状选用
-            from algorithm.serving.optimize_trt import trt_profiles
-
-            mc.instance_group[0].profile.extend(str(i) for i in range(len(trt_profiles(config))))
+        module = engine_module(config.engine.kind)
+        if hasattr(module, "instance_profiles"):
+            # 计划文件里有几个优化 profile 就全部交给实例，按输入形状选用
+            mc.instance_group[0].profile.extend(module.instance_profiles(config))
     else:
         _set_instance_group(mc, config.triton.instance_count, "KIND_CPU")
     if config.triton.warmup:
         _set_warmup(mc, contract)
     if hosting.python_runner:
-        _set_parameters(mc, _contract_params(config, contract) | {
-            "engine_kind": config.engine.kind, "engine_file": hosting.filename,
-            "device": "cuda" if on_gpu else "cpu", "num_threads": config.engine.num_threads,
-            "precision": config.export.precision,
-            # 只有 torch 引擎（CUDA Graph 按桶捕获）需要把合并后的批填充到桶；onnxruntime 按实际最长填充
-            "batch_buckets": list(config.engine.batch_buckets),
-            "seq_buckets": seq_buckets(config) if config.engine.kind == "torch" else [],
-            "cuda_graphs": "1" if config.engine.cuda_graphs else "0",
-            "compile_mode": config.engine.compile_mode, "compile_cache_dir": _compile_cache(config)})
+        _set_runtime(mc, config, on_gpu)
     return mc
-
-
-def _compile_cache(config: ServingConfig) -> str:
-    if config.engine.kind != "torch":
-        return ""
-    from algorithm.serving.torch_engine import compile_cache_dir
-
-    return compile_cache_dir(config)
 
 
 def _engine_on_gpu(config: ServingConfig, gpus: Sequence[int]) -> bool:
@@ -257,51 +230,67 @@ def postprocess_config(config: ServingConfig, contract: EngineContract):
     rec, scores = contract.outputs
     _add_input(mc, POST_IN_REC, rec.triton_dtype, rec.dims_without_batch)
     _add_input(mc, POST_IN_SCORES, scores.triton_dtype, scores.dims_without_batch)
-    _add_output(mc, "item_ids", "TYPE_INT64", [contract.top_k])
-    _add_output(mc, "scores", "TYPE_FP32", [contract.top_k])
-    _add_output(mc, "semantic_ids", "TYPE_INT64", [contract.top_k, 3])
+    for spec in EnsembleContract(contract.top_k).outputs[:3]:
+        _add_output(mc, spec.name, spec.triton_dtype, spec.dims_without_batch)
     _set_batching(mc, config, engine=False)
     _set_instance_group(mc, config.triton.postprocess_instance_count, "KIND_CPU")
-    _set_parameters(mc, {"top_k": contract.top_k, "catalog": "catalog.npz",
-                         "codebook_sizes": list(contract.codebook_sizes)})
+    _set_runtime(mc, config)
     return mc
 
 
 def ensemble_config(config: ServingConfig, contract: EngineContract):
     name = validate_model_name(config.export.model_name)
     mc = pb().ModelConfig(name=name, platform="ensemble", max_batch_size=config.export.max_batch_size)
-    _add_input(mc, HISTORY_INPUT, "TYPE_INT64", [-1], optional=True)  # 缺失时由前处理报错（见 preprocess_config）
-    _add_input(mc, BEHAVIOR_INPUT, "TYPE_INT64", [-1], optional=True)
-    _add_output(mc, "item_ids", "TYPE_INT64", [contract.top_k])
-    _add_output(mc, "scores", "TYPE_FP32", [contract.top_k])
-    _add_output(mc, "semantic_ids", "TYPE_INT64", [contract.top_k, 3])
-    _add_output(mc, UNKNOWN_COUNT, "TYPE_INT64", [1])
+    public = EnsembleContract(contract.top_k)
+    for spec in public.inputs:  # 都标为 optional：缺失时由前处理报错（见 preprocess_config）
+        _add_input(mc, spec.name, spec.triton_dtype, [-1], optional=True)
+    for spec in public.outputs:
+        _add_output(mc, spec.name, spec.triton_dtype, spec.dims_without_batch)
     steps = mc.ensemble_scheduling
     pre = steps.step.add(model_name=PREPROCESS, model_version=-1)
-    pre.input_map[HISTORY_INPUT] = HISTORY_INPUT
-    pre.input_map[BEHAVIOR_INPUT] = BEHAVIOR_INPUT
+    for spec in public.inputs:
+        pre.input_map[spec.name] = spec.name
     for n in contract.input_names:
         pre.output_map[n] = n
     pre.output_map[UNKNOWN_COUNT] = UNKNOWN_COUNT
     eng = steps.step.add(model_name=ENGINE, model_version=-1)
     for n in contract.input_names:
         eng.input_map[n] = n
-    eng.output_map["recommendations"] = "engine_recommendations"
-    eng.output_map["scores"] = "engine_scores"
+    rec, scores = contract.output_names
+    eng.output_map[rec] = POST_IN_REC
+    eng.output_map[scores] = POST_IN_SCORES
     post = steps.step.add(model_name=POSTPROCESS, model_version=-1)
-    post.input_map[POST_IN_REC] = "engine_recommendations"
-    post.input_map[POST_IN_SCORES] = "engine_scores"
-    for n in ("item_ids", "scores", "semantic_ids"):
-        post.output_map[n] = n
+    post.input_map[POST_IN_REC] = POST_IN_REC
+    post.input_map[POST_IN_SCORES] = POST_IN_SCORES
+    for spec in public.outputs[:3]:
+        post.output_map[spec.name] = spec.name
     return mc
 
 
-def build_model_configs(config: ServingConfig, gpus: Optional[Sequence[int]] = None) -> Dict[str, object]:
-    """四个模型的 ModelConfig（纯函数，便于与黄金文件比较）。gpus=None 时检测本机。"""
-    contract = config.model.contract()
+def floor_config(config: ServingConfig, contract: EngineContract):
+    """压测的地板模型：与 ensemble 同样的公开输入输出，一个 python 模型，不做计算（model_repository/ugt_floor）。"""
+    mc = pb().ModelConfig(name=FLOOR, backend="python", max_batch_size=config.export.max_batch_size)
+    public = EnsembleContract(contract.top_k)
+    for spec in public.inputs:
+        _add_input(mc, spec.name, spec.triton_dtype, [-1], optional=spec.name == BEHAVIOR_INPUT, ragged=True)
+    for spec in public.outputs:
+        _add_output(mc, spec.name, spec.triton_dtype, spec.dims_without_batch)
+    mc.dynamic_batching.max_queue_delay_microseconds = 0
+    _set_instance_group(mc, config.triton.preprocess_instance_count, "KIND_CPU")
+    _set_runtime(mc, config)
+    return mc
+
+
+def build_model_configs(config: ServingConfig, gpus: Optional[Sequence[int]] = None,
+                        include_floor: bool = False) -> Dict[str, object]:
+    """四个模型的 ModelConfig（纯函数，便于与黄金文件比较）。gpus=None 时检测本机。
+    include_floor：再加上压测的地板模型 ugt_floor（只用于压测生成的仓库）。"""
+    contract = config.contract()
     gpus = detect_gpus() if gpus is None else list(gpus)
     configs = [preprocess_config(config, contract), engine_config(config, contract, gpus),
                postprocess_config(config, contract), ensemble_config(config, contract)]
+    if include_floor:
+        configs.append(floor_config(config, contract))
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ConfigError(f"export.model_name 不能与内部模型同名：{names}")

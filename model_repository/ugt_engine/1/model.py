@@ -1,6 +1,6 @@
-"""Triton Python 模型：引擎运行器：onnxruntime / torch（逻辑见 algorithm/serving/triton_models.py 与 engines.py）。
+"""Triton Python 模型：引擎运行器：onnxruntime / torch（逻辑见 algorithm/serving/runtime/models.py 与 runtime/engines/）。
 
-保持很薄：解析请求、调用 algorithm 包、封装响应。
+保持很薄：解析请求、调用 algorithm 包、封装响应、记录每次 execute 的计时（自定义指标）。
 """
 import json
 import os
@@ -12,18 +12,22 @@ for _p in filter(None, os.environ.get("UGT_PYTHONPATH", "").split(os.pathsep)):
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from algorithm.serving import triton_glue  # noqa: E402
-from algorithm.serving.triton_models import EngineModel, parse_parameters  # noqa: E402
+from algorithm.serving.runtime import glue, params  # noqa: E402
+from algorithm.serving.runtime.models import EngineModel  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        model_dir = os.path.join(args["model_repository"], args["model_version"])
+        model_config = json.loads(args["model_config"])
+        config, spec = params.decode(model_config)
         device_id = int(args.get("model_instance_device_id", 0) or 0)
-        self.impl = EngineModel(model_dir, parse_parameters(config), device_id=device_id)
-        self.input_names = [i["name"] for i in config["input"]]
+        self.impl = EngineModel(os.path.join(args["model_repository"], args["model_version"]), config, spec,
+                                device_id=device_id)
+        self.input_names = [i["name"] for i in model_config["input"]]
+        self.metrics = glue.EngineMetrics(pb_utils, args["model_name"], glue.instance_name(args))
+        glue.settle_process()
 
     def execute(self, requests):
-        return triton_glue.write_responses(
-            pb_utils, self.impl.execute(triton_glue.read_requests(pb_utils, requests, self.input_names)))
+        results = self.impl.execute(glue.read_requests(pb_utils, requests, self.input_names))
+        self.metrics.record(self.impl.stats)
+        return glue.write_responses(pb_utils, results)

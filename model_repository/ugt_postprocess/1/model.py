@@ -1,4 +1,4 @@
-"""Triton Python 模型：后处理：语义 ID -> 物品 id，去掉无效码与重复，整理 top-k（逻辑见 algorithm/serving/postprocess.py）。
+"""Triton Python 模型：后处理：语义 ID -> 物品 id，去掉无效码与重复，整理 top-k（逻辑见 algorithm/serving/runtime/postprocess.py）。
 
 保持很薄：解析请求、调用 algorithm 包、封装响应。
 """
@@ -12,17 +12,17 @@ for _p in filter(None, os.environ.get("UGT_PYTHONPATH", "").split(os.pathsep)):
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from algorithm.serving import triton_glue  # noqa: E402
-from algorithm.serving.triton_models import PostprocessModel, parse_parameters  # noqa: E402
+from algorithm.serving.runtime import glue, params  # noqa: E402
+from algorithm.interfaces import POST_IN_REC, POST_IN_SCORES  # noqa: E402
+from algorithm.serving.runtime.models import PostprocessModel  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        model_dir = os.path.join(args["model_repository"], args["model_version"])
-        self.impl = PostprocessModel(model_dir, parse_parameters(config))
-        self.input_names = ("engine_recommendations", "engine_scores")
+        config, spec = params.decode(json.loads(args["model_config"]))
+        self.impl = PostprocessModel(os.path.join(args["model_repository"], args["model_version"]), config, spec)
+        self.input_names = (POST_IN_REC, POST_IN_SCORES)
+        glue.settle_process()
 
     def execute(self, requests):
-        return triton_glue.write_responses(
-            pb_utils, self.impl.execute(triton_glue.read_requests(pb_utils, requests, self.input_names)))
+        return glue.write_responses(pb_utils, self.impl.execute(glue.read_requests(pb_utils, requests, self.input_names)))

@@ -1,4 +1,4 @@
-"""Triton Python 模型：前处理：原始历史 -> 引擎六个输入（逻辑见 algorithm/serving/preprocess.py）。
+"""Triton Python 模型：前处理：原始历史 -> 引擎六个输入（逻辑见 algorithm/serving/runtime/preprocess.py）。
 
 保持很薄：解析请求、调用 algorithm 包、封装响应。
 """
@@ -12,17 +12,17 @@ for _p in filter(None, os.environ.get("UGT_PYTHONPATH", "").split(os.pathsep)):
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from algorithm.serving import triton_glue  # noqa: E402
-from algorithm.serving.triton_models import BEHAVIOR_INPUT, HISTORY_INPUT, PreprocessModel, parse_parameters  # noqa: E402
+from algorithm.serving.runtime import glue, params  # noqa: E402
+from algorithm.interfaces import BEHAVIOR_INPUT, HISTORY_INPUT  # noqa: E402
+from algorithm.serving.runtime.models import PreprocessModel  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        model_dir = os.path.join(args["model_repository"], args["model_version"])
-        self.impl = PreprocessModel(model_dir, parse_parameters(config))
+        config, spec = params.decode(json.loads(args["model_config"]))
+        self.impl = PreprocessModel(os.path.join(args["model_repository"], args["model_version"]), config, spec)
         self.input_names = (HISTORY_INPUT, BEHAVIOR_INPUT)
+        glue.settle_process()
 
     def execute(self, requests):
-        return triton_glue.write_responses(
-            pb_utils, self.impl.execute(triton_glue.read_requests(pb_utils, requests, self.input_names)))
+        return glue.write_responses(pb_utils, self.impl.execute(glue.read_requests(pb_utils, requests, self.input_names)))

@@ -10,24 +10,17 @@
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from algorithm.interfaces import ContractError, EngineContract
+from algorithm.interfaces import BEHAVIOR_INPUT, HISTORY_INPUT, UNKNOWN_COUNT_OUTPUT, ContractError, EngineContract
 from algorithm.models.catalog import Catalog
+from algorithm.serving.runtime.buckets import round_up
 
 
 class PreprocessError(ContractError):
     """请求不合法：消息写明输入名、期望与实际。"""
-
-
-def bucket_length(n: int, buckets: Sequence[int], limit: int) -> int:
-    """n 向上取整到桶；超过最大桶时用 limit（max_seq_length）。"""
-    for b in buckets:
-        if b >= n:
-            return min(b, limit)
-    return max(n, min(limit, max(buckets) if buckets else n))
 
 
 class Preprocessor:
@@ -95,7 +88,7 @@ class Preprocessor:
     def pack(self, rows: List[Tuple[np.ndarray, np.ndarray]], pad_to: Optional[int] = None) -> Dict[str, np.ndarray]:
         """[(semantic_ids [n,3], token_types [n])...] -> 填充后的引擎输入。"""
         longest = max(r[0].shape[0] for r in rows)
-        length = pad_to or bucket_length(longest, self.seq_buckets, self.contract.max_seq_length)
+        length = pad_to or round_up(longest, self.seq_buckets, self.contract.max_seq_length)
         b = len(rows)
         sem = np.zeros((b, length, 3), dtype=np.int64)
         types = np.zeros((b, length), dtype=np.int64)
@@ -111,3 +104,84 @@ class Preprocessor:
         """一个请求 -> (引擎输入 [1, L], 跳过的未知物品数)。"""
         sem, types, _, unknown = self.clean(item_ids, behavior_types)
         return self.pack([(sem, types)]), unknown
+
+    def encode_requests(self, requests: Sequence[Dict[str, Optional[np.ndarray]]]
+                        ) -> List[Union[Dict[str, np.ndarray], Exception]]:
+        """一次 execute 的全部请求 -> 每个请求的引擎输入（或只属于该请求的错误）。
+
+        向量化：所有请求的所有历史拼成一个数组，只查一次目录、做一次行为类型检查，再按行拆回。
+        结果与逐个 clean + pack 完全相同（tests/serving/runtime/test_preprocess.py 对比）。
+        """
+        out: List[Union[Dict[str, np.ndarray], Exception]] = [None] * len(requests)  # type: ignore[list-item]
+        rows: List[Tuple[int, np.ndarray, Optional[np.ndarray]]] = []  # (请求下标, 历史行, 行为类型行)
+        for i, req in enumerate(requests):
+            try:
+                items = req.get(HISTORY_INPUT)
+                if items is None:
+                    given = sorted(k for k, v in req.items() if v is not None) or "无"
+                    raise PreprocessError(f"缺少输入 {HISTORY_INPUT}（必需，INT64，形状 [batch, n]，旧 -> 新的物品 id）；"
+                                          f"请求中的输入：{given}")
+                behaviors = req.get(BEHAVIOR_INPUT)
+                if items.ndim != 2:
+                    raise PreprocessError(f"{HISTORY_INPUT}: 应为 [batch, n]，得到形状 {list(items.shape)}")
+                if items.dtype != np.int64:
+                    raise PreprocessError(f"{HISTORY_INPUT}: dtype 应为 int64，得到 {items.dtype.name}")
+                if items.shape[1] == 0:
+                    raise PreprocessError(f"[0] {HISTORY_INPUT}: 历史为空；至少需要 1 个物品")
+                if items.shape[1] > self.max_history_items:
+                    raise PreprocessError(f"[0] {HISTORY_INPUT}: 历史有 {items.shape[1]} 项，超过上限 "
+                                          f"{self.max_history_items}")
+                if behaviors is not None:
+                    if behaviors.ndim != 2 or behaviors.dtype != np.int64:
+                        raise PreprocessError(f"{BEHAVIOR_INPUT}: 应为 int64 [batch, n]，得到 {behaviors.dtype.name} "
+                                              f"{list(behaviors.shape)}")
+                    if behaviors.shape != items.shape:
+                        raise PreprocessError(f"[0] {BEHAVIOR_INPUT}: 长度 {behaviors.shape[1]} 应与 {HISTORY_INPUT} "
+                                              f"的 {items.shape[1]} 相同")
+                for r in range(items.shape[0]):
+                    rows.append((i, items[r], None if behaviors is None else behaviors[r]))
+            except PreprocessError as e:
+                out[i] = e
+        if not rows:
+            return out
+        lengths = np.fromiter((len(r[1]) for r in rows), dtype=np.int64, count=len(rows))
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        flat_items = np.concatenate([r[1] for r in rows])
+        flat_types = np.concatenate([np.zeros(len(r[1]), np.int64) if r[2] is None else r[2] for r in rows])
+        sem, found = self.catalog.lookup_items(flat_items)
+        bad_type = (flat_types < 0) | (flat_types >= self.contract.num_token_types)
+        unknown = np.add.reduceat((~found).astype(np.int64), starts)
+        bad_rows = np.add.reduceat(bad_type.astype(np.int64), starts) > 0
+        keep_len = np.add.reduceat(found.astype(np.int64), starts)
+        per_request: Dict[int, list] = {}
+        for j, (i, _, _) in enumerate(rows):
+            if isinstance(out[i], Exception):
+                continue
+            row_in_req = len(per_request.get(i, []))
+            where = f"[{row_in_req}] "
+            s0, n = int(starts[j]), int(lengths[j])
+            if bad_rows[j]:
+                k = int(np.argmax(bad_type[s0:s0 + n]))
+                out[i] = PreprocessError(f"{where}{BEHAVIOR_INPUT}[{k}] = {flat_types[s0 + k]}，应在 "
+                                         f"[0, {self.contract.num_token_types}) 内")
+                continue
+            if unknown[j] and self.policy == "error":
+                k = int(np.argmax(~found[s0:s0 + n]))
+                out[i] = PreprocessError(f"{where}{HISTORY_INPUT}[{k}] = {flat_items[s0 + k]} 不在目录中"
+                                         "（unknown_item_policy=error）")
+                continue
+            if keep_len[j] == 0:
+                out[i] = PreprocessError(f"{where}{HISTORY_INPUT}: {int(unknown[j])} 个物品都不在目录中，没有可用的历史")
+                continue
+            ok = found[s0:s0 + n]
+            keep = self.contract.max_seq_length
+            row_sem = sem[s0:s0 + n][ok][-keep:] if unknown[j] else sem[s0:s0 + n][-keep:]
+            row_types = flat_types[s0:s0 + n][ok][-keep:] if unknown[j] else flat_types[s0:s0 + n][-keep:]
+            per_request.setdefault(i, []).append((row_sem, row_types, int(unknown[j])))
+        for i, req_rows in per_request.items():
+            if isinstance(out[i], Exception):
+                continue
+            feeds = self.pack([(s, t) for s, t, _ in req_rows])
+            feeds[UNKNOWN_COUNT_OUTPUT] = np.asarray([u for _, _, u in req_rows], dtype=np.int64).reshape(-1, 1)
+            out[i] = feeds
+        return out

@@ -1,0 +1,41 @@
+"""两类异常：用户的错误（配置、输入、缺依赖）与验证失败（导出/精度门禁），
+以及工具自身的 bug（InternalError）。"""
+from __future__ import annotations
+
+from algorithm.interfaces import ContractError  # noqa: F401  (输入不符合契约，同属用户错误)
+
+
+class UGTServingError(Exception):
+    """本包所有异常的基类。"""
+
+
+class ConfigError(UGTServingError, ValueError):
+    """配置不合法：消息写明字段名与允许的取值。"""
+
+
+class MissingDependencyError(UGTServingError, ImportError):
+    """缺少某个可选依赖（TensorRT、tritonserver 二进制、GPU 等），消息写明如何获得。"""
+
+
+class ValidationError(UGTServingError):
+    """导出或优化后的结果与 PyTorch 参考不一致。report 携带全部数字。"""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+class ShapeError(ValidationError):
+    """输出形状/dtype 与契约不符，或某个形状上无法运行（例如序列长度被固化）。"""
+
+
+class AccuracyError(ValidationError):
+    """数值或 top-k 集合与参考的差异超过阈值（门禁失败）。"""
+
+
+class ServerError(UGTServingError, RuntimeError):
+    """Triton 服务器启动失败或未就绪。"""
+
+
+class InternalError(UGTServingError, RuntimeError):
+    """本工具自身的 bug：请附带消息报告。"""

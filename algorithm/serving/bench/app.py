@@ -1,0 +1,258 @@
+"""scripts/benchmark.py 背后的流程：找到（或构建）与当前配置相符的引擎产物，按当前 triton/engine 设置生成
+一个压测用的仓库（加上地板模型），启动内嵌服务器（开着追踪的输出文件），重复 benchmark.repeats 次整套测量，
+测引擎离线吞吐，写报告；multirun 时维护一张跨运行的汇总表。
+
+构建变体：决定引擎产物的选项（ARTIFACT_KEYS）变了就要重新构建。每个变体有自己的构建目录
+<build_dir>/variants/<名字>-<哈希>，存在且相符时复用；<build_dir>/model_repository 正好相符时也复用。
+所以 `python scripts/benchmark.py -m precision=fp32,int8` 会各构建一次（第二次起复用）、各测一次、写一张对比表。
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from algorithm.errors import ConfigError
+from algorithm.serving.bench.report import summary_table, write_report
+from algorithm.serving.bench.suite import Benchmark, headline, run_once
+from algorithm.serving.bench.tail import fmt_spread
+from algorithm.serving.build import paths
+from algorithm.serving.config import ServingConfig
+from algorithm.serving.workload import sample_lengths
+
+log = logging.getLogger(__name__)
+# 决定引擎产物的配置（改了必须重新构建；triton.*、benchmark.* 等只需重建仓库的配置）
+ARTIFACT_KEYS = ("model", "engine.kind", "engine.native", "export.precision", "export.max_batch_size",
+                 "export.max_seq_length", "catalog", "train", "checkpoint", "seed")
+
+
+def _get(d: Dict[str, Any], dotted: str):
+    for k in dotted.split("."):
+        d = d[k]
+    return d
+
+
+def artifact_key(config: ServingConfig) -> Dict[str, Any]:
+    d = dataclasses.asdict(config)
+    return {k: _get(d, k) for k in ARTIFACT_KEYS}
+
+
+def variant_dir(config: ServingConfig) -> str:
+    key = artifact_key(config)
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    name = f"{config.model.name}-{config.engine.kind}-{config.export.precision}-{digest}"
+    return os.path.join(os.path.abspath(config.build_dir), "variants", name)
+
+
+def _built_matches(repo: str, config: ServingConfig) -> bool:
+    info = os.path.join(repo, "build_info.json")
+    if not os.path.isfile(info):
+        return False
+    with open(info) as f:
+        built = json.load(f).get("config", {})
+    try:
+        return all(_get(built, k) == v for k, v in artifact_key(config).items())
+    except (KeyError, TypeError):
+        return False
+
+
+def ensure_built(config: ServingConfig, log_fn=print) -> str:
+    """与 config 的产物相符的已构建仓库：先看 <build_dir>/model_repository，再看变体目录，都没有就构建变体。"""
+    from algorithm.serving.build import build
+
+    base = paths(config)["repository"]
+    if _built_matches(base, config):
+        return base
+    vdir = variant_dir(config)
+    vrepo = os.path.join(vdir, "model_repository")
+    if _built_matches(vrepo, config):
+        log_fn(f"复用构建变体 {vdir}")
+        return vrepo
+    log_fn(f"没有与当前产物选项相符的构建：构建变体 {vdir}")
+    shared = paths(config)["checkpoint"]
+    # 同一模型与训练设置的检查点在变体之间共用（变体通常只差引擎或精度）
+    ck = config.checkpoint or (shared if os.path.isfile(shared) else "")
+    vconfig = dataclasses.replace(config, build_dir=vdir, checkpoint=ck)
+    build(vconfig, log=log_fn)
+    return vrepo
+
+
+def repository_for_run(config: ServingConfig, out_dir: str, built_repo: str) -> str:
+    """用构建好的引擎与目录，按当前 triton/engine 配置在 out_dir 下生成一个仓库（加上地板模型）。"""
+    from algorithm.serving.engines import hosting as engine_hosting
+    from algorithm.serving.repository import build_repository
+    from algorithm.serving.triton_config import ENGINE, PREPROCESS
+
+    hosting = engine_hosting(config)
+    artifact = os.path.join(built_repo, ENGINE, "1", hosting.filename)
+    extra = [artifact + ".data"] if os.path.exists(artifact + ".data") else []
+    if config.engine.kind == "torch" and not config.engine.compile_cache_dir:
+        # 编译缓存跟着构建目录走（不跟着每次压测的输出目录）：重启与多实例复用
+        config = dataclasses.replace(config, engine=dataclasses.replace(
+            config.engine, compile_cache_dir=os.path.join(os.path.dirname(built_repo), "compile_cache")))
+    return build_repository(config, os.path.join(out_dir, "model_repository"), artifact,
+                            os.path.join(built_repo, PREPROCESS, "1", "catalog.npz"),
+                            info={"config": dataclasses.asdict(config), "base": built_repo},
+                            extra_engine_files=extra, include_floor=True)
+
+
+def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[str] = ()) -> Dict[str, Any]:
+    from tqdm import tqdm
+
+    from algorithm.models.ugt import flops_per_request
+    from algorithm.serving.bench import trace as trace_mod
+    from algorithm.serving.server import EmbeddedTritonServer
+    from algorithm.serving.triton_config import ENGINE, FLOOR, POSTPROCESS, PREPROCESS
+
+    b = config.benchmark
+    out_dir = os.path.abspath(b.output_dir or out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    built = ensure_built(config)
+    repo = repository_for_run(config, out_dir, built)
+    lengths = sample_lengths(b, 4096, config.export.max_seq_length, b.seed)
+    flops = float(np.mean([flops_per_request(config.model, int(n)) for n in lengths]))
+    contract = config.contract()
+    meta = {"overrides": list(overrides), "engine": config.engine.kind, "precision": config.export.precision,
+            "model_preset": config.model.name, "triton": dataclasses.asdict(config.triton),
+            "engine_config": dataclasses.asdict(config.engine), "built_repository": built,
+            "model_flops_per_request": flops, "mean_history_length": float(lengths.mean())}
+    contract_kwargs = {"max_seq_length": contract.max_seq_length, "codebook_sizes": list(contract.codebook_sizes),
+                       "num_token_types": contract.num_token_types, "top_k": contract.top_k}
+    target = config.export.model_name if b.target == "ensemble" else ENGINE
+    offline = sorted({1, *config.triton.preferred_batch_sizes}) if b.offline_samples else []
+    catalog = os.path.join(repo, PREPROCESS, "1", "catalog.npz")
+    slo_ms = b.slo_ms or config.export.target_latency_ms
+
+    def suite(url: str, metrics_url: Optional[str], http_url: Optional[str], trace_file: Optional[str],
+              floor: Optional[str]) -> Dict[str, Any]:
+        bench = Benchmark(url, target, b, catalog, config.export.max_seq_length, contract_kwargs,
+                          progress=True, metrics_url=metrics_url, kind=b.target)
+        tracer = None
+        if trace_file and http_url and b.trace_rate and b.target == "ensemble":
+            tracer = trace_mod.Tracer(http_url, trace_file, b.trace_rate, target, [PREPROCESS, ENGINE, POSTPROCESS])
+        report: Dict[str, Any] = {"model": target, "url": url, "slo_ms": slo_ms,
+                                  "benchmark": dataclasses.asdict(b), "device": bench.gpu.name or "CPU", **meta}
+        steps = b.repeats * (len(b.concurrency) + len(b.rates) + 3) + 1
+        bar = tqdm(total=steps, desc="压测", unit="步", dynamic_ncols=True)
+
+        def step(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update()
+
+        try:
+            bench.warmup()
+            report["runs"] = []
+            for i in range(b.repeats):
+                if b.repeats > 1:
+                    tqdm.write(f"== 第 {i + 1}/{b.repeats} 次")
+                report["runs"].append(run_once(bench, b, slo_ms, floor, tracer, step))
+            if b.perf_analyzer:
+                from algorithm.serving.bench.perf_analyzer import run_perf_analyzer
+
+                report["perf_analyzer"] = run_perf_analyzer(url, target, catalog, b, config.export.max_seq_length,
+                                                            out_dir)
+            # 离线吞吐放在最后：它在本进程里再加载一份引擎（GPU 上占显存与上下文），不能干扰服务的测量
+            if offline:
+                from algorithm.serving.bench.offline import offline_engine_throughput
+
+                bar.set_postfix_str("引擎离线吞吐")
+                report["offline_engine"] = offline_engine_throughput(repo, offline, b, config.export.max_seq_length,
+                                                                     samples=b.offline_samples)
+        finally:
+            bar.close()
+        report["headline"] = headline(report["runs"])
+        _add_overhead(report)
+        return report
+
+    if b.url:
+        report = suite(b.url, None, None, None, None)
+    else:
+        trace_file = os.path.join(out_dir, "trace", "trace.json") if b.trace_rate else None
+        if trace_file:
+            os.makedirs(os.path.dirname(trace_file), exist_ok=True)
+        with EmbeddedTritonServer(repo, config.server, ready_models=[config.export.model_name, FLOOR],
+                                  log_path=os.path.join(out_dir, "tritonserver.log"),
+                                  extra_args=trace_mod.server_args(trace_file) if trace_file else None) as server:
+            url = server.grpc_url if b.protocol == "grpc" else server.http_url
+            report = suite(url, server.metrics_url, server.http_url, trace_file, FLOOR)
+    add_flops(report, flops, b.peak_tflops)
+    report["files"] = write_report(report, out_dir)
+    print(summary_table(report))
+    print(f"报告：{report['files']['json']}\n      {report['files']['csv']}\n      {report['files']['png']}")
+    return report
+
+
+def _add_overhead(report: Dict[str, Any]) -> None:
+    """服务开销 = 引擎离线吞吐 b64（与服务同一路径）/ SLA 点的服务吞吐。"""
+    off = report.get("offline_engine") or {}
+    h = report.get("headline") or {}
+    served = (h.get("sla_throughput") or {}).get("median")
+    sizes = [k for k in off if k.isdigit()]
+    if not served or not sizes:
+        return
+    big = off[max(sizes, key=int)]
+    report["serving_overhead"] = {"offline_batch": big["batch"], "offline_throughput": big["throughput"],
+                                  "served_throughput_at_sla": served,
+                                  "served_over_offline": served / max(big["throughput"], 1e-9)}
+
+
+def add_flops(report: Dict[str, Any], flops_per_request: float, peak_tflops: float) -> None:
+    """模型 FLOPs/请求 x 吞吐 = 实际算力；给了峰值就再除以峰值得 MFU（SLA 点中位数与离线引擎各一份）。"""
+    def mfu(throughput: Optional[float]) -> Dict[str, Optional[float]]:
+        if throughput is None:
+            return {"model_tflops_per_s": None, "mfu": None}
+        t = throughput * flops_per_request / 1e12
+        return {"model_tflops_per_s": t, "mfu": t / peak_tflops if peak_tflops else None}
+
+    report["peak_tflops"] = peak_tflops or None
+    h = report.get("headline") or {}
+    report["sla_mfu"] = mfu((h.get("sla_throughput") or {}).get("median"))
+    off = report.get("offline_engine") or {}
+    for section in (off, off.get("grouped") or {}):
+        for k, v in section.items():
+            if k.isdigit():
+                v.update(mfu(v["throughput"]))
+
+
+def update_sweep_summary(sweep_dir: str, run_dir: str, report: Dict[str, Any], overrides: List[str]) -> str:
+    """multirun：把本次运行加入 sweep 目录下的 summary.json / summary.csv / summary.md（一行一个变体）。"""
+    os.makedirs(sweep_dir, exist_ok=True)
+    store = os.path.join(sweep_dir, "summary.json")
+    rows = json.load(open(store)) if os.path.exists(store) else []
+    h = report.get("headline") or {}
+    off = report.get("offline_engine") or {}
+    big = off.get(max((k for k in off if k.isdigit()), key=int, default=""), {}) if off else {}
+    closed = h.get("closed_loop") or {}
+    top_c = max(closed, key=int) if closed else None
+    rows.append({"run": os.path.basename(run_dir), "overrides": " ".join(overrides),
+                 "engine": report.get("engine"), "precision": report.get("precision"),
+                 "sla_rate": fmt_spread(h.get("sla_rate")), "sla_p99_ms": fmt_spread(h.get("sla_p99_ms")),
+                 "sla_gpu_util": fmt_spread(h.get("sla_gpu_util")), "sla_avg_batch": fmt_spread(h.get("sla_avg_batch"), 2),
+                 "light_p99_over_p50": fmt_spread(h.get("light_p99_over_p50"), 2),
+                 f"closed_c{top_c}_throughput" if top_c else "closed_throughput":
+                     fmt_spread(closed[top_c]["throughput"]) if top_c else "-",
+                 "offline_max_batch_throughput": f"{big['throughput']:.1f}" if big else "-",
+                 "sla_rate_median": (h.get("sla_rate") or {}).get("median")})
+    with open(store, "w") as f:
+        json.dump(rows, f, indent=2, ensure_ascii=False)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with open(os.path.join(sweep_dir, "summary.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        w.writerows(rows)
+    md = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    md += ["| " + " | ".join("-" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
+    path = os.path.join(sweep_dir, "summary.md")
+    with open(path, "w") as f:
+        f.write("\n".join(md) + "\n")
+    return path
+
+
+__all__ = ["ARTIFACT_KEYS", "ensure_built", "repository_for_run", "benchmark_from_config", "update_sweep_summary",
+           "variant_dir"]

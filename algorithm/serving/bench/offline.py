@@ -1,0 +1,77 @@
+"""引擎离线吞吐：在本进程里直接运行仓库中的引擎（与服务同一个 EngineModel：同样的校验、分组、暂存与启动），
+请求按配置的长度分布抽样；某 batch 的吞吐 = b / 一次 execute（b 个请求）的中位时间。
+与服务吞吐之比就是服务开销；“服务中的一批”的 GPU 时间（自定义指标）可以与这里同 batch 的时间对照。"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, Sequence
+
+import numpy as np
+
+from algorithm.serving.config import BenchmarkConfig
+from algorithm.serving.workload import make_histories
+
+
+def _grouped(eng, feeds, batch_sizes, repeats: int) -> Dict[str, Any]:
+    """旧定义（2026-11-24 的 H100 数字用它）：每次 execute 的 b 个请求都来自同一长度组，
+    吞吐 = b / sum_k(p_k * t_k(b))，p_k 为长度组 k 的占比。它是引擎在理想分组下的上限。"""
+    from algorithm.serving.runtime.buckets import length_class
+
+    limit = eng.contract.max_seq_length
+    groups: Dict[int, list] = {}
+    for f in feeds:
+        groups.setdefault(length_class(f["encoder_mask"].shape[1], eng.seq_buckets, limit), []).append(f)
+    share = {k: len(v) / len(feeds) for k, v in groups.items()}
+    out: Dict[str, Any] = {"length_share": {str(k): v for k, v in sorted(share.items())}}
+    for b in batch_sizes:
+        per = {}
+        for k, fs in sorted(groups.items()):
+            times = []
+            for r in range(repeats + 1):
+                picked = [fs[(r * b + i) % len(fs)] for i in range(b)]
+                t0 = time.perf_counter()
+                eng.execute(picked)
+                if r:
+                    times.append(time.perf_counter() - t0)
+            per[str(k)] = float(np.median(times))
+        sec = sum(share[int(k)] * t for k, t in per.items())
+        out[str(b)] = {"batch": b, "seconds_weighted": sec, "throughput": float(b / sec), "seconds_by_length": per}
+    return out
+
+
+def offline_engine_throughput(repository: str, batch_sizes: Sequence[int], cfg: BenchmarkConfig,
+                              max_seq_length: int, repeats: int = 5, samples: int = 2000) -> Dict[str, Any]:
+    from algorithm.serving.pipeline import InProcessPipeline
+
+    pipe = InProcessPipeline(repository)
+    catalog = os.path.join(repository, "ugt_preprocess", "1", "catalog.npz")
+    histories = make_histories(catalog, cfg, samples, max_seq_length, cfg.seed + 99)
+    feeds = [f for f in pipe.pre.execute([{"history_item_ids": h.reshape(1, -1)} for h in histories])]
+    for f in feeds:
+        f.pop("num_unknown_items", None)
+    eng = pipe.engine
+    out: Dict[str, Any] = {}
+    for b in batch_sizes:
+        times, stats = [], []
+        for r in range(repeats + 1):
+            picked = [feeds[(r * b + i) % len(feeds)] for i in range(b)]
+            t0 = time.perf_counter()
+            res = eng.execute(picked)
+            dt = time.perf_counter() - t0
+            bad = [x for x in res if isinstance(x, Exception)]
+            if bad:
+                raise bad[0]
+            if r:  # 第一次是预热
+                times.append(dt)
+                stats.append(dict(eng.stats.last))
+        sec = float(np.median(times))
+        out[str(b)] = {"batch": b, "seconds": sec, "throughput": float(b / sec),
+                       "device_ms": float(np.median([s.get("device_ms", 0.0) for s in stats])),
+                       "host_ms": float(np.median([s.get("host_ms", 0.0) for s in stats])),
+                       "launches": float(np.median([s.get("groups", 0) for s in stats]))}
+    out["grouped"] = _grouped(eng, feeds, batch_sizes, repeats)
+    runner = eng.runner
+    if hasattr(runner, "bucket_seconds"):
+        out["bucket_seconds"] = runner.bucket_seconds()
+    return out

@@ -1,0 +1,52 @@
+"""构建期的引擎注册表：engine.kind -> 一个模块（NEEDS_ONNX、hosting(config)、build(...)，tensorrt 还有
+instance_profiles）。运行时的一半在 algorithm/serving/runtime/engines/ 的同名模块里。
+
+build_engine_artifact：按配置产生引擎文件，再运行精度门禁（gates.run_gates）。
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+from typing import Any, Callable, Dict, Tuple
+
+from algorithm.errors import ConfigError
+from algorithm.models.catalog import Catalog
+from algorithm.serving.config import ENGINES, ServingConfig
+from algorithm.serving.engines.base import BuiltEngine, EngineHosting  # noqa: F401
+
+Log = Callable[[str], None]
+
+
+def engine_module(kind: str):
+    if kind not in ENGINES:
+        raise ConfigError(f"engine.kind = {kind!r} 不合法；可选 {list(ENGINES)}")
+    return importlib.import_module(f"algorithm.serving.engines.{kind}")
+
+
+def hosting(config: ServingConfig) -> EngineHosting:
+    return engine_module(config.engine.kind).hosting(config)
+
+
+def build_engine_artifact(config: ServingConfig, model, catalog: Catalog, onnx_path: str, engine_dir: str,
+                          log: Log) -> Tuple[str, Dict[str, Any]]:
+    """按配置产生引擎文件，运行门禁。返回 (产物路径, 报告)。"""
+    from algorithm.serving.gates import run_gates
+
+    os.makedirs(engine_dir, exist_ok=True)
+    built: BuiltEngine = engine_module(config.engine.kind).build(config, model, catalog, onnx_path, engine_dir, log)
+    runner = built.runner
+    reference = model
+    on_gpu = config.engine.kind == "tensorrt" or (getattr(runner, "device", None) is not None
+                                                  and runner.device.type == "cuda")
+    if on_gpu:
+        reference = copy.deepcopy(model).to("cuda")  # fp32 参考放在同一块 GPU 上（更快，仍是 fp32）
+    log(f"      门禁：{config.gates.num_samples} 条采样历史，对比 fp32 PyTorch")
+    reports: Dict[str, Any] = dict(built.reports)
+    reports["gates"] = run_gates(config, catalog, reference, runner, config.gates, config.export.precision,
+                                 baseline=built.baseline)
+    g = reports["gates"]
+    g["speedup_vs_reference"] = g["reference_seconds"] / max(g["candidate_seconds"], 1e-9)
+    speed = f"；同样的批上比 fp32 ONNX 快 {g['speedup_vs_fp32_engine']:.2f} 倍" if "speedup_vs_fp32_engine" in g else ""
+    log(f"      门禁通过：{g['summary']}{speed}")
+    return built.artifact, reports

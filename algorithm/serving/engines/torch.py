@@ -1,0 +1,92 @@
+"""torch 引擎的构建与托管：torch.export 得到与设备无关的 .pt2（precision 决定权重 dtype），
+服务时由 runtime/engines/torch.py 加载、torch.compile 并按桶捕获 CUDA Graph。只能由 python 运行器托管。
+
+为什么不是 AOTInductor：在本项目的 H100 上，AOTInductor 包编译成功但加载时段错误（benchmarks/h100-2026-11-24/）；
+torch.compile + 手动 CUDA Graph 能工作。
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Callable
+
+import numpy as np
+
+from algorithm.errors import ConfigError
+from algorithm.models.catalog import Catalog
+from algorithm.serving.config import ServingConfig
+from algorithm.serving.engines.base import BuiltEngine, EngineHosting
+
+Log = Callable[[str], None]
+NEEDS_ONNX = False
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def hosting(config: ServingConfig) -> EngineHosting:
+    return EngineHosting("", "model.pt2")
+
+
+def compile_cache_dir(config: ServingConfig) -> str:
+    return os.path.abspath(config.engine.compile_cache_dir or os.path.join(config.build_dir, "compile_cache"))
+
+
+def build(config: ServingConfig, model, catalog: Catalog, onnx_path: str, engine_dir: str, log: Log) -> BuiltEngine:
+    from algorithm.serving.runtime.engines.torch import TorchRunner, int8_transform, resolve_device
+
+    artifact = export_torch_program(model, os.path.join(engine_dir, f"{config.model.name}.pt2"), config)
+    e = config.engine
+    int8 = config.export.precision == "int8"
+    runner = TorchRunner(artifact, config.contract(), resolve_device(e.device), 0, e.compile_mode, e.cuda_graphs,
+                         e.batch_buckets, config.seq_buckets(), compile_cache_dir(config),
+                         transform=int8_transform(e.int8_mode) if int8 else None)
+    return BuiltEngine(artifact, runner, reports={"torch_engine": {
+        "load_seconds": runner.load_seconds, "capture_seconds": runner.capture_seconds,
+        "cuda_graphs": len(runner.slots), "compile_mode": e.compile_mode,
+        "bucket_seconds": runner.bucket_seconds()}})
+
+
+def export_torch_program(model, path: str, config: ServingConfig) -> str:
+    """torch.export（batch 与 seq_len 动态）-> .pt2。precision 决定权重 dtype（fp16 / fp32）。"""
+    import torch
+
+    precision = config.export.precision
+    if precision == "int8":
+        # int8 在服务时量化（torch_int8.py）：GPU 上的底本是 fp16，CPU 上是 fp32
+        from algorithm.serving.runtime.engines.torch import resolve_device
+
+        precision = "fp16" if resolve_device(config.engine.device) == "cuda" else "fp32"
+    if precision not in DTYPES:
+        raise ConfigError(f"torch 引擎支持 export.precision=fp32 / fp16 / int8，得到 {precision!r}")
+    dtype = getattr(torch, DTYPES[precision])
+    m = copy.deepcopy(model).eval().to(dtype)
+    # 掩码与前缀树缓冲区保持原类型（bool / 整数），只有浮点参数变精度
+    contract = model.cfg.contract()
+    feeds = contract.random_inputs(2, 16, np.random.default_rng(0), lengths=np.array([16, 8]))
+    args = tuple(torch.from_numpy(feeds[n]) for n in contract.input_names)
+    batch = torch.export.Dim("batch", min=1, max=max(2, config.export.max_batch_size))
+    seq = torch.export.Dim("seq_len", min=1, max=max(2, config.export.max_seq_length))
+    with torch.no_grad():
+        ep = torch.export.export(m, args, dynamic_shapes=tuple({0: batch, 1: seq} for _ in args))
+    _strip_device_asserts(ep)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.export.save(ep, path)
+    return path
+
+
+def _strip_device_asserts(ep) -> None:
+    """torch.export 为每个 .to(dtype) 记录 _assert_tensor_metadata(device=导出时的设备)；
+    程序在 CPU 上导出、在 GPU 上运行，这些断言会失败，所以删掉（dtype 由图本身保证）。"""
+    import torch
+
+    target = torch.ops.aten._assert_tensor_metadata.default
+    removed = 0
+    for node in list(ep.graph.nodes):
+        if node.op == "call_function" and node.target is target and not node.users:
+            ep.graph.erase_node(node)
+            removed += 1
+    if removed:
+        ep.graph_module.recompile()
+    leftover = [n for n in ep.graph.nodes if "device" in n.kwargs and n.kwargs["device"] is not None]
+    if leftover:
+        raise ConfigError(f"导出的程序里仍有固定设备的算子 {[str(n.target) for n in leftover][:5]}；"
+                          "模型代码不应按输入的 device 创建张量")

@@ -1,0 +1,249 @@
+"""torch 引擎的运行器：加载 torch.export 的 .pt2，（可选）torch.compile，GPU 上按 (batch 桶, 长度桶) 重放 CUDA Graph。
+
+为什么 dynamic=True 只编译一次：按静态形状编译每个形状要 50-95 s，桶有 batch x 长度 个组合；动态形状编译一次，
+再为每个桶捕获一张 CUDA Graph（捕获只是运行一次）。编译缓存目录（TORCHINDUCTOR_CACHE_DIR）在构建目录里，
+同一 GPU 上的多个实例与重启都复用它。
+
+一次 execute 的几组（按长度分组）在 GPU 上背靠背启动：每组一次 H2D（页锁定暂存区，非阻塞）、一次重放、
+一次 D2H 到页锁定输出区；组与组之间不同步，最后只等一个事件。CUDA 事件给出 GPU 时间与回拷时间（见 run_many）。
+输入在到达这里之前已由 runtime/batching.collect 按契约校验（越界 id 会触发 device-side assert 并毁掉 CUDA 上下文）。
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from algorithm.errors import MissingDependencyError
+from algorithm.interfaces import EngineContract
+from algorithm.serving.runtime.buckets import round_up
+
+log = logging.getLogger(__name__)
+Outputs = Tuple[np.ndarray, np.ndarray]
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise MissingDependencyError("torch 引擎需要 PyTorch") from e
+    return torch
+
+
+def resolve_device(name: str) -> str:
+    """auto -> 有 GPU 用 cuda，否则 cpu；其它原样返回。"""
+    if name != "auto":
+        return name
+    return "cuda" if _torch().cuda.is_available() else "cpu"
+
+
+def int8_transform(mode: str):
+    """int8：.pt2 按 fp16（GPU）/ fp32（CPU）导出，加载并移到设备后再用 torchao 量化（见 torch_int8.py 的说明）。"""
+    def apply(module):
+        from algorithm.serving.runtime.engines.torch_int8 import quantize_int8
+
+        return quantize_int8(module, mode=mode)
+
+    return apply
+
+
+class _Slot:
+    """一个 (batch 桶, 长度桶) 的 CUDA Graph 与它的页锁定暂存区。"""
+
+    def __init__(self, graph, static_in, out, host_in, host_out):
+        self.graph, self.static_in, self.out = graph, static_in, out
+        self.host_in = host_in  # {名字: 页锁定 numpy 视图 [B, L]}
+        self.host_out = host_out  # (rec, scores) 页锁定 torch 张量
+        self.host_tensors: Dict[str, object] = {}  # 与 host_in 共享内存的页锁定张量
+        self.seconds: Optional[float] = None  # 一次重放的实测时间（捕获后测），用于合并长度组的代价
+
+
+class TorchRunner:
+    """加载 .pt2，在 device 上运行。GPU 上按桶用 CUDA Graph 重放；CPU 上直接运行（可编译）。"""
+
+    def __init__(self, path: str, contract: EngineContract, device: str = "cpu", device_id: int = 0,
+                 compile_mode: str = "default", cuda_graphs: bool = True, batch_buckets: Sequence[int] = (),
+                 seq_buckets: Sequence[int] = (), cache_dir: str = "", warmup: bool = True,
+                 transform=None):
+        torch = _torch()
+        if device == "cuda" and not torch.cuda.is_available():
+            raise MissingDependencyError("engine.device=cuda，但 PyTorch 看不到 GPU（torch.cuda.is_available() 为 False）")
+        if cache_dir:
+            os.makedirs(cache_dir, exist_ok=True)
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir)
+        self.torch = torch
+        self.contract = contract
+        self.device = torch.device(f"cuda:{device_id}" if device == "cuda" else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        t0 = time.time()
+        module = torch.export.load(path).module()
+        module.to(self.device)
+        if transform is not None:  # 例如 int8 量化（在加载后的模块上做，见 engines/torch.py 的构建）
+            module = transform(module)
+        self.module = module
+        self.fn = module
+        self.compile_mode = compile_mode
+        if compile_mode != "none":
+            self.fn = torch.compile(module, mode=compile_mode, dynamic=True)
+        self.use_graphs = bool(cuda_graphs and self.device.type == "cuda" and batch_buckets and seq_buckets)
+        self.batch_buckets = tuple(sorted(batch_buckets))
+        self.seq_buckets = tuple(sorted(seq_buckets))
+        self.slots: Dict[Tuple[int, int], _Slot] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.load_seconds = time.time() - t0
+        self.capture_seconds = 0.0
+        if warmup and self.use_graphs:
+            self.capture_all()
+
+    @classmethod
+    def from_spec(cls, path: str, contract: EngineContract, spec, device_id: int = 0) -> "TorchRunner":
+        """服务进程里：spec 为 runtime.params.RuntimeSpec（构建时算好的桶、设备、编译设置）。"""
+        return cls(path, contract, spec.device, device_id, spec.compile_mode, spec.cuda_graphs,
+                   spec.batch_buckets, spec.seq_buckets, spec.compile_cache_dir,
+                   transform=int8_transform(spec.int8_mode) if spec.precision == "int8" else None)
+
+    @property
+    def graphs(self) -> Dict[Tuple[int, int], _Slot]:
+        return self.slots
+
+    # ---- CUDA Graph ----
+    def _capture(self, b: int, length: int) -> _Slot:
+        torch = self.torch
+        feeds = self.contract.random_inputs(b, length, np.random.default_rng(b * 7919 + length))
+        static = [torch.from_numpy(feeds[n]).to(self.device) for n in self.contract.input_names]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):  # 预热：编译、分配工作区
+                self.fn(*static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
+            out = self.fn(*static)
+        # 页锁定的暂存区：numpy 视图给 batching.fill 写，张量给非阻塞 H2D；零初始化（填充处的 id 必须合法）
+        host_t = {spec.name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)
+                  for spec, t in zip(self.contract.inputs, static)}
+        host_out = (torch.empty(out[0].shape, dtype=out[0].dtype, pin_memory=True),
+                    torch.empty(out[1].shape, dtype=torch.float32, pin_memory=True))
+        slot = _Slot(graph, static, out, {n: t.numpy() for n, t in host_t.items()}, host_out)
+        slot.host_tensors = host_t
+        self.slots[(b, length)] = slot
+        return slot
+
+    def capture_all(self) -> None:
+        """为所有 (batch 桶, 长度桶) 捕获 CUDA Graph 并测一次重放时间（加载时做，首个请求不承担）。"""
+        t0 = time.time()
+        for length in self.seq_buckets:
+            for b in self.batch_buckets:
+                self._capture(b, length)
+        self.capture_seconds = time.time() - t0
+        self._time_slots()
+        log.info("CUDA Graph：%d 个桶，%.1fs", len(self.slots), self.capture_seconds)
+
+    def _time_slots(self, repeats: int = 3) -> None:
+        torch = self.torch
+        for slot in self.slots.values():
+            times = []
+            for _ in range(repeats):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                slot.graph.replay()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1e3)
+            slot.seconds = float(np.median(times))
+
+    def bucket_seconds(self) -> Dict[str, float]:
+        """各桶一次重放的实测时间（秒），键为 "b{batch}xL{长度}"。"""
+        return {f"b{b}xL{l}": s.seconds for (b, l), s in sorted(self.slots.items()) if s.seconds is not None}
+
+    def cost(self, rows: int, length: int) -> Optional[float]:
+        """合并长度组用的代价：该组落到的桶的重放时间；没有对应的桶（或未计时）为 None。"""
+        if not self.use_graphs:
+            return None
+        slot = self.slots.get((round_up(rows, self.batch_buckets), round_up(length, self.seq_buckets)))
+        return slot.seconds if slot is not None else None
+
+    def _slot_for(self, rows: int, length: int) -> Optional[_Slot]:
+        if not self.use_graphs or rows > self.batch_buckets[-1] or length > self.seq_buckets[-1]:
+            return None
+        key = (round_up(rows, self.batch_buckets), round_up(length, self.seq_buckets))
+        return self.slots.get(key) or self._capture(*key)
+
+    # ---- 运行 ----
+    def staging(self, rows: int, length: int) -> Dict[str, np.ndarray]:
+        """一组请求的暂存区：有对应的桶时为该桶的页锁定区（mask 清零），否则为新的 [rows, length] 数组。"""
+        slot = self._slot_for(rows, length)
+        if slot is None:
+            return {s.name: np.zeros((rows, length), dtype=s.dtype) for s in self.contract.inputs}
+        slot.host_in["encoder_mask"].fill(0)  # 填充处 mask 必须为 0；其它输入的旧值都是校验过的合法值
+        return slot.host_in
+
+    def run_many(self, staged: List[Dict[str, np.ndarray]]) -> Tuple[List[Outputs], Dict[str, float]]:
+        """依次启动各组（组间不同步），最后等一次；返回各组输出（新数组，[B, K, 3] / [B, K]）与计时（毫秒）。"""
+        torch = self.torch
+        if self.device.type != "cuda":
+            t0 = time.perf_counter()
+            outs = [self._eager(f) for f in staged]
+            return outs, {"device_ms": (time.perf_counter() - t0) * 1e3, "copy_back_ms": 0.0}
+        ev_start, ev_compute, ev_end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        pending = []
+        stream = torch.cuda.current_stream(self.device)
+        ev_start.record(stream)
+        for feeds in staged:
+            slot = self._slot_by_buffers(feeds)
+            if slot is None:
+                pending.append(("eager", self._eager_async(feeds)))
+                continue
+            for name, dev in zip(self.contract.input_names, slot.static_in):
+                dev.copy_(slot.host_tensors[name], non_blocking=True)
+            slot.graph.replay()
+            pending.append(("graph", slot))
+        ev_compute.record(stream)
+        for kind, item in pending:
+            if kind == "graph":
+                item.host_out[0].copy_(item.out[0], non_blocking=True)
+                item.host_out[1].copy_(item.out[1], non_blocking=True)
+        ev_end.record(stream)
+        ev_end.synchronize()
+        outs: List[Outputs] = []
+        for kind, item in pending:
+            if kind == "graph":
+                outs.append((item.host_out[0].numpy().copy(), item.host_out[1].numpy().copy()))
+            else:
+                outs.append((item[0].cpu().numpy(), item[1].float().cpu().numpy()))
+        return outs, {"device_ms": ev_start.elapsed_time(ev_compute), "copy_back_ms": ev_compute.elapsed_time(ev_end)}
+
+    def _slot_by_buffers(self, feeds) -> Optional[_Slot]:
+        for slot in self.slots.values():
+            if slot.host_in is feeds:
+                return slot
+        return None
+
+    def _eager_async(self, feeds: Mapping[str, np.ndarray]):
+        torch = self.torch
+        with torch.no_grad():
+            return self.fn(*[torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device)
+                             for n in self.contract.input_names])
+
+    def _eager(self, feeds: Mapping[str, np.ndarray]) -> Outputs:
+        rec, scores = self._eager_async(feeds)
+        return rec.cpu().numpy(), scores.float().cpu().numpy()
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> Outputs:
+        """一批 [B, L]（门禁、离线吞吐、测试用）：经同一条暂存 / 重放路径。"""
+        b, length = feeds["encoder_mask"].shape
+        buf = self.staging(b, length)
+        for name in self.contract.input_names:
+            buf[name][:b, :length] = feeds[name]
+        outs, _ = self.run_many([buf])
+        rec, scores = outs[0]
+        return rec[:b], scores[:b]
+
+
+__all__ = ["TorchRunner", "resolve_device"]

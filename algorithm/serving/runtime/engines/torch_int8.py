@@ -1,0 +1,151 @@
+"""torch 引擎的 int8：torchao 的 quantize_，只量化编码器/解码器的投影与 FFN 的线性层。
+
+打分头（model.heads，输出维 = 码本大小）与嵌入保持原精度：打分头的 logits 直接决定 beam 排序，
+其量化误差会让 top-50 的边界项互换（与 onnxruntime int8 的选择一致，见 engines/onnxruntime.py 的 int8_weight_matmuls）。
+
+两种输入（quantize_int8 自动识别）：
+- eager 的 nn.Module（UGTModel）：按 nn.Linear 与模块名过滤；
+- torch.export.load(...).module() 得到的 GraphModule（服务时的 .pt2）：里面没有 nn.Linear，线性层是对参数的
+  aten.linear 调用。先把要量化的权重的 aten.linear 改成 F.linear（torchao 的量化张量只在 F.linear 这一层
+  接管；aten.linear 会被分解成 t + addmm，量化张量不支持），再按权重名量化。
+
+为什么在服务时（加载 .pt2、移到设备之后、torch.compile 之前）量化，而不是量化后再 torch.export：
+torchao 在追踪时按张量所在设备选实现——在 CPU 上导出的程序固化的是 CPU 的 int8 路径
+（_int_scaled_matmul_cpu / aten._int_mm），还带 torchao 的自定义算子（加载需 import torchao）；
+而本项目在 CPU 上导出、在 GPU 上运行。先移到 GPU 再量化，torch.compile 看到的是 GPU 的 int8 路径
+（Inductor 的 int8 矩阵乘模板），所以 .pt2 仍按 fp16/fp32 导出，int8 只是服务时的一步变换。
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Set
+
+from algorithm.errors import ConfigError, MissingDependencyError
+
+MODES = ("dynamic", "weight_only")
+# torch._int_mm（CUDA 上 cuBLAS 的 int8 矩阵乘，torchao 动态 int8 与 Inductor 都用它）要求行数 > 16：
+# 解码第 1 步的行数就是 batch（桶 2 / 8 / 16 都不够），所以动态 int8 在 CUDA 上把行数补到 17 再算、再切回
+MIN_INT_MM_ROWS = 17
+# 保持原精度的模块名前缀：打分头（嵌入不是线性层，本就不会被量化）
+KEEP_PREFIXES = ("heads",)
+
+
+def _torchao_config(mode: str):
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as e:
+        raise MissingDependencyError(
+            "torch 引擎的 int8 需要 torchao（pip install torchao，版本须与 PyTorch 匹配）；"
+            f"导入失败：{type(e).__name__}: {e}") from e
+    if mode == "dynamic":
+        return quantize_, Int8DynamicActivationInt8WeightConfig()
+    if mode == "weight_only":
+        return quantize_, Int8WeightOnlyConfig()
+    raise ConfigError(f"int8 量化模式 {mode!r} 不合法；可选 {list(MODES)}")
+
+
+def _linear_min_rows(x, weight, bias=None):
+    """F.linear，但先把输入的行数（除最后一维外的元素数）用零补到至少 MIN_INT_MM_ROWS，结果再切回。
+    动态 int8 的激活按行量化，补的零行不影响其它行；行数足够时补 0 行（形状是符号的，编译时不分支）。"""
+    import torch
+    import torch.nn.functional as F
+
+    flat = x.reshape(-1, x.shape[-1])
+    n = flat.shape[0]
+    flat = F.pad(flat, (0, 0, 0, torch.sym_max(MIN_INT_MM_ROWS - n, 0)))
+    y = F.linear(flat, weight, bias)[:n]
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _needs_min_rows(mode: str, model, pad_rows: Optional[bool]) -> bool:
+    if pad_rows is not None:
+        return bool(pad_rows)
+    if mode != "dynamic":
+        return False
+    p = next(iter(model.parameters()), None)
+    return p is not None and p.device.type == "cuda"
+
+
+def torchao_version() -> Optional[str]:
+    try:
+        import torchao
+    except ImportError:
+        return None
+    return getattr(torchao, "__version__", "unknown")
+
+
+def _keep(fqn: str) -> bool:
+    return any(fqn == p or fqn.startswith(p + ".") for p in KEEP_PREFIXES)
+
+
+def linear_weight_names(gm) -> Set[str]:
+    """GraphModule 里作为 aten.linear / F.linear 第二个参数（权重）的参数名。"""
+    import torch
+
+    targets = (torch.ops.aten.linear.default, torch.nn.functional.linear, _linear_min_rows)
+    names = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in targets and len(n.args) > 1 \
+                and getattr(n.args[1], "op", None) == "get_attr":
+            names.add(str(n.args[1].target))
+    return names
+
+
+def quantize_exported_module(gm, mode: str = "dynamic", pad_rows: Optional[bool] = None):
+    """原地量化 torch.export.load(...).module() 得到的 GraphModule；返回它。应在 gm.to(device) 之后调用。
+    pad_rows：None = 动态 int8 且在 CUDA 上时把小行数补到 MIN_INT_MM_ROWS（见 _linear_min_rows）。"""
+    import torch
+
+    quantize_, config = _torchao_config(mode)
+    target = _linear_min_rows if _needs_min_rows(mode, gm, pad_rows) else torch.nn.functional.linear
+    names = {w for w in linear_weight_names(gm) if not _keep(w.rsplit(".", 1)[0])}
+    if not names:
+        raise ConfigError("导出的程序里没有可量化的线性层（aten.linear 的权重）")
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.aten.linear.default \
+                and getattr(n.args[1], "op", None) == "get_attr" and str(n.args[1].target) in names:
+            n.target = target
+    gm.recompile()
+    modules = {w.rsplit(".", 1)[0] for w in names}
+    quantize_(gm, config, filter_fn=lambda mod, fqn: fqn in modules)
+    return gm
+
+
+def quantize_int8(model, mode: str = "dynamic", filter_fn: Optional[Callable] = None,
+                  pad_rows: Optional[bool] = None):
+    """原地把 model 的线性层量化为 int8（torchao），返回 model。
+
+    mode："dynamic" = 激活按行动态 int8 + 权重按通道 int8（Int8DynamicActivationInt8WeightConfig，
+    计算密集的大 batch 用 int8 张量核）；"weight_only" = 只有权重 int8（Int8WeightOnlyConfig，省带宽，小 batch）。
+    model 可以是 eager 的 UGTModel，也可以是 torch.export.load(...).module()（见模块文档）。
+    先 model.to(device, dtype) 再量化：torchao 按张量所在设备选择实现。
+    pad_rows：None = 动态 int8 且在 CUDA 上时，被量化的线性层把小行数补到 MIN_INT_MM_ROWS（torch._int_mm 的限制）。
+    """
+    import types
+
+    import torch
+
+    _torchao_config(mode)  # 先检查依赖与模式
+    if isinstance(model, torch.fx.GraphModule) and not any(isinstance(m, torch.nn.Linear) for m in model.modules()):
+        return quantize_exported_module(model, mode, pad_rows)
+    quantize_, config = _torchao_config(mode)
+    if filter_fn is None:
+        def filter_fn(mod, fqn):  # noqa: E306
+            return isinstance(mod, torch.nn.Linear) and not _keep(fqn)
+    pad = _needs_min_rows(mode, model, pad_rows)
+    quantize_(model, config, filter_fn=filter_fn)
+    if pad:
+        for fqn, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and type(mod.weight) not in (torch.nn.Parameter, torch.Tensor):
+                mod.forward = types.MethodType(lambda self, x: _linear_min_rows(x, self.weight, self.bias), mod)
+    return model
+
+
+def quantized_weight_names(model) -> Set[str]:
+    """已被量化（权重为张量子类）的参数名，用于报告与测试。"""
+    import torch
+
+    return {n for n, p in model.named_parameters() if type(p) not in (torch.nn.Parameter, torch.Tensor)}
+
+
+__all__ = ["MODES", "linear_weight_names", "quantize_exported_module", "quantize_int8", "quantized_weight_names",
+           "torchao_version"]

@@ -1,0 +1,167 @@
+"""Triton Python 模型背后的逻辑（model_repository/*/1/model.py 只做请求解析与响应封装）。
+
+每个 execute 接受“一次 execute 的全部请求”（每个请求是 {输入名: numpy 数组}），返回同样长度的结果列表，
+每项是 {输出名: 数组} 或一个异常（只让这一个请求失败，其它请求照常返回）。无需服务器即可单测。
+三个模型都按整个请求列表向量化（一次查目录、一次校验、每个输入一次拷贝），不逐请求做能批量做的事。
+前/后处理只依赖 numpy（不导入 torch / onnx），生产容器保持轻量。
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from algorithm.errors import InternalError
+from algorithm.interfaces import (ITEM_IDS_OUTPUT, POST_IN_REC, POST_IN_SCORES, SCORES_OUTPUT, SEMANTIC_IDS_OUTPUT,
+                                  ContractError)
+from algorithm.models.catalog import load_catalog
+from algorithm.serving.config import ServingConfig
+from algorithm.serving.runtime import batching
+from algorithm.serving.runtime.params import RuntimeSpec
+from algorithm.serving.runtime.postprocess import Postprocessor
+from algorithm.serving.runtime.preprocess import Preprocessor
+
+Result = Union[Dict[str, np.ndarray], Exception]
+
+
+class PreprocessModel:
+    def __init__(self, model_dir: str, config: ServingConfig, spec: RuntimeSpec):
+        catalog = load_catalog(os.path.join(model_dir, spec.catalog_file))
+        self.pre = Preprocessor(catalog, config.contract(), config.catalog.unknown_item_policy,
+                                config.triton.max_history_items,
+                                spec.seq_buckets if spec.pad_in_preprocess else ())
+        self.unknown_total = 0
+
+    def execute(self, requests: Sequence[Mapping[str, Optional[np.ndarray]]]) -> List[Result]:
+        results = self.pre.encode_requests(requests)
+        self.unknown_total += sum(int(r["num_unknown_items"].sum()) for r in results if isinstance(r, dict))
+        return results
+
+
+class PostprocessModel:
+    def __init__(self, model_dir: str, config: ServingConfig, spec: RuntimeSpec):
+        catalog = load_catalog(os.path.join(model_dir, spec.catalog_file))
+        self.post = Postprocessor(catalog, config.model.top_k)
+
+    def execute(self, requests: Sequence[Mapping[str, np.ndarray]]) -> List[Result]:
+        """所有请求的引擎输出拼成一批，后处理一次，再按行拆回。形状不符的请求单独失败。"""
+        results: List[Result] = [None] * len(requests)  # type: ignore[list-item]
+        good, recs, scores = [], [], []
+        for i, req in enumerate(requests):
+            rec, sc = req.get(POST_IN_REC), req.get(POST_IN_SCORES)
+            if rec is None or sc is None or rec.ndim != 3 or rec.shape[-1] != 3 or sc.shape != rec.shape[:2]:
+                results[i] = ValueError(f"引擎输出形状不符：{POST_IN_REC} "
+                                        f"{None if rec is None else list(rec.shape)}，{POST_IN_SCORES} "
+                                        f"{None if sc is None else list(sc.shape)}")
+                continue
+            good.append(i)
+            recs.append(rec)
+            scores.append(sc)
+        if not good:
+            return results
+        items, sc, sem = self.post(np.concatenate(recs), np.concatenate(scores))
+        row = 0
+        for i, rec in zip(good, recs):
+            b = rec.shape[0]
+            results[i] = {ITEM_IDS_OUTPUT: items[row:row + b], SCORES_OUTPUT: sc[row:row + b],
+                          SEMANTIC_IDS_OUTPUT: sem[row:row + b]}
+            row += b
+        return results
+
+
+class ExecuteStats:
+    """引擎一次 execute 的计时（毫秒）与形状；累计值导出为 Triton 自定义指标（runtime/glue.py）。"""
+
+    FIELDS = ("executes", "requests", "rows", "groups", "padded_tokens", "valid_tokens", "host_ms", "device_ms",
+              "copy_back_ms", "respond_ms", "execute_ms")
+
+    def __init__(self):
+        self.totals = {f: 0.0 for f in self.FIELDS}
+        self.last: Dict[str, float] = {}
+        self.buckets: Dict[str, int] = {}
+
+    def add(self, d: Dict[str, float], buckets: Sequence[str]) -> None:
+        self.last = d
+        for k in self.FIELDS:
+            self.totals[k] += d.get(k, 0.0)
+        for b in buckets:
+            self.buckets[b] = self.buckets.get(b, 0) + 1
+
+
+class EngineModel:
+    """引擎运行器：整批校验（越界 id 到不了设备）、按长度分组、写进暂存区、各组背靠背运行、按请求拆回。"""
+
+    def __init__(self, model_dir: str, config: ServingConfig, spec: RuntimeSpec, device_id: int = 0,
+                 runner=None):
+        from algorithm.serving.runtime.engines import load_runner
+
+        self.contract = config.contract()
+        self.spec = spec
+        self.seq_buckets = tuple(spec.seq_buckets)
+        self.runner = runner or load_runner(os.path.join(model_dir, spec.engine_file), self.contract, spec, device_id)
+        self.stats = ExecuteStats()
+
+    def execute(self, requests: Sequence[Mapping[str, np.ndarray]]) -> List[Result]:
+        t0 = time.perf_counter()
+        results: List[Result] = [None] * len(requests)  # type: ignore[list-item]
+        batch, errors = batching.collect(requests, self.contract)
+        for i, e in errors.items():
+            results[i] = e
+        if batch is None:
+            return results
+        cost = self.runner.cost if self.spec.plan_groups else None
+        groups = batching.plan_groups(batch, self.seq_buckets, self.contract.max_seq_length, cost)
+        staged, used = [], set()
+        padded = 0
+        bucket_names = []
+        for g in groups:
+            buf = self.runner.staging(g.rows, g.length)
+            if id(buf) in used:  # 两组落到同一个暂存区（不应发生）：不能共用
+                raise InternalError(f"两组请求落到同一个暂存区（{g.rows} 行 x {g.length}）")
+            used.add(id(buf))
+            batching.fill(batch, g, buf)
+            staged.append(buf)
+            shape = next(iter(buf.values())).shape
+            padded += shape[0] * shape[1]
+            bucket_names.append(f"b{shape[0]}xL{shape[1]}")
+        t_launch = time.perf_counter()
+        try:
+            outs, timing = self.runner.run_many(staged)
+        except Exception as e:  # 引擎失败：这些请求都得到错误，服务继续
+            err = RuntimeError(f"引擎执行失败：{type(e).__name__}: {e}")
+            for i in batch.index:
+                results[int(i)] = err
+            return results
+        t_run = time.perf_counter()
+        for g, (rec, scores) in zip(groups, outs):
+            for i, start, n in batching.split_rows(batch, g):
+                results[i] = {"recommendations": rec[start:start + n], "scores": scores[start:start + n]}
+        t_end = time.perf_counter()
+        self.stats.add({"executes": 1, "requests": len(batch.index), "rows": batch.total_rows,
+                        "groups": len(groups), "padded_tokens": padded,
+                        "valid_tokens": float(batch.flat["encoder_mask"].sum()),
+                        "host_ms": (t_launch - t0) * 1e3, "device_ms": timing.get("device_ms", 0.0),
+                        "copy_back_ms": timing.get("copy_back_ms", 0.0), "respond_ms": (t_end - t_run) * 1e3,
+                        "execute_ms": (t_end - t0) * 1e3}, bucket_names)
+        return results
+
+    def run_batch(self, feeds: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+        """一批已合并的输入 [B, L]（离线吞吐用）：与服务同一条分组 / 暂存 / 运行路径。"""
+        rows = feeds["encoder_mask"].shape[0]
+        reqs = [{n: feeds[n][r:r + 1] for n in self.contract.input_names} for r in range(rows)]
+        res = self.execute(reqs)
+        bad = [r for r in res if isinstance(r, Exception)]
+        if bad:
+            raise bad[0]
+        return (np.concatenate([r["recommendations"] for r in res]), np.concatenate([r["scores"] for r in res]))
+
+
+def serving_error_code(exc: Exception) -> str:
+    """错误归类：用户的输入错误 -> INVALID_ARG（HTTP 400）；其余（引擎故障、内部错误）-> INTERNAL。"""
+    if isinstance(exc, InternalError):
+        return "INTERNAL"
+    if isinstance(exc, (ContractError, ValueError)):
+        return "INVALID_ARG"
+    return "INTERNAL"

@@ -1,0 +1,882 @@
+"""torch 引擎的剖析（GPU 上一次运行，< 150 s）：分阶段耗时与 roofline、SDPA 后端、长度桶的填充、离线吞吐与 MFU、int8。
+
+  python scripts/engine_profile.py --repo build/gpu/model_repository --out $OUT/profile [--batches 8,16,64] [--quick]
+
+读一个已构建仓库（engine=torch）的 ugt_engine/config.pbtxt，写 <out>/profile.json 与 profile.md：
+  a. eager 模块（由同一个 .pt2 的权重重建的 UGTModel）按 forward 的顺序分阶段计时（GPU 上用 CUDA 事件，
+     CPU 上用 perf_counter），分阶段的重写与 model(...) 的输出逐位比较（不一致时报告后以退出码 3 结束）；
+  b. 带加性浮点掩码时各 SDPA 后端能否运行、各自耗时，以及默认选中的后端（profiler 里的算子名）；
+  c. 默认长度分布下仓库的 seq 桶与 bucket_plan 规划的 4 个桶的填充比例；
+  d. 每个阶段的 FLOPs、字节数（权重读一次 + 激活各读写一次的估计）、达到的 TFLOP/s 与 GB/s；
+  e. 仓库里的 TorchRunner（编译 + CUDA Graph）按长度组成批的离线吞吐与 MFU；规划桶下的同一测量；
+     torchao 可用时 int8（服务时量化加载后的模块，再同样编译）的吞吐与对 fp32 eager 的门禁数字。
+每一节独立：失败只记进报告（error），预算（--budget-s）不够时跳过并写明原因；每节结束都重写报告。
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# H100 SXM 规格书的稠密峰值（与 benchmarks/README.md 一致）
+PEAK_FP16_TFLOPS = 989.0
+PEAK_INT8_TOPS = 1979.0
+PEAK_FP32_TFLOPS = 67.0
+PEAK_HBM_TBS = 3.35
+INPUT_NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "encoder_positions", "encoder_token_types",
+               "encoder_mask")
+
+
+# ---------------------------------------------------------------- 仓库
+def _engine_params(repo: str) -> Dict[str, str]:
+    """ugt_engine/config.pbtxt 的 parameters -> {键: 字符串}。"""
+    with open(os.path.join(repo, "ugt_engine", "config.pbtxt")) as f:
+        text = f.read()
+    try:
+        from algorithm.serving.triton_config import parse_pbtxt
+
+        mc = parse_pbtxt(text)
+        return {k: v.string_value for k, v in mc.parameters.items()}
+    except ImportError:
+        import re
+
+        out = {}
+        for k, v in re.findall(r'key:\s*"([^"]+)"\s*value\s*\{\s*string_value:\s*"((?:[^"\\]|\\.)*)"', text):
+            out[k] = v.encode("latin-1", "backslashreplace").decode("unicode_escape").encode("latin-1").decode("utf-8")
+        return out
+
+
+def _ints(v) -> List[int]:
+    if isinstance(v, (list, tuple)):
+        return [int(x) for x in v]
+    return [int(x) for x in str(v or "").split(",") if x.strip()]
+
+
+def load_repository(repo: str) -> Dict[str, Any]:
+    """仓库 -> 剖析需要的事实。兼容两种参数格式：逐项的键（engine_file、seq_buckets、...）与
+    一个 JSON 键 ugt_serving（{"config": ServingConfig, "runtime": RuntimeSpec}）。"""
+    repo = os.path.abspath(repo)
+    params = _engine_params(repo)
+    info_path = os.path.join(repo, "build_info.json")
+    info = json.load(open(info_path)) if os.path.isfile(info_path) else {}
+    if "ugt_serving" in params:
+        d = json.loads(params["ugt_serving"])
+        config, rt = d["config"], d["runtime"]
+    else:
+        config, rt = info.get("config", {}), params
+    if not config.get("model"):
+        raise SystemExit(f"{repo}: 找不到模型配置（config.pbtxt 的 ugt_serving 或 build_info.json 的 config.model）")
+    engine_dir = os.path.join(repo, "ugt_engine", "1")
+    engine_file = os.path.join(engine_dir, rt.get("engine_file") or "model.pt2")
+    catalogs = [os.path.join(repo, "ugt_preprocess", "1", rt.get("catalog_file") or rt.get("catalog") or "catalog.npz")]
+    catalogs += [os.path.join(root, f) for root, _, files in os.walk(repo) for f in files if f.endswith(".npz")]
+    catalog = next((c for c in catalogs if os.path.isfile(c)), None)
+    kind = rt.get("engine_kind", (config.get("engine") or {}).get("kind", "torch"))
+    if kind != "torch":
+        raise SystemExit(f"{repo}: 引擎是 {kind!r}，本脚本只剖析 engine=torch 的仓库")
+    build_dir = config.get("build_dir") or os.path.dirname(repo)
+    ckpt = config.get("checkpoint") or os.path.join(build_dir, "checkpoints", f"{config['model']['name']}.pt")
+    if not os.path.isfile(ckpt):
+        ckpt = os.path.join(os.path.dirname(repo), "checkpoints", f"{config['model']['name']}.pt")
+    flag = rt.get("cuda_graphs", "1")
+    return {"repo": repo, "engine_file": engine_file, "catalog": catalog, "model": config["model"],
+            "max_seq_length": int((config.get("export") or {}).get("max_seq_length")
+                                  or rt.get("max_seq_length") or config["model"]["max_seq_length"]),
+            "seq_buckets": _ints(rt.get("seq_buckets")), "batch_buckets": _ints(rt.get("batch_buckets")),
+            "compile_mode": rt.get("compile_mode", "default"),
+            "cuda_graphs": flag is True or str(flag) in ("1", "True", "true"),
+            "compile_cache_dir": rt.get("compile_cache_dir", ""), "precision": rt.get("precision")
+            or (config.get("export") or {}).get("precision"),
+            "constrained": (config.get("catalog") or {}).get("constrained_decoding", True),
+            "length_median": float((config.get("benchmark") or {}).get("length_median", 100.0)),
+            "length_sigma": float((config.get("benchmark") or {}).get("length_sigma", 1.0)),
+            "checkpoint": ckpt if os.path.isfile(ckpt) else None}
+
+
+def _torch_runner_cls(spec: str = ""):
+    """TorchRunner 所在模块在重构中移动过：先找新位置，再找旧位置；spec（"模块:类"）可显式指定。"""
+    if spec:
+        import importlib
+
+        mod, _, cls = spec.partition(":")
+        return getattr(importlib.import_module(mod), cls or "TorchRunner")
+    try:
+        from algorithm.serving.runtime.engines.torch import TorchRunner
+    except ImportError:
+        from algorithm.serving.torch_engine import TorchRunner
+    return TorchRunner
+
+
+# ---------------------------------------------------------------- 模型
+def eager_from_pt2(gm, cfg_dict: Dict[str, Any]):
+    """用 .pt2 的权重与缓冲区（含目录约束的前缀树）重建 eager 的 UGTModel（同 dtype、同设备）。"""
+    import torch
+
+    from algorithm.models.config import UGTConfig
+    from algorithm.models.ugt import UGTModel
+
+    cfg = UGTConfig.from_dict(dict(cfg_dict))
+    params = dict(gm.named_parameters())
+    buffers = dict(gm.named_buffers())
+    dtype = params["bos"].dtype
+    device = params["bos"].device
+    model = UGTModel(cfg).to(device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+    constrained = "valid_l1" in buffers
+    for name, b in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        mod = model.get_submodule(owner) if owner else model
+        mod.register_buffer(leaf, b.clone(), persistent=False)
+    model.constrained = constrained
+    return model
+
+
+class Clock:
+    """GPU 上是 CUDA 事件（不打断异步执行），CPU 上是 perf_counter（同步执行，直接就是耗时）。"""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch = torch
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            e = self.torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def seconds(self, a, b) -> float:
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3
+        return b - a
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+
+class StageTimer:
+    """with timer("名字"): ... —— 记录阶段的起止标记，并在 profiler 里打上同名区间。"""
+
+    def __init__(self, clock: Optional[Clock]):
+        self.clock = clock
+        self.marks: List[Tuple[str, Any, Any]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.clock is None:
+            yield
+            return
+        import torch
+
+        with torch.profiler.record_function(name):
+            a = self.clock.mark()
+            yield
+            self.marks.append((name, a, self.clock.mark()))
+
+    def seconds(self) -> Dict[str, float]:
+        out: Dict[str, float] = {}
+        for name, a, b in self.marks:
+            out[name] = out.get(name, 0.0) + self.clock.seconds(a, b)
+        return out
+
+
+def staged_forward(model, args, st: StageTimer):
+    """UGTModel.forward 的分阶段重写：调用模型自己的子模块与函数，顺序与 forward 相同。
+    任何与 forward 不同之处都会让 check_staged_forward 失败。"""
+    import torch
+
+    from algorithm.models.ugt import _beam_topk, _mask_value
+
+    l1, l2, l3, positions, token_types, mask = args
+    with st("embed"):
+        x = (model.enc_l1(l1) + model.enc_l2(l2) + model.enc_l3(l3)
+             + model.enc_pos(positions) + model.enc_type(token_types))
+        dtype = x.dtype
+        bias = ((1.0 - mask.to(dtype)) * _mask_value(dtype))[:, None, None, :]
+    for i, layer in enumerate(model.encoder):
+        with st(f"encoder.{i}"):
+            x = layer(x, bias)
+    with st("encoder.norm"):
+        memory = model.enc_ln(x)
+    with st("cross_kv"):
+        memory_kv = [layer.cross_attn.project_kv(memory) for layer in model.decoder]
+    b, d = memory.shape[0], memory.shape[2]
+    width = model.cfg.beam_width
+    neg = _mask_value(torch.float32)
+
+    def decode(step: int, make_prefix: Callable, level: int):
+        with st(f"step{step}.decoder"):
+            prefix = make_prefix()
+            t = prefix.shape[2]
+            h = prefix + model.dec_pos.weight[:t].to(prefix.dtype)
+            for layer, kv in zip(model.decoder, memory_kv):
+                h = layer(h, kv, bias)
+        with st(f"step{step}.head"):
+            logits = model.heads[level](model.dec_ln(h[:, :, -1, :]))
+            return torch.log_softmax(logits.float(), dim=-1)
+
+    bos = model.bos.to(memory.dtype).view(1, 1, 1, d).expand(b, 1, 1, d)
+    logp = decode(1, lambda: bos, 0)
+    with st("step1.select"):
+        logp = logp[:, 0, :]
+        if model.constrained:
+            logp = logp.masked_fill(~model.valid_l1, neg)
+        scores, c1 = torch.topk(logp, width, dim=-1)
+    logp = decode(2, lambda: torch.cat([bos.expand(b, width, 1, d), model.dec_l1(c1).unsqueeze(2)], dim=2), 1)
+    with st("step2.select"):
+        if model.constrained:
+            logp = logp.masked_fill(~model.valid_l2[c1], neg)
+        scores, parent, c2 = _beam_topk(scores.unsqueeze(-1) + logp, width)
+        c1 = torch.gather(c1, 1, parent)
+    logp = decode(3, lambda: torch.cat([bos.expand(b, width, 1, d), model.dec_l1(c1).unsqueeze(2),
+                                        model.dec_l2(c2).unsqueeze(2)], dim=2), 2)
+    with st("step3.select"):
+        if model.constrained:
+            pidx = model.prefix_index[c1, c2].long()
+            has_prefix = pidx >= 0
+            pidx = pidx.clamp(min=0)
+            kids = model.l3_children[pidx]
+            ok = model.l3_children_ok[pidx] & has_prefix.unsqueeze(-1)
+            logp = torch.gather(logp, 2, kids).masked_fill(~ok, neg)
+        else:
+            kids = None
+        scores, parent, c3 = _beam_topk(scores.unsqueeze(-1) + logp, model.cfg.top_k)
+        if kids is not None:
+            c3 = torch.gather(torch.gather(kids, 1, parent.unsqueeze(-1).expand(-1, -1, kids.shape[-1])),
+                              2, c3.unsqueeze(-1)).squeeze(-1)
+        c1 = torch.gather(c1, 1, parent)
+        c2 = torch.gather(c2, 1, parent)
+        rec = torch.stack([c1, c2, c3], dim=-1).to(torch.int64)
+    return rec, scores.float()
+
+
+# ---------------------------------------------------------------- FLOPs 与字节
+def stage_costs(cfg, batch: int, length: int, wbytes: int) -> Dict[str, Dict[str, float]]:
+    """每个阶段（batch 个请求、填充到 length）的 FLOPs 与字节数。FLOPs 与 flops_per_request 同一套公式
+    （各阶段之和 = batch * flops_per_request(cfg, length)，测试保证）；字节 = 权重读一次 + 每个中间张量写一次
+    读一次（eager 不融合时的下限估计；不含注意力矩阵：高效注意力核不把它写回显存）。"""
+    d, f, k = cfg.d_model, cfg.dim_feedforward, cfg.beam_width
+    v = cfg.codebook_sizes
+    ne, nd = cfg.num_encoder_layers, cfg.num_decoder_layers
+    s, B, L = wbytes, batch, length
+    out: Dict[str, Dict[str, float]] = {}
+    tok = B * L
+    out["embed"] = {"flops": 0.0, "bytes": 6 * tok * 8 + 5 * tok * d * s + tok * d * s}
+    for i in range(ne):
+        out[f"encoder.{i}"] = {"flops": float(B * (L * (8 * d * d + 4 * d * f) + 4 * L * L * d)),
+                               "bytes": float((4 * d * d + 2 * d * f) * s + tok * s * (2 * d + 2 * (5 * d + f)))}
+    out["encoder.norm"] = {"flops": 0.0, "bytes": float(2 * tok * d * s)}
+    out["cross_kv"] = {"flops": float(nd * tok * 4 * d * d), "bytes": float(nd * (2 * d * d * s + 3 * tok * d * s))}
+    for step, (t, rows) in enumerate(((1, 1), (2, k), (3, k)), start=1):
+        n = B * rows * t  # 每步重算整个前缀（没有自注意力的 KV 缓存）
+        out[f"step{step}.decoder"] = {
+            "flops": float(nd * (n * (12 * d * d + 4 * d * f) + 4 * n * (t + L) * d)),
+            "bytes": float(nd * ((6 * d * d + 2 * d * f) * s + n * s * (2 * d + 2 * (7 * d + f)) + 2 * tok * d * s))}
+        rows_v = B * rows * v[step - 1]
+        out[f"step{step}.head"] = {"flops": float(2 * d * rows_v),
+                                   "bytes": float(d * v[step - 1] * s + B * rows * d * s + rows_v * (2 * s + 12))}
+        out[f"step{step}.select"] = {"flops": 0.0, "bytes": float(rows_v * 4 * 2)}
+    return out
+
+
+def roofline(costs: Dict[str, Dict[str, float]], seconds: Dict[str, float], peak_tflops: float) -> List[Dict]:
+    ridge = peak_tflops * 1e12 / (PEAK_HBM_TBS * 1e12)
+    rows = []
+    total = sum(seconds.values()) or 1.0
+    for name, c in costs.items():
+        t = seconds.get(name)
+        if t is None:
+            continue
+        ai = c["flops"] / c["bytes"] if c["bytes"] else 0.0
+        tf = c["flops"] / t / 1e12 if t > 0 else 0.0
+        gb = c["bytes"] / t / 1e9 if t > 0 else 0.0
+        bound_s = max(c["flops"] / (peak_tflops * 1e12), c["bytes"] / (PEAK_HBM_TBS * 1e12))
+        rows.append({"stage": name, "ms": t * 1e3, "share": t / total, "gflop": c["flops"] / 1e9,
+                     "mb": c["bytes"] / 1e6, "flop_per_byte": ai, "tflops": tf, "gbps": gb,
+                     "compute_util": tf / peak_tflops, "bw_util": gb / (PEAK_HBM_TBS * 1e3),
+                     "bound": "compute" if ai >= ridge else "memory", "roofline_ms": bound_s * 1e3,
+                     "vs_roofline": bound_s / t if t > 0 else 0.0})
+    return rows
+
+
+# ---------------------------------------------------------------- 数据
+class Histories:
+    """按压测的长度分布抽样的历史（目录里的真实物品），编码方式与前处理相同（位置 0..n-1、行为类型 0、右侧填充）。"""
+
+    def __init__(self, catalog_path: str, median: float, sigma: float, max_len: int):
+        from algorithm.models.catalog import load_catalog
+
+        self.catalog = load_catalog(catalog_path)
+        self.order = np.argsort(self.catalog.item_ids)
+        self.median, self.sigma, self.max_len = median, sigma, max_len
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return self.order[np.searchsorted(self.catalog.item_ids, ids, sorter=self.order)]
+
+    def sample(self, n: int, seed: int) -> List[np.ndarray]:
+        from algorithm.models.train import SyntheticSequences
+        from algorithm.serving.bucket_plan import default_lengths
+
+        data = SyntheticSequences(self.catalog, seed)
+        return [data.sample(1, int(k), random_lengths=False)[0][0]
+                for k in default_lengths(self.median, self.sigma, self.max_len, n, seed)]
+
+    def encode(self, histories: Sequence[np.ndarray], pad_to: int = 0) -> Dict[str, np.ndarray]:
+        length = max(pad_to, max(len(h) for h in histories))
+        b = len(histories)
+        sem = np.zeros((b, length, 3), np.int64)
+        mask = np.zeros((b, length), np.float32)
+        for i, h in enumerate(histories):
+            sem[i, :len(h)] = self.catalog.semantic_ids[self.rows(np.asarray(h))]
+            mask[i, :len(h)] = 1.0
+        pos = np.where(mask > 0, np.arange(length)[None, :], 0)
+        return {"encoder_l1_ids": sem[..., 0], "encoder_l2_ids": sem[..., 1], "encoder_l3_ids": sem[..., 2],
+                "encoder_positions": pos, "encoder_token_types": np.zeros((b, length), np.int64),
+                "encoder_mask": mask}
+
+
+def round_up(n: int, buckets: Sequence[int]) -> int:
+    for b in sorted(buckets):
+        if b >= n:
+            return b
+    return n
+
+
+# ---------------------------------------------------------------- 报告
+class Report:
+    def __init__(self, out_dir: str, t0: float, budget_s: float):
+        self.out_dir, self.t0, self.budget_s = out_dir, t0, budget_s
+        self.data: Dict[str, Any] = {"sections": {}, "skipped": {}, "errors": {}}
+        os.makedirs(out_dir, exist_ok=True)
+
+    def left(self) -> float:
+        return self.budget_s - (time.time() - self.t0)
+
+    def section(self, name: str, fn: Callable[[], Any], need_s: float = 0.0) -> Any:
+        if need_s and self.left() < need_s:
+            self.data["skipped"][name] = f"预算剩 {self.left():.0f}s，少于这一节估计需要的 {need_s:.0f}s"
+            print(f"[跳过] {name}：{self.data['skipped'][name]}", flush=True)
+            self.write()
+            return None
+        t = time.time()
+        print(f"[{time.time() - self.t0:6.1f}s] {name} ...", flush=True)
+        try:
+            result = fn()
+            self.data["sections"][name] = result
+        except Exception as e:  # 一节失败不影响其它节：记下完整的异常
+            result = None
+            self.data["errors"][name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
+            print(f"[失败] {name}: {type(e).__name__}: {e}", flush=True)
+        self.data.setdefault("section_seconds", {})[name] = time.time() - t
+        self.write()
+        return result
+
+    def write(self) -> None:
+        self.data["elapsed_s"] = time.time() - self.t0
+        with open(os.path.join(self.out_dir, "profile.json"), "w") as f:
+            json.dump(self.data, f, ensure_ascii=False, indent=1, default=_jsonable)
+        try:
+            md = render_markdown(self.data)
+        except Exception as e:  # 报告格式的问题不应丢掉已测到的数字（profile.json 已写）
+            md = f"# torch 引擎剖析\n\nprofile.md 生成失败：{type(e).__name__}: {e}；数字见 profile.json\n"
+        with open(os.path.join(self.out_dir, "profile.md"), "w") as f:
+            f.write(md)
+
+
+def _jsonable(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _table(rows: List[Dict], cols: List[Tuple[str, str, str]]) -> str:
+    head = "| " + " | ".join(c[1] for c in cols) + " |\n| " + " | ".join("---" for _ in cols) + " |\n"
+    body = ""
+    for r in rows:
+        cells = []
+        for key, _, fmt in cols:
+            v = r.get(key)
+            cells.append("-" if v is None else (format(v, fmt) if fmt and isinstance(v, (int, float)) else str(v)))
+        body += "| " + " | ".join(cells) + " |\n"
+    return head + body
+
+
+def render_markdown(data: Dict[str, Any]) -> str:
+    s = data["sections"]
+    md = ["# torch 引擎剖析\n"]
+    env = s.get("environment") or {}
+    if env:
+        md.append("设备：{device}；torch {torch}；torchao {torchao}；模型 {model}；精度 {precision}；仓库 {repo}\n".format(
+            **{k: env.get(k) for k in ("device", "torch", "torchao", "model", "precision", "repo")}))
+    chk = s.get("stage_check")
+    if chk:
+        md.append(f"分阶段重写 vs model(...)：recommendations 一致 {chk['rec_equal']}，分数最大差 "
+                  f"{chk['score_max_abs']:.2e}；eager（.pt2 权重重建）vs .pt2 模块：top-50 重合 "
+                  f"{chk['eager_vs_pt2_overlap']:.4f}\n")
+    for key, st in (s.get("stages") or {}).items():
+        md.append(f"## a/d. 分阶段耗时与 roofline：{key}（eager {st['dtype']}，中位数，{st['repeats']} 次）\n")
+        if env.get("device") == "cpu":
+            md.append("（CPU 上运行：roofline 的峰值取 H100 的，只用于检查脚本本身）\n")
+        md.append(f"总计 {st['total_ms']:.2f} ms（{st['flops_total'] / 1e9:.1f} GFLOP，"
+                  f"{st['flops_total'] / max(st['total_ms'], 1e-9) / 1e9:.1f} TFLOP/s）\n")
+        md.append(_table(st["roofline"], [("stage", "阶段", ""), ("ms", "ms", ".3f"), ("share", "占比", ".1%"),
+                                          ("gflop", "GFLOP", ".2f"), ("mb", "MB", ".1f"),
+                                          ("flop_per_byte", "FLOP/B", ".0f"), ("tflops", "TFLOP/s", ".1f"),
+                                          ("gbps", "GB/s", ".0f"), ("compute_util", "算力利用", ".1%"),
+                                          ("bw_util", "带宽利用", ".1%"), ("bound", "受限于", ""),
+                                          ("vs_roofline", "达到 roofline", ".1%")]))
+    sdpa = s.get("sdpa")
+    if sdpa:
+        md.append("## b. SDPA 后端（加性浮点掩码）\n")
+        md.append(f"默认选中（profiler 算子名）：{sdpa.get('default_ops')}\n")
+        rows = [dict(shape=shape, backend=b, **r) for shape, by in sdpa["backends"].items() for b, r in by.items()]
+        md.append(_table(rows, [("shape", "形状", ""), ("backend", "后端", ""), ("ok", "可用", ""),
+                                ("ms", "ms", ".3f"), ("error", "错误", "")]))
+    pad = s.get("padding")
+    if pad:
+        md.append("## c. 长度桶的填充（默认长度分布）\n")
+        md.append(_table(pad["rows"], [("name", "桶", ""), ("buckets", "上界", ""),
+                                       ("padded_token_share", "填充 token", ".1%"),
+                                       ("cost_ratio", "代价比（二次模型）", ".3f"),
+                                       ("flops_ratio", "FLOPs 比（模型）", ".3f"), ("request_share", "各桶请求", "")]))
+    for key in ("throughput", "throughput_planned", "throughput_int8"):
+        tp = s.get(key)
+        if not tp:
+            continue
+        md.append(f"## e. 离线吞吐：{tp['label']}\n")
+        md.append(tp.get("note", "") + "\n")
+        md.append(_table(tp["rows"], [("batch", "batch", ""), ("req_per_s", "req/s", ".0f"),
+                                      ("mfu", "MFU（未填充 FLOPs）", ".1%"),
+                                      ("hw_util", "含填充 FLOPs", ".1%"), ("ms_by_bucket", "各组 ms", "")]))
+        if tp.get("gates"):
+            g = tp["gates"]
+            md.append(f"门禁（对 fp32 eager，{g['rows']} 条）：top-50 重合 {g['overlap']:.4f}，top-1 一致 "
+                      f"{g['top1_agreement']:.3f}，分数 MAE {g['score_mae']:.2e}\n")
+    kern = s.get("kernels_compiled")
+    if kern:
+        md.append(f"## 运行器一次运行的内核 / 算子（{kern['shape']}，{kern.get('device')}，按自身时间）\n")
+        md.append(_table(kern["top"], [("name", "内核", ""), ("ms", "ms", ".3f"), ("count", "次数", "")]))
+    if data.get("skipped"):
+        md.append("## 跳过\n" + "".join(f"- {k}：{v}\n" for k, v in data["skipped"].items()))
+    if data.get("errors"):
+        md.append("## 错误\n" + "".join(f"- {k}：{v.splitlines()[0]}\n" for k, v in data["errors"].items()))
+    md.append(f"\n用时 {data.get('elapsed_s', 0):.0f}s\n")
+    return "\n".join(md)
+
+
+# ---------------------------------------------------------------- 各节
+def _to_device(feeds, device):
+    import torch
+
+    return tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in INPUT_NAMES)
+
+
+def _top_ops(prof, n: int = 25, device: bool = True) -> List[Dict[str, Any]]:
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) if device else None
+        if t is None and device:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if not device:
+            t = e.self_cpu_time_total
+        rows.append({"name": e.key, "ms": t / 1e3, "count": e.count})
+    rows = [r for r in rows if r["ms"] > 0]
+    return sorted(rows, key=lambda r: -r["ms"])[:n]
+
+
+def run_profile(args) -> Dict[str, Any]:
+    t0 = time.time()
+    import torch
+
+    from algorithm.models.config import UGTConfig
+    from algorithm.models.ugt import flops_per_request
+    from algorithm.serving.accuracy import compare_topk
+    from algorithm.serving.bucket_plan import default_lengths, model_cost, padding_report, plan_seq_buckets
+
+    rep = Report(args.out, t0, args.budget_s)
+    meta = load_repository(args.repo)
+    cfg = UGTConfig.from_dict(dict(meta["model"]))
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        print("没有 CUDA：计时用 perf_counter（CUDA 事件、torch.cuda.synchronize、CUDA Graph 与 GPU 内核列表跳过）",
+              flush=True)
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else ([2, 4] if args.quick else [8, 16, 64])
+    repeats = 1 if args.quick else 3
+    # --quick（CPU 检查）默认不编译：CPU 上 Inductor 编译 fp32 与 int8 各要 30-60 s；要测编译路径就显式给 --compile-mode
+    compile_mode = args.compile_mode or ("none" if args.quick else meta["compile_mode"])
+    clock = Clock(device)
+    state: Dict[str, Any] = {}
+    Runner = _torch_runner_cls(args.runner)
+    sig = inspect.signature(Runner.__init__).parameters
+
+    def environment():
+        from algorithm.serving.runtime.engines.torch_int8 import torchao_version
+
+        return {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "torch": torch.__version__,
+                "torchao": torchao_version(), "model": cfg.name, "precision": meta["precision"],
+                "repo": meta["repo"], "batches": batches, "runner": f"{Runner.__module__}.{Runner.__name__}",
+                "compile_mode": compile_mode,
+                "seq_buckets": meta["seq_buckets"], "batch_buckets": meta["batch_buckets"],
+                "cuda_graphs": meta["cuda_graphs"] and on_gpu, "checkpoint": meta["checkpoint"],
+                "budget_s": args.budget_s, "quick": args.quick}
+    rep.section("environment", environment)
+
+    def load():
+        t = time.time()
+        gm = torch.export.load(meta["engine_file"]).module().to(device)
+        model = eager_from_pt2(gm, meta["model"])
+        state.update(gm=gm, model=model, dtype=next(model.parameters()).dtype)
+        return {"load_s": time.time() - t, "dtype": str(state["dtype"]), "constrained": model.constrained}
+    if rep.section("load", load) is None:
+        rep.write()
+        return rep.data
+    model, gm = state["model"], state["gm"]
+    hist = Histories(meta["catalog"], meta["length_median"], meta["length_sigma"], meta["max_seq_length"])
+
+    def stage_check():
+        rng = np.random.default_rng(0)
+        feeds = cfg.contract().random_inputs(min(batches), 37 if args.quick else 100, rng)
+        real = hist.encode(hist.sample(max(2, min(batches)), seed=7))
+        with torch.no_grad():
+            x = _to_device(feeds, device)
+            want = model(*x)
+            got = staged_forward(model, x, StageTimer(None))
+            ref_pt2 = gm(*_to_device(real, device))
+            eager = model(*_to_device(real, device))
+        rec_equal = bool(torch.equal(want[0], got[0]))
+        diff = float((want[1] - got[1]).abs().max())
+        cmp = compare_topk(ref_pt2[0].cpu().numpy(), ref_pt2[1].float().cpu().numpy(), eager[0].cpu().numpy(),
+                           eager[1].float().cpu().numpy(), 0.01)
+        state["stage_ok"] = rec_equal and diff <= 1e-5
+        return {"rec_equal": rec_equal, "score_max_abs": diff, "eager_vs_pt2_overlap": cmp.overlap,
+                "eager_vs_pt2": cmp.to_dict()}
+    rep.section("stage_check", stage_check)
+
+    def stages():
+        out = {}
+        b = max(batches)
+        lengths = [16, 64] if args.quick else [L for L in meta["seq_buckets"] if L <= meta["max_seq_length"]]
+        wbytes = torch.finfo(state["dtype"]).bits // 8
+        for L in lengths:
+            feeds = hist.encode(hist.sample(b, seed=11)[:b], pad_to=L)
+            feeds = {k: v[:, :L] for k, v in feeds.items()}
+            x = _to_device(feeds, device)
+            runs = []
+            with torch.no_grad():
+                for r in range(repeats + 1):
+                    st = StageTimer(clock)
+                    staged_forward(model, x, st)
+                    clock.sync()
+                    if r:
+                        runs.append(st.seconds())
+            med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+            costs = stage_costs(cfg, b, L, wbytes)
+            total_flops = sum(c["flops"] for c in costs.values())
+            assert math.isclose(total_flops, b * flops_per_request(cfg, L), rel_tol=1e-9), "阶段 FLOPs 之和与公式不符"
+            peak = PEAK_FP16_TFLOPS if wbytes == 2 else PEAK_FP32_TFLOPS
+            out[f"b{b}xL{L}"] = {"batch": b, "length": L, "dtype": str(state["dtype"]), "repeats": repeats,
+                                 "total_ms": sum(med.values()) * 1e3, "flops_total": total_flops,
+                                 "peak_tflops": peak, "roofline": roofline(costs, med, peak)}
+        return out
+    rep.section("stages", stages, need_s=5)
+
+    def sdpa():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        h, dh = cfg.num_heads, cfg.d_model // cfg.num_heads
+        dtype = state["dtype"]
+        b = max(batches)
+        shapes = {"encoder b{}xL{}".format(b, L): (b, L, L) for L in ([16, 64] if args.quick else [128, 512])}
+        shapes[f"cross b{b} q{cfg.beam_width * 3}xL128"] = (b, cfg.beam_width * 3, 16 if args.quick else 128)
+        backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                    "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+        out: Dict[str, Dict[str, Any]] = {}
+        for name, (bb, lq, lk) in shapes.items():
+            g = torch.Generator(device=device).manual_seed(0)
+            q = torch.randn(bb, h, lq, dh, device=device, dtype=dtype, generator=g)
+            k = torch.randn(bb, h, lk, dh, device=device, dtype=dtype, generator=g)
+            v = torch.randn(bb, h, lk, dh, device=device, dtype=dtype, generator=g)
+            mask = torch.zeros(bb, lk, device=device, dtype=dtype)
+            mask[:, lk // 2:] = float(torch.finfo(dtype).min) / 2  # 与模型一样的有限大负数
+            bias = mask[:, None, None, :]
+            ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            out[name] = {}
+            for bname, be in backends.items():
+                try:
+                    with sdpa_kernel([be]):
+                        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+                        times = []
+                        for _ in range(3 if args.quick else 10):
+                            a = clock.mark()
+                            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+                            times.append(clock.seconds(a, clock.mark()))
+                    out[name][bname] = {"ok": True, "ms": float(np.median(times)) * 1e3,
+                                        "max_abs_vs_default": float((y - ref).abs().max())}
+                except Exception as e:  # 不支持时 PyTorch 抛 RuntimeError 并说明原因
+                    out[name][bname] = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        # 默认选择：profiler 里的 aten 算子名（_scaled_dot_product_{flash,efficient,cudnn}_attention 或 math 的 bmm/softmax）
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+        feeds = hist.encode(hist.sample(min(batches), seed=3))
+        with torch.profiler.profile(activities=acts) as prof, torch.no_grad():
+            model(*_to_device(feeds, device))
+            clock.sync()
+        words = ("scaled_dot_product", "attention", "fmha", "flash", "cudnn")
+        names = sorted({e.key for e in prof.key_averages() if any(s in e.key.lower() for s in words)})
+        return {"backends": out, "default_ops": names}
+    rep.section("sdpa", sdpa, need_s=5)
+
+    def padding():
+        max_len = meta["max_seq_length"]
+        lengths = default_lengths(meta["length_median"], meta["length_sigma"], max_len, 100_000, seed=0)
+        flops = model_cost(cfg)
+        rows = []
+        planned = plan_seq_buckets(lengths, 4, max_len)
+        state["planned"] = planned
+        for name, buckets in (("仓库", meta["seq_buckets"] or [max_len]), ("规划 4 桶", planned),
+                              ("规划 8 桶", plan_seq_buckets(lengths, 8, max_len)), ("不填充上限", None)):
+            if buckets is None:
+                continue
+            r = padding_report(lengths, buckets)
+            r["flops_ratio"] = padding_report(lengths, buckets, flops)["cost_ratio"]
+            r["name"] = name
+            r["request_share"] = {k: round(v, 3) for k, v in r["request_share"].items()}
+            rows.append(r)
+        return {"rows": rows, "mean_flops_unpadded": float(np.mean(flops(lengths))), "planned_4": planned}
+    rep.section("padding", padding)
+
+    # ---- 离线吞吐 ----
+    samples = args.samples or (32 if args.quick else 1000)
+    pool = hist.sample(samples, seed=99)
+    mean_flops = float(np.mean([flops_per_request(cfg, min(len(h), meta["max_seq_length"])) for h in pool]))
+    flops_fn = model_cost(cfg)
+
+    def make_runner(mode: str, graphs: bool, transform=None):
+        """按构造函数建运行器（warmup=False：CUDA Graph 在首次运行时按需捕获）。transform 在加载后、编译前作用于模块；
+        运行器没有 transform 参数（旧版）时，在首次调用前替换 module/fn（torch.compile 是惰性的）。"""
+        kw = dict(device=device.type, device_id=device.index or 0, compile_mode=mode, cuda_graphs=graphs,
+                  batch_buckets=meta["batch_buckets"], seq_buckets=meta["seq_buckets"],
+                  cache_dir=meta["compile_cache_dir"], warmup=False)
+        kw = {k: v for k, v in kw.items() if k in sig}
+        if transform is not None and "transform" in sig:
+            return Runner(meta["engine_file"], cfg.contract(), transform=transform, **kw), "TorchRunner(transform=...)"
+        runner = Runner(meta["engine_file"], cfg.contract(), **kw)
+        if transform is None:
+            return runner, "TorchRunner"
+        runner.module = transform(runner.module)
+        runner.fn = runner.module if mode == "none" else torch.compile(runner.module, mode=mode, dynamic=True)
+        return runner, "TorchRunner，首次调用前替换 module/fn"
+
+    def offline(runner, seq_buckets, label: str, peak_tflops: float) -> Dict[str, Any]:
+        groups: Dict[int, List[np.ndarray]] = {}
+        for h in pool:
+            groups.setdefault(round_up(len(h), seq_buckets), []).append(h)
+        share = {k: len(v) / len(pool) for k, v in groups.items()}
+        rows = []
+        for b in batches:
+            per = {}
+            for k, hs in sorted(groups.items()):
+                times = []
+                for r in range(repeats + 1):
+                    picked = [hs[(r * b + i) % len(hs)] for i in range(b)]
+                    feeds = hist.encode(picked)
+                    t = time.perf_counter()
+                    runner.run(feeds)
+                    if r:  # 第一次是预热（惰性捕获 CUDA Graph / 编译）
+                        times.append(time.perf_counter() - t)
+                per[k] = float(np.median(times))
+            sec = sum(share[k] * t for k, t in per.items())
+            rps = b / sec
+            padded = sum(share[k] * float(flops_fn(np.array([k]))[0]) for k in per)
+            rows.append({"batch": b, "req_per_s": rps, "mfu": rps * mean_flops / (peak_tflops * 1e12),
+                         "hw_util": rps * padded / (peak_tflops * 1e12),
+                         "ms_by_bucket": {str(k): round(t * 1e3, 3) for k, t in sorted(per.items())}})
+        return {"label": label, "seq_buckets": list(seq_buckets), "length_share": {str(k): v for k, v in
+                                                                                    sorted(share.items())},
+                "rows": rows, "mean_flops_per_request": mean_flops, "peak_tflops": peak_tflops}
+
+    n_gate = 32 if args.quick else 64
+    gate_hist = hist.sample(n_gate, seed=4242)  # 与构建门禁同一种子与长度分布
+    gate_feeds = [hist.encode(gate_hist[i:i + 16]) for i in range(0, n_gate, 16)]
+
+    def reference_outputs():
+        if "ref" in state:
+            return state["ref"]
+        if meta["checkpoint"]:
+            from algorithm.models.checkpoint import load_checkpoint
+
+            ref_model, _ = load_checkpoint(meta["checkpoint"])
+            if meta["constrained"]:
+                ref_model.attach_catalog(hist.catalog.semantic_ids)
+            source = f"检查点 {meta['checkpoint']}（fp32）"
+        else:
+            ref_model = eager_from_pt2(gm, meta["model"])
+            source = ".pt2 的权重升到 fp32（没有找到检查点）"
+        ref_model = ref_model.float().to(device).eval()
+        with torch.no_grad():
+            outs = [ref_model(*_to_device(f, device)) for f in gate_feeds]
+        state["ref"] = (np.concatenate([o[0].cpu().numpy() for o in outs]),
+                        np.concatenate([o[1].float().cpu().numpy() for o in outs]), source)
+        del ref_model
+        return state["ref"]
+
+    def gates(runner) -> Dict[str, Any]:
+        ref_rec, ref_scores, source = reference_outputs()
+        outs = [runner.run(f) for f in gate_feeds]
+        cmp = compare_topk(ref_rec, ref_scores, np.concatenate([o[0] for o in outs]),
+                           np.concatenate([o[1] for o in outs]), 0.01)
+        return {**cmp.to_dict(), "reference": source}
+
+    peak = PEAK_FP16_TFLOPS if on_gpu else PEAK_FP32_TFLOPS
+
+    def throughput():
+        t = time.time()
+        runner, how = make_runner(compile_mode, meta["cuda_graphs"])
+        state["runner"] = runner
+        res = offline(runner, meta["seq_buckets"], f"仓库的 TorchRunner（{compile_mode}，CUDA Graph "
+                                                   f"{'开' if meta['cuda_graphs'] and on_gpu else '关'}），"
+                                                   f"桶 {meta['seq_buckets']}", peak)
+        res["seconds_incl_compile"] = time.time() - t
+        res["gates"] = gates(runner)
+        res["note"] = (f"{samples} 条历史按长度组成批；吞吐 = b / Σ_k p_k t_k(b)；MFU 以 {peak:g} TFLOP/s 为峰值，"
+                       f"分子用未填充的 FLOPs（{mean_flops:.3g}/请求），“含填充”用桶长的 FLOPs。")
+        return res
+    rep.section("throughput", throughput, need_s=20 if on_gpu else 0)
+
+    def kernels_compiled():
+        # GPU：一次 CUDA Graph 重放里的内核（按 GPU 时间）；CPU（--quick 检查同一段代码）：运行器的 CPU 算子
+        runner = state["runner"]
+        b = max(batches)
+        L = 128 if 128 in meta["seq_buckets"] else (meta["seq_buckets"] or [64])[0]
+        feeds = hist.encode(hist.sample(b, seed=5), pad_to=L)
+        feeds = {k: v[:, :L] for k, v in feeds.items()}
+        runner.run(feeds)
+        acts = [torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=acts) as prof:
+            runner.run(feeds)
+            clock.sync()
+        return {"shape": f"b{b}xL{L}", "device": device.type, "top": _top_ops(prof, 25, device=on_gpu)}
+    if "runner" in state:
+        rep.section("kernels_compiled", kernels_compiled, need_s=5)
+
+    def throughput_planned():
+        runner = state["runner"]
+        planned = state.get("planned") or plan_seq_buckets(
+            default_lengths(meta["length_median"], meta["length_sigma"], meta["max_seq_length"], 100_000, 0),
+            4, meta["max_seq_length"])
+        # 同一个运行器（已编译，dynamic=True）：只换长度桶，新的桶在首次运行时惰性捕获
+        runner.seq_buckets = type(runner.seq_buckets)(sorted(planned))
+        try:
+            res = offline(runner, planned, f"规划的 4 个桶 {planned}（同一运行器，只换桶）", peak)
+        finally:
+            runner.seq_buckets = type(runner.seq_buckets)(meta["seq_buckets"])
+        res["note"] = "与“仓库的 TorchRunner”同一运行器、同一批历史，只把 seq 桶换成 bucket_plan 的结果。"
+        return res
+    if "runner" in state:
+        rep.section("throughput_planned", throughput_planned, need_s=20 if on_gpu else 0)
+
+    def int8():
+        from algorithm.serving.runtime.engines.torch_int8 import quantize_int8
+
+        t = time.time()
+        attempts: List[Dict[str, Any]] = []  # 失败的方式（按顺序尝试，第一个成功的给出数字）
+        q = args.int8_mode
+        ways = [(q, compile_mode, meta["cuda_graphs"])]
+        if compile_mode != "none":
+            ways.append((q, "none", meta["cuda_graphs"]))  # 编译失败时退到 eager int8（仍可 CUDA Graph）
+        if meta["cuda_graphs"] and on_gpu:
+            ways.append((q, "none", False))
+        if q == "dynamic":
+            ways.append(("weight_only", compile_mode, meta["cuda_graphs"]))  # 不用 int8 矩阵乘的最后一种
+        for qmode, mode, graphs in ways:
+            if attempts and on_gpu and rep.left() < 30:
+                attempts.append({"int8_mode": qmode, "compile_mode": mode, "skipped": f"预算只剩 {rep.left():.0f}s"})
+                continue
+            try:
+                runner, how = make_runner(mode, graphs, lambda m, qm=qmode: quantize_int8(m, qm))
+                res = offline(runner, meta["seq_buckets"], f"int8 {qmode}（{how}；compile {mode}，"
+                                                           f"CUDA Graph {'开' if graphs and on_gpu else '关'}）", peak)
+                res["gates"] = gates(runner)
+                res.update(attempts=attempts, seconds_incl_compile=time.time() - t, peak_int8_tops=PEAK_INT8_TOPS,
+                           int8_mode=qmode, compile_mode=mode, cuda_graphs=bool(graphs and on_gpu))
+                res["note"] = (f"服务时量化：.pt2 加载、移到 {device.type} 后 quantize_int8(mode={qmode!r})"
+                               f"{'（CUDA 上把小行数补到 17：torch._int_mm 的限制）' if on_gpu and qmode == 'dynamic' else ''}，"
+                               f"再 torch.compile（{mode}）。MFU 仍以 {peak:g} TFLOP/s 为分母（H100 int8 稠密峰值 "
+                               f"{PEAK_INT8_TOPS:g} TOPS）。")
+                return res
+            except Exception as e:
+                attempts.append({"int8_mode": qmode, "compile_mode": mode, "cuda_graphs": graphs,
+                                 "error": f"{type(e).__name__}: {str(e)[:500]}"})
+                print(f"  int8 {qmode}（compile {mode}，graphs {graphs}）失败：{type(e).__name__}: {str(e)[:200]}",
+                      flush=True)
+                if on_gpu:
+                    torch.cuda.synchronize()
+        raise RuntimeError(f"int8 的所有方式都失败：{attempts}")
+
+    try:
+        import torchao  # noqa: F401
+        have_torchao = True
+    except Exception as e:  # torchao 缺失或与 torch 版本不符
+        have_torchao = False
+        rep.data["skipped"]["throughput_int8"] = f"torchao 不能导入：{type(e).__name__}: {e}"
+    if have_torchao and not args.no_int8:
+        rep.section("throughput_int8", int8, need_s=60 if on_gpu else 0)
+    elif args.no_int8:
+        rep.data["skipped"]["throughput_int8"] = "--no-int8"
+
+    rep.data["stage_check_passed"] = bool(state.get("stage_ok"))
+    rep.write()
+    return rep.data
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repo", required=True, help="已构建的模型仓库（engine=torch）")
+    p.add_argument("--out", required=True, help="输出目录（profile.json、profile.md）")
+    p.add_argument("--batches", default="", help="离线吞吐的 batch，逗号分隔（默认 8,16,64；--quick 为 2,4）")
+    p.add_argument("--quick", action="store_true", help="CPU 上的小规模检查（ugt_tiny）：小形状、1 次重复")
+    p.add_argument("--device", default="auto", help="auto / cuda / cpu")
+    p.add_argument("--compile-mode", default="", help="覆盖仓库的 compile_mode（例如 none）")
+    p.add_argument("--int8-mode", default="dynamic", choices=["dynamic", "weight_only"])
+    p.add_argument("--no-int8", action="store_true")
+    p.add_argument("--samples", type=int, default=0, help="离线吞吐抽样的历史数（默认 1000；--quick 为 64）")
+    p.add_argument("--runner", default="", help="运行器类 模块:类（默认找 TorchRunner 的新、旧位置）")
+    p.add_argument("--budget-s", type=float, default=140.0, help="总预算：剩余时间不够的节跳过并写明原因")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    data = run_profile(args)
+    print(f"写入 {os.path.join(args.out, 'profile.json')} 与 profile.md（{data['elapsed_s']:.0f}s）", flush=True)
+    if data["sections"].get("stage_check") and not data.get("stage_check_passed"):
+        print("分阶段重写与 model(...) 的输出不一致：分阶段耗时不可信（见 profile.json 的 stage_check）", file=sys.stderr)
+        sys.exit(3)
+    return data
+
+
+if __name__ == "__main__":
+    main()

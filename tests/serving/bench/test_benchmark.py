@@ -1,0 +1,115 @@
+"""压测工具本身：对已知耗时的模型测得正确的延迟；开环能看到排队，闭环看不到；P99 的置信区间；
+SLA 按区间上界判定并独立重测确认；用户的 run_benchmark 是单客户端顺序发送。"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from algorithm.serving.bench.report import write_report
+from algorithm.serving.bench.suite import Benchmark, headline
+from algorithm.serving.bench.tail import min_samples_for_upper_bound, quantile_ci
+from algorithm.serving.benchmark import run_benchmark
+from algorithm.serving.config import BenchmarkConfig
+
+SLEEP_REPO = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "fixtures", "sleep_repo")
+SLEEP_MS = 20.0
+
+
+def test_p99_confidence_interval_covers_the_true_quantile():
+    rng = np.random.default_rng(0)
+    true = -np.log(0.01)  # 指数分布的 P99
+    hits = sum(1 for _ in range(300) if (lambda ci: ci["low"] <= true <= ci["high"])(quantile_ci(rng.exponential(1, 2000))))
+    assert hits / 300 >= 0.93
+    few = quantile_ci(rng.exponential(1, 300))
+    assert few["high"] is None and few["low"] is not None  # 300 个样本：上界不存在（SLA 不能据此判定达标）
+    assert min_samples_for_upper_bound() == 368
+    big = quantile_ci(rng.exponential(1, 10_000))
+    assert big["beyond"] == 100 and big["high"] - big["low"] < 0.6
+
+
+@pytest.fixture(scope="module")
+def sleepy(tmp_path_factory):
+    import shutil
+
+    from algorithm.serving.server import EmbeddedTritonServer
+
+    # 拷一份再服务：同一仓库目录同时只允许一个服务器（两个 pytest 会话并行时不互相拒绝）
+    repo = str(tmp_path_factory.mktemp("sleepy") / "repo")
+    shutil.copytree(SLEEP_REPO, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    with EmbeddedTritonServer(repo, ready_models=["sleepy", "sleepy5"]) as s:
+        yield s
+
+
+def make_bench(sleepy, built, model="sleepy", **kw):
+    cfg = BenchmarkConfig(**{"duration_s": 2.5, "min_requests": 40, "concurrency": [1], "warmup_requests": 5,
+                             "length_median": 20, "sla_start_rate": 10, "sla_steps": 0, "max_point_s": 2.5} | kw)
+    b = Benchmark(sleepy.grpc_url, model, cfg, built[1].catalog, 256, progress=False)
+    b.warmup()
+    return b
+
+
+@pytest.mark.server
+def test_closed_loop_p50_matches_known_service_time(sleepy, built):
+    p = make_bench(sleepy, built).closed_loop(1, duration_s=2.0)
+    assert p["error_rate"] == 0 and p["ok"] > 30
+    assert SLEEP_MS <= p["latency_ms"]["p50"] <= SLEEP_MS + 15, p["latency_ms"]
+    assert p["server"]["sleepy"]["compute_ms"] == pytest.approx(SLEEP_MS, abs=8)
+
+
+@pytest.mark.server
+def test_open_loop_above_capacity_shows_queueing_closed_loop_does_not(sleepy, built):
+    bench = make_bench(sleepy, built)
+    over = bench.open_loop(80.0, duration_s=2.5)  # 容量约 50/s；点的时长至少凑够约 370 个请求
+    first, last = over["p50_first_quarter_ms"], over["p50_last_quarter_ms"]
+    assert last > first + 100, (first, last)  # 队列随时间增长
+    assert over["latency_ms"]["p99"] > 5 * SLEEP_MS
+    assert not over["behind_schedule"], over["schedule_lag_ms"]  # 发压端跟上了计划：延迟来自服务器
+    closed = bench.closed_loop(1, duration_s=2.5)
+    assert closed["p50_last_quarter_ms"] < 2 * closed["p50_first_quarter_ms"] + 5
+    assert closed["latency_ms"]["p99"] < 3 * SLEEP_MS + 20
+
+
+@pytest.mark.server
+def test_sla_search_decides_on_the_interval_and_confirms(sleepy, built, tmp_path):
+    """5 ms 的模型（容量约 200/s）、目标 40 ms：80/s 达标、160/s 不达标；找到的速率再独立重测确认。"""
+    bench = make_bench(sleepy, built, model="sleepy5", sla_start_rate=80)
+    sla = bench.sla_search(slo_ms=40.0)
+    assert sla["max_rate"] is not None and 40 <= sla["max_rate"] <= 160, [p["offered_rate"] for p in sla["points"]]
+    confirm = [p for p in sla["points"] if p.get("confirmation")]
+    assert confirm and confirm[-1]["offered_rate"] == sla["max_rate"]
+    for p in sla["points"]:
+        assert p["ok"] >= min_samples_for_upper_bound()  # 每点都够判定
+        ci = p["p99_ci"]
+        assert ci["low"] <= p["latency_ms"]["p99"] and (ci["high"] is None or ci["high"] >= p["latency_ms"]["p99"])
+        assert bench.meets(p, 40.0) == (ci["high"] is not None and ci["high"] <= 40.0 and p["error_rate"] == 0
+                                        and p["throughput"] >= 0.9 * p["offered_rate"] * p["ok"] / p["sent"])
+    report = {"model": "sleepy5", "slo_ms": 40.0, "runs": [{"closed_loop": [], "sla": sla}]}
+    report["headline"] = headline(report["runs"])
+    files = write_report(report, str(tmp_path))
+    data = json.load(open(files["json"]))
+    assert data["headline"]["sla_rate"]["median"] == sla["max_rate"]
+    assert "p99_ci" in data["runs"][0]["sla"]["points"][0] and "_client" not in data["runs"][0]["sla"]["points"][0]
+
+
+@pytest.mark.server
+def test_sla_search_stops_when_unbatched_latency_already_misses(sleepy, built):
+    # 模型本身要 20 ms：P99 <= 10 ms 在任何速率都做不到；搜索应在第一个不合批的点停下并说明
+    sla = make_bench(sleepy, built).sla_search(slo_ms=10.0)
+    assert sla["max_rate"] is None and len(sla["points"]) == 1
+    assert "任何速率" in sla["note"]
+
+
+@pytest.mark.server
+def test_user_run_benchmark_is_one_sequential_client(sleepy, built):
+    out = run_benchmark(sleepy.grpc_url, "sleepy", 40, catalog_path=built[1].catalog, max_seq_length=256,
+                        config=BenchmarkConfig(warmup_requests=2, length_median=20))
+    assert {"throughput", "latency_p50", "latency_p90", "latency_p99"} <= set(out)
+    assert out["error_rate"] == 0 and out["requests"] == 40 and out["concurrency"] == 1
+    # 顺序发送：p50 就是单个请求的时间（不含排队），吞吐约等于 1000 / p50
+    assert SLEEP_MS <= out["latency_p50"] <= SLEEP_MS + 15
+    assert out["throughput"] == pytest.approx(1000 / out["latency_p50"], rel=0.35)
+    more = run_benchmark(sleepy.grpc_url, "sleepy", 40, concurrency=4, catalog_path=built[1].catalog,
+                         max_seq_length=256, config=BenchmarkConfig(warmup_requests=2, length_median=20))
+    assert more["concurrency"] == 4 and more["latency_p50"] > 2 * SLEEP_MS  # 4 个在途、单实例：排队算进延迟

@@ -1,0 +1,100 @@
+"""scripts/engine_profile.py 在 CPU 上的端到端检查（--quick）：构建一个 engine=torch 的 ugt_tiny 仓库
+（不编译、5 步训练），运行脚本的 main，检查 profile.json / profile.md 的各节。GPU 专有的部分（CUDA 事件、
+CUDA Graph、GPU 内核列表）在这里走 CPU 分支。"""
+import importlib.util
+import json
+import os
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("engine_profile", os.path.join(ROOT, "scripts", "engine_profile.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def torch_repo(tmp_path_factory):
+    from algorithm.serving.build import build
+    from algorithm.serving.config import EngineConfig, ExportConfig, GateConfig, TrainConfig
+    from conftest import tiny_config
+
+    d = tmp_path_factory.mktemp("ep_build")
+    cfg = tiny_config(str(d), engine=EngineConfig(kind="torch", device="cpu", compile_mode="none"),
+                      export=ExportConfig(precision="fp32", max_batch_size=16, max_seq_length=256,
+                                          validation_shapes=[[1, 3], [3, 17]]),
+                      train=TrainConfig(steps=5, batch_size=16, seq_length=16), gates=GateConfig(num_samples=16))
+    t0 = time.time()
+    result = build(cfg, log=lambda s: None, gpus=[])
+    return result.repository, time.time() - t0
+
+
+def test_engine_profile_quick_on_cpu(torch_repo, tmp_path):
+    repo, build_s = torch_repo
+    out = tmp_path / "profile"
+    t0 = time.time()
+    data = _script().main(["--repo", repo, "--out", str(out), "--quick"])
+    run_s = time.time() - t0
+    print(f"\n构建 {build_s:.1f}s，剖析 {run_s:.1f}s")
+    assert not data["errors"], data["errors"]
+    s = data["sections"]
+    assert data["stage_check_passed"] and s["stage_check"]["eager_vs_pt2_overlap"] == 1.0
+    stage = next(iter(s["stages"].values()))
+    names = [r["stage"] for r in stage["roofline"]]
+    assert names[0] == "embed" and "cross_kv" in names and names[-1] == "step3.select"
+    assert s["sdpa"]["default_ops"] and s["sdpa"]["backends"]
+    assert {r["name"] for r in s["padding"]["rows"]} >= {"仓库", "规划 4 桶"}
+    assert s["throughput"]["gates"]["overlap"] == 1.0  # 同一 fp32 程序
+    assert all(r["req_per_s"] > 0 for r in s["throughput"]["rows"])
+    assert s["throughput_planned"]["seq_buckets"] == s["padding"]["planned_4"]
+    assert s["kernels_compiled"]["top"]
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        assert "throughput_int8" in data["skipped"]
+    else:
+        assert s["throughput_int8"]["gates"]["rows"] == 32
+    md = (out / "profile.md").read_text()
+    assert "SDPA" in md and "离线吞吐" in md
+    assert json.loads((out / "profile.json").read_text())["sections"].keys() == s.keys()
+
+
+def test_load_repository_reads_both_parameter_formats(tmp_path):
+    """仓库参数的两种格式：逐项的键（现在）与一个 JSON 键 ugt_serving（{"config", "runtime"}，重构中）。"""
+    from algorithm.serving.config import EngineConfig
+    from algorithm.serving.triton_config import parse_pbtxt, to_pbtxt
+    from conftest import tiny_config
+    import dataclasses
+
+    ep = _script()
+    cfg = tiny_config(str(tmp_path / "b"), engine=EngineConfig(kind="torch", device="cpu",
+                                                                 seq_buckets=[64, 128]))
+    runtime = {"engine_kind": "torch", "engine_file": "model.pt2", "device": "cuda", "seq_buckets": [64, 128, 256],
+               "batch_buckets": [2, 8, 16], "catalog_file": "catalog.npz", "compile_cache_dir": "/x/cache",
+               "compile_mode": "default", "cuda_graphs": True}
+    flat = {"engine_kind": "torch", "engine_file": "model.pt2", "device": "cuda", "seq_buckets": "64,128,256",
+            "batch_buckets": "2,8,16", "compile_cache_dir": "/x/cache", "compile_mode": "default", "cuda_graphs": "1",
+            "precision": "fp32", "max_seq_length": "256"}
+    for name, params in (("json", {"ugt_serving": json.dumps({"config": dataclasses.asdict(cfg), "runtime": runtime})}),
+                         ("flat", flat)):
+        repo = tmp_path / name / "model_repository"
+        (repo / "ugt_engine" / "1").mkdir(parents=True)
+        (repo / "ugt_preprocess" / "1").mkdir(parents=True)
+        (repo / "ugt_preprocess" / "1" / "catalog.npz").write_bytes(b"")
+        mc = parse_pbtxt('name: "ugt_engine"')
+        for k, v in params.items():
+            mc.parameters[k].string_value = v
+        (repo / "ugt_engine" / "config.pbtxt").write_text(to_pbtxt(mc))
+        if name == "flat":
+            (repo / "build_info.json").write_text(json.dumps({"config": dataclasses.asdict(cfg)}))
+        meta = ep.load_repository(str(repo))
+        assert meta["seq_buckets"] == [64, 128, 256] and meta["batch_buckets"] == [2, 8, 16]
+        assert meta["cuda_graphs"] is True and meta["compile_mode"] == "default"
+        assert meta["engine_file"].endswith("ugt_engine/1/model.pt2") and meta["catalog"].endswith("catalog.npz")
+        assert meta["model"]["d_model"] == cfg.model.d_model and meta["max_seq_length"] == 256
+        assert meta["checkpoint"] is None  # 构建目录里没有检查点：门禁退回 .pt2 权重的 fp32

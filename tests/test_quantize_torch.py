@@ -1,0 +1,152 @@
+"""torch 引擎的 int8（torchao）：在 CPU 上对短时训练的 ugt_tiny 运行，输出符合契约，与 fp32 的 top-50 一致；
+服务时的路径（.pt2 -> 加载 -> 量化 -> torch.compile）与 eager 量化给出同样的结果。"""
+import copy
+import time
+
+import numpy as np
+import pytest
+import torch
+
+torchao = pytest.importorskip("torchao", reason="torch 引擎的 int8 需要 torchao（pip install torchao）")
+
+from algorithm.models.catalog import synthetic_catalog  # noqa: E402
+from algorithm.models.config import UGTConfig  # noqa: E402
+from algorithm.models.train import SyntheticSequences, train_reference  # noqa: E402
+from algorithm.models.ugt import build_model  # noqa: E402
+from algorithm.serving.accuracy import compare_topk  # noqa: E402
+from algorithm.serving.bucket_plan import default_lengths  # noqa: E402
+from algorithm.serving.runtime.engines.torch_int8 import quantize_int8, quantized_weight_names  # noqa: E402
+
+MAX_LEN = 256
+STEPS = 30
+
+
+def _encode(catalog, row_of, histories, pad_to=None):
+    """原始历史 -> 六个引擎输入（与前处理相同：位置 0..n-1、行为类型 0、右侧填充、mask）。"""
+    length = pad_to or max(len(h) for h in histories)
+    b = len(histories)
+    sem = np.zeros((b, length, 3), np.int64)
+    mask = np.zeros((b, length), np.float32)
+    for i, h in enumerate(histories):
+        h = h[-length:]
+        sem[i, :len(h)] = catalog.semantic_ids[row_of(h)]
+        mask[i, :len(h)] = 1.0
+    pos = np.where(mask > 0, np.arange(length)[None, :], 0)
+    return {"encoder_l1_ids": sem[..., 0], "encoder_l2_ids": sem[..., 1], "encoder_l3_ids": sem[..., 2],
+            "encoder_positions": pos, "encoder_token_types": np.zeros((b, length), np.int64), "encoder_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """短时训练的 ugt_tiny（受目录约束）与 64 条按压测长度分布采样的历史（4 批）。"""
+    cfg = UGTConfig(max_seq_length=MAX_LEN)
+    catalog = synthetic_catalog(3000, cfg.codebook_sizes, seed=3)
+    order = np.argsort(catalog.item_ids)
+    row_of = lambda ids: order[np.searchsorted(catalog.item_ids, ids, sorter=order)]  # noqa: E731
+    model = build_model(cfg, seed=0)
+    t0 = time.time()
+    torch.manual_seed(0)
+    train_reference(model, catalog, steps=STEPS, batch_size=32, seq_length=24, lr=3e-3, seed=0,
+                    encode=lambda hs: _encode(catalog, row_of, hs), log=None)
+    model.attach_catalog(catalog.semantic_ids).eval()
+    data = SyntheticSequences(catalog, 4242)
+    lengths = default_lengths(100, 1.0, MAX_LEN, 64, seed=4242)
+    hist = [data.sample(1, int(n), random_lengths=False)[0][0] for n in lengths]
+    feeds = [_encode(catalog, row_of, hist[i:i + 16]) for i in range(0, 64, 16)]
+    print(f"\n训练 {STEPS} 步：{time.time() - t0:.1f}s")
+    return model, feeds
+
+
+def _run(model, feeds):
+    names = ["encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "encoder_positions", "encoder_token_types",
+             "encoder_mask"]
+    outs = []
+    with torch.no_grad():
+        for f in feeds:
+            rec, scores = model(*[torch.from_numpy(f[n]) for n in names])
+            outs.append((rec.numpy(), scores.float().numpy()))
+    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_int8_eager_matches_fp32_topk(trained, mode):
+    model, feeds = trained
+    ref = _run(model, feeds)
+    q = quantize_int8(copy.deepcopy(model), mode)
+    names = quantized_weight_names(q)
+    # 编码器 2 层 x 5 个线性层 + 解码器 1 层 x 8 个；打分头与嵌入不量化
+    assert len(names) == 18 and not any(n.startswith("heads") or "enc_" in n or "dec_" in n for n in names)
+    rec, scores = _run(q, feeds)
+    assert rec.shape == (64, 50, 3) and rec.dtype == np.int64 and scores.shape == (64, 50)
+    assert scores.dtype == np.float32 and np.isfinite(scores).all()
+    cmp = compare_topk(ref[0], ref[1], rec, scores, tie_tolerance=0.01)
+    print(f"\nint8 {mode}：top-50 重合 {cmp.overlap:.4f}（严格 {cmp.exact_overlap:.4f}），top-1 一致 "
+          f"{cmp.top1_agreement:.3f}，分数 MAE {cmp.score_mae:.2e}")
+    assert cmp.overlap >= 0.95 and cmp.top1_agreement >= 0.97 and cmp.score_mae <= 0.05
+
+
+@pytest.mark.slow  # CPU 上 Inductor 编译 int8 模型 20-60 s
+def test_serve_time_path_pt2_load_quantize_compile(trained, tmp_path):
+    """.pt2（fp32 导出）-> torch.export.load().module() -> int8 -> torch.compile(dynamic=True)：
+    与 eager 量化的模型给出同样的 top-50；两个不同形状不报错。"""
+    model, feeds = trained
+    names = ["encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "encoder_positions", "encoder_token_types",
+             "encoder_mask"]
+    args = tuple(torch.from_numpy(feeds[0][n]) for n in names)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    seq = torch.export.Dim("seq_len", min=1, max=MAX_LEN)
+    with torch.no_grad():
+        ep = torch.export.export(copy.deepcopy(model), args, dynamic_shapes=tuple({0: batch, 1: seq} for _ in args))
+    path = str(tmp_path / "m.pt2")
+    torch.export.save(ep, path)
+    # pad_rows=True：CUDA 上的做法（行数补到 17，torch._int_mm 的限制），在 CPU 上强制打开以覆盖编译路径
+    gm = quantize_int8(torch.export.load(path).module(), "dynamic", pad_rows=True)
+    assert len(quantized_weight_names(gm)) == 18
+    eager_q = quantize_int8(copy.deepcopy(model), "dynamic")
+    want = _run(eager_q, feeds[:2])
+    got = _run(gm, feeds[:2])
+    assert np.array_equal(want[0], got[0]) and np.allclose(want[1], got[1], atol=1e-5)
+    compiled = torch.compile(gm, dynamic=True)
+    t0 = time.time()
+    rec, scores = _run(compiled, feeds[:2])  # 两批长度不同：动态形状
+    print(f"\n编译 + 运行 int8（.pt2 加载后量化）：{time.time() - t0:.1f}s")
+    cmp = compare_topk(want[0], want[1], rec, scores, tie_tolerance=0.01)
+    assert cmp.overlap >= 0.99, cmp
+
+
+def test_row_padding_for_int_mm_does_not_change_results(trained):
+    """CUDA 上 torch._int_mm 要求行数 > 16：补零行再切回，结果与不补相同（激活按行量化）。"""
+    model, feeds = trained
+    small = [{k: v[:2] for k, v in feeds[0].items()}]  # batch 2：解码第 1 步只有 2 行
+    plain = _run(quantize_int8(copy.deepcopy(model), "dynamic", pad_rows=False), small)
+    padded_model = quantize_int8(copy.deepcopy(model), "dynamic", pad_rows=True)
+    padded = _run(padded_model, small)
+    assert np.array_equal(plain[0], padded[0]) and np.allclose(plain[1], padded[1], atol=1e-6)
+    from algorithm.serving.runtime.engines.torch_int8 import _linear_min_rows
+
+    x = torch.randn(2, 3, 64)
+    w = padded_model.encoder[0].attn.q.weight
+    assert _linear_min_rows(x, w).shape == (2, 3, 64)
+
+
+def test_missing_torchao_gives_clear_error(monkeypatch):
+    import builtins
+
+    from algorithm.errors import MissingDependencyError
+
+    real = builtins.__import__
+
+    def fake(name, *a, **kw):
+        if name.startswith("torchao"):
+            raise ImportError("no torchao")
+        return real(name, *a, **kw)
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(MissingDependencyError, match="torchao"):
+        quantize_int8(build_model(UGTConfig(max_seq_length=32)), "dynamic")
+
+
+def test_unknown_mode_is_refused():
+    from algorithm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="weight_only"):
+        quantize_int8(build_model(UGTConfig(max_seq_length=32)), "int4")
