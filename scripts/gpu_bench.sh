@@ -7,11 +7,10 @@
 #   bash scripts/gpu_bench.sh bench_old  # 旧路径的服务器 + 新的压测工具（benchmark.url），3 次重复
 #   bash scripts/gpu_bench.sh bench_new  # 新路径，同样的 Triton 设置与压测，3 次重复，含地板、追踪、离线吞吐
 #   bash scripts/gpu_bench.sh floor      # ../shared/probes/python-backend-floor（拷在 .carry/probe）的 4/2 实例配置
-#   bash scripts/gpu_bench.sh reliability # GPU 上的过载（2 倍 SLA 速率 60 s）与浸泡（SOAK_S 秒，70 % SLA 速率）
 # 构建产物在 /tmp/gpubuild（不在带来的目录里，同一台机器热着时各阶段复用）。
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?用法：gpu_bench.sh setup|build|oldbuild|profile|bench_old|bench_new|floor|reliability}
+STAGE=${1:?用法：gpu_bench.sh setup|build|oldbuild|profile|bench_old|bench_new|floor}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 VENV=/tmp/ugtvenv
@@ -130,10 +129,6 @@ PYEOF
     sed -i 's/for cfg in "2 1" "4 2" "8 4"/for cfg in "4 2"/' $P/run.sh
     sed -i 's/for conc in (4, 16, 64, 128)/for conc in (16, 64)/; s/def run(url, model, conc, dur=8/def run(url, model, conc, dur=5/' $P/client.py
     PY=$PY TS=$UGT_TRITON_SITE OUT=$G bash $P/run.sh 2>&1 | tee "$OUT/floor_probe.log"
-    ;;
-  reliability)
-    $PY scripts/gpu_reliability.py --repo-build $G/new --out $G/reliability --soak-s ${SOAK_S:-600} \
-        --rate ${RELIABILITY_RATE:?给出 SLA 速率} "${COMMON[@]}" "${TRITON[@]}" 2>&1 | tee "$OUT/reliability.log"
     ;;
   *) echo "未知阶段 $STAGE" >&2; exit 2 ;;
 esac

@@ -7,6 +7,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+TESTS_DIR, REPO_ROOT = HERE, ROOT  # 子目录里的测试用它们找 fixtures / golden / conf
 for _p in (ROOT, HERE):  # 子目录里的测试也能 from conftest import tiny_config
     if _p not in sys.path:
         sys.path.insert(0, _p)

@@ -102,10 +102,12 @@ def _constrain(model, catalog: Catalog, config: ServingConfig):
 
 def build(config: ServingConfig, log: Log = print, gpus: Optional[List[int]] = None) -> BuildResult:
     """完整构建；返回各产物路径与报告。"""
-    from algorithm.serving.engines import build_engine_artifact, engine_module
+    from algorithm.serving.engines import build_engine_artifact, engine_module, resolve_auto
     from algorithm.serving.export_onnx import export_to_onnx
     from algorithm.serving.repository import build_repository
 
+    asked = config.engine.kind
+    config = resolve_auto(config)
     t0 = time.time()
     p = paths(config)
     os.makedirs(p["build"], exist_ok=True)
@@ -121,7 +123,8 @@ def build(config: ServingConfig, log: Log = print, gpus: Optional[List[int]] = N
         with open(p["onnx"] + ".report.json") as f:
             export_report = json.load(f)
         log("      " + _export_line(export_report))
-    log(f"[4/5] 引擎：{config.engine.kind} / {config.export.precision}")
+    chosen = f"{asked} -> {config.engine.kind}（按本机是否有 GPU）" if asked != config.engine.kind else config.engine.kind
+    log(f"[4/5] 引擎：{chosen} / {config.export.precision}")
     artifact, engine_reports = build_engine_artifact(config, model, catalog, p["onnx"], p["engine_dir"], log)
     extra = [artifact + ".data"] if os.path.exists(artifact + ".data") else []
     info = {"config": dataclasses.asdict(config), "checkpoint_meta": meta, "export": export_report,

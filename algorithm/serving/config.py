@@ -15,7 +15,7 @@ from algorithm.interfaces import EngineContract
 from algorithm.models.config import UGTConfig
 
 PRECISIONS = ("fp32", "fp16", "int8")
-ENGINES = ("onnxruntime", "torch", "tensorrt")
+ENGINES = ("onnxruntime", "torch", "tensorrt", "auto")  # auto：有 GPU 用 torch，否则 onnxruntime（构建时决定）
 INSTANCE_KINDS = ("auto", "gpu", "cpu")
 UNKNOWN_ITEM_POLICIES = ("skip", "error")
 BENCH_TARGETS = ("ensemble", "engine")
@@ -111,7 +111,8 @@ class TritonConfig:
 
 @dataclass
 class EngineConfig:
-    """引擎：onnxruntime（CPU，内嵌默认）| torch（PyTorch 编译，GPU）| tensorrt（生产）。"""
+    """引擎：onnxruntime（CPU，内嵌默认）| torch（PyTorch 编译，GPU）| tensorrt（生产）| auto（构建时按机器选
+    torch 或 onnxruntime；Hydra 的默认组，所以 GPU 机器上 `scripts/build.py precision=int8` 得到 torch 的 int8）。"""
 
     kind: str = "onnxruntime"
     device: str = "auto"  # auto / cpu / cuda

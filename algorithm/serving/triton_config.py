@@ -18,7 +18,7 @@ from algorithm.errors import ConfigError, MissingDependencyError
 from algorithm.interfaces import (BEHAVIOR_INPUT, HISTORY_INPUT, POST_IN_REC, POST_IN_SCORES, UNKNOWN_COUNT_OUTPUT,
                                   EngineContract, EnsembleContract, TensorSpec)
 from algorithm.serving.config import ServingConfig
-from algorithm.serving.engines import engine_module, hosting as engine_hosting
+from algorithm.serving.engines import engine_module, hosting as engine_hosting, resolve_auto
 from algorithm.serving.runtime import params
 
 PREPROCESS = "ugt_preprocess"
@@ -285,6 +285,7 @@ def build_model_configs(config: ServingConfig, gpus: Optional[Sequence[int]] = N
                         include_floor: bool = False) -> Dict[str, object]:
     """四个模型的 ModelConfig（纯函数，便于与黄金文件比较）。gpus=None 时检测本机。
     include_floor：再加上压测的地板模型 ugt_floor（只用于压测生成的仓库）。"""
+    config = resolve_auto(config)
     contract = config.contract()
     gpus = detect_gpus() if gpus is None else list(gpus)
     configs = [preprocess_config(config, contract), engine_config(config, contract, gpus),

@@ -71,15 +71,21 @@ def ensure_built(config: ServingConfig, log_fn=print) -> str:
         return base
     vdir = variant_dir(config)
     vrepo = os.path.join(vdir, "model_repository")
-    if _built_matches(vrepo, config):
-        log_fn(f"复用构建变体 {vdir}")
-        return vrepo
+    marker = os.path.join(vdir, "variant_key.json")
+    # 变体用共享的检查点构建（build_info 里的 checkpoint 与请求的不同），所以按请求时的产物选项记一份
+    if os.path.isfile(marker) and os.path.isfile(os.path.join(vrepo, "build_info.json")):
+        with open(marker) as f:
+            if json.load(f) == json.loads(json.dumps(artifact_key(config), default=str)):
+                log_fn(f"复用构建变体 {vdir}")
+                return vrepo
     log_fn(f"没有与当前产物选项相符的构建：构建变体 {vdir}")
     shared = paths(config)["checkpoint"]
     # 同一模型与训练设置的检查点在变体之间共用（变体通常只差引擎或精度）
     ck = config.checkpoint or (shared if os.path.isfile(shared) else "")
     vconfig = dataclasses.replace(config, build_dir=vdir, checkpoint=ck)
     build(vconfig, log=log_fn)
+    with open(marker, "w") as f:
+        json.dump(artifact_key(config), f, default=str)
     return vrepo
 
 
@@ -110,6 +116,9 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
     from algorithm.serving.server import EmbeddedTritonServer
     from algorithm.serving.triton_config import ENGINE, FLOOR, POSTPROCESS, PREPROCESS
 
+    from algorithm.serving.engines import resolve_auto
+
+    config = resolve_auto(config)
     b = config.benchmark
     out_dir = os.path.abspath(b.output_dir or out_dir)
     os.makedirs(out_dir, exist_ok=True)

@@ -6,6 +6,7 @@ build_engine_artifact：按配置产生引擎文件，再运行精度门禁（ga
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import os
 from typing import Any, Callable, Dict, Tuple
@@ -18,8 +19,27 @@ from algorithm.serving.engines.base import BuiltEngine, EngineHosting  # noqa: F
 Log = Callable[[str], None]
 
 
+def resolve_kind(kind: str) -> str:
+    """engine.kind=auto（Hydra 的默认组）-> 看得到 GPU 时 torch，否则 onnxruntime（内嵌默认，CPU）。"""
+    if kind != "auto":
+        return kind
+    try:
+        import torch
+    except ImportError:
+        return "onnxruntime"
+    return "torch" if torch.cuda.is_available() else "onnxruntime"
+
+
+def resolve_auto(config: ServingConfig) -> ServingConfig:
+    """把 engine.kind=auto 换成这台机器上的具体引擎（返回新的配置，不修改传入的）。构建与压测的入口先调用它。"""
+    if config.engine.kind != "auto":
+        return config
+    return dataclasses.replace(config, engine=dataclasses.replace(config.engine, kind=resolve_kind("auto")))
+
+
 def engine_module(kind: str):
-    if kind not in ENGINES:
+    kind = resolve_kind(kind)
+    if kind not in ENGINES or kind == "auto":
         raise ConfigError(f"engine.kind = {kind!r} 不合法；可选 {list(ENGINES)}")
     return importlib.import_module(f"algorithm.serving.engines.{kind}")
 

@@ -71,13 +71,29 @@ def quantize_int8(config: ServingConfig, catalog: Catalog, onnx_path: str, out_p
     return out_path
 
 
-def int8_weight_matmuls(onnx_path: str, codebook_sizes) -> list:
-    """要量化的 MatMul/Gemm：第二个输入是权重（initializer），且不是输出码本 logits 的打分头
-    （输出维等于某个码本大小）。注意力里两个激活相乘的 MatMul 不量化。"""
+def int8_weight_matmuls(onnx_path: str, codebook_sizes=None) -> list:
+    """要量化的 MatMul/Gemm：第二个输入是权重（initializer），且不是打分头。注意力里两个激活相乘的 MatMul 不量化。
+
+    打分头按图的结构认：输出（经过至多两个 Add / Cast / Reshape 之类的逐元素算子）流进 LogSoftmax 的矩阵乘。
+    以前按“输出维等于某个码本大小”认，FFN 的宽度恰好等于码本大小时（如 dim_feedforward 1024 = V1）会把 FFN 误当打分头。
+    codebook_sizes 保留参数以兼容旧的调用，不再使用。"""
     import onnx
 
     model = onnx.load(onnx_path, load_external_data=False)
-    weights = {i.name: list(i.dims) for i in model.graph.initializer}
-    heads = set(int(v) for v in codebook_sizes)
+    weights = {i.name for i in model.graph.initializer}
+    consumers = {}
+    for n in model.graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    passthrough = {"Add", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Slice", "Gather"}
+
+    def feeds_log_softmax(name: str, depth: int = 0) -> bool:
+        for c in consumers.get(name, []):
+            if c.op_type == "LogSoftmax":
+                return True
+            if depth < 3 and c.op_type in passthrough and any(feeds_log_softmax(o, depth + 1) for o in c.output):
+                return True
+        return False
+
     return [n.name for n in model.graph.node
-            if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights and weights[n.input[1]][-1] not in heads]
+            if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights and not feeds_log_softmax(n.output[0])]

@@ -11,9 +11,9 @@ from algorithm.serving.bench.suite import Benchmark, headline
 from algorithm.serving.bench.tail import min_samples_for_upper_bound, quantile_ci
 from algorithm.serving.benchmark import run_benchmark
 from algorithm.serving.config import BenchmarkConfig
+from conftest import TESTS_DIR
 
-SLEEP_REPO = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "fixtures", "sleep_repo")
+SLEEP_REPO = os.path.join(TESTS_DIR, "fixtures", "sleep_repo")
 SLEEP_MS = 20.0
 
 

@@ -15,6 +15,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from algorithm.models.train import SyntheticSequences
+from conftest import TESTS_DIR
 from algorithm.serving.benchmark import Benchmark
 from algorithm.serving.client import RecommendClient, make_inputs
 from algorithm.serving.config import BenchmarkConfig
@@ -262,7 +263,7 @@ from algorithm.errors import ServerError  # noqa: E402
 from algorithm.serving.server import repository_lock_path  # noqa: E402
 
 SHM = "/dev/shm"
-SLEEP_REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sleep_repo")
+SLEEP_REPO = os.path.join(TESTS_DIR, "fixtures", "sleep_repo")
 
 
 def stub_regions(server):

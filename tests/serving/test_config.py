@@ -8,7 +8,9 @@ from algorithm.serving.config import (ExportConfig, GateConfig, ServingConfig, T
                                       to_serving_config)
 from algorithm.serving.errors import ConfigError
 
-CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+from conftest import REPO_ROOT  # noqa: E402
+
+CONF = os.path.join(REPO_ROOT, "conf")
 
 
 def test_user_defaults_kept():
@@ -72,10 +74,17 @@ def _compose(overrides):
 
 
 def test_hydra_compose_default_and_precision_int8():
+    from algorithm.serving.engines import resolve_auto
+
     cfg = to_serving_config(_compose([]))
-    assert cfg.model.name == "ugt_tiny" and cfg.export.precision == "fp32" and cfg.engine.kind == "onnxruntime"
+    assert cfg.model.name == "ugt_tiny" and cfg.export.precision == "fp32" and cfg.engine.kind == "auto"
     cfg = to_serving_config(_compose(["precision=int8"]))
     assert cfg.export.precision == "int8"
+    # 引擎默认跟着机器走：这台（CI）机器没有 GPU，auto 落到 onnxruntime；有 GPU 时是 torch（int8 经 torchao）
+    import torch
+
+    assert resolve_auto(cfg).engine.kind == ("torch" if torch.cuda.is_available() else "onnxruntime")
+    assert resolve_auto(cfg) is not cfg and cfg.engine.kind == "auto"  # 不修改传入的配置
 
 
 def test_hydra_validation_runs_on_compose():

@@ -7,9 +7,9 @@ from make_golden import golden_configs
 from algorithm.serving.config import EngineConfig, TritonConfig
 from algorithm.serving.errors import ConfigError
 from algorithm.serving.triton_config import build_model_configs, parse_pbtxt, to_pbtxt, validate_model_name
-from conftest import tiny_config
+from conftest import REPO_ROOT, TESTS_DIR, tiny_config
 
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+GOLDEN = os.path.join(TESTS_DIR, "golden")
 
 
 @pytest.mark.parametrize("fname, mc", list(golden_configs()), ids=lambda x: x if isinstance(x, str) else "")
@@ -58,4 +58,4 @@ def test_python_models_import_without_torch_or_onnx():
     code = ("import sys; import algorithm.serving.runtime.models, algorithm.serving.runtime.glue, algorithm.serving.runtime.params; "
             "bad = [m for m in ('torch', 'onnx', 'onnxruntime', 'tritonclient') if m in sys.modules]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)

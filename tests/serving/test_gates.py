@@ -77,3 +77,26 @@ def test_int8_leaves_score_heads_and_attention_in_float(built):
     attention = [n.name for n in matmuls if n.input[1] not in weights]
     assert len(heads) == 3 and attention and chosen
     assert not chosen & set(heads) and not chosen & set(attention)
+
+
+def test_int8_heads_are_found_by_structure_not_by_width(tmp_path):
+    """FFN 的宽度恰好等于码本大小（1024）时也要量化它；打分头按“流进 LogSoftmax”认出来。"""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = lambda name, shape: numpy_helper.from_array(np.zeros(shape, np.float32), name)  # noqa: E731
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="ffn_in"),
+             helper.make_node("Relu", ["h1"], ["h2"], name="act"),
+             helper.make_node("MatMul", ["h2", "w2"], ["h3"], name="ffn_out"),
+             helper.make_node("MatMul", ["h3", "wh"], ["logits0"], name="head"),
+             helper.make_node("Add", ["logits0", "bh"], ["logits"], name="head_bias"),
+             helper.make_node("LogSoftmax", ["logits"], ["logp"], name="logp", axis=-1),
+             helper.make_node("MatMul", ["h3", "h3t"], ["att"], name="attention")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                     helper.make_tensor_value_info("h3t", TensorProto.FLOAT, [8, 1])],
+        [helper.make_tensor_value_info("logp", TensorProto.FLOAT, [1, 1024]),
+         helper.make_tensor_value_info("att", TensorProto.FLOAT, [1, 1])],
+        [w("w1", (8, 1024)), w("w2", (1024, 8)), w("wh", (8, 1024)), w("bh", (1024,))])
+    path = str(tmp_path / "g.onnx")
+    onnx.save(helper.make_model(graph), path)
+    assert set(int8_weight_matmuls(path, (1024, 4096, 16384))) == {"ffn_in", "ffn_out"}
