@@ -15,7 +15,7 @@ import re
 from typing import Dict, List, Optional, Sequence
 
 from algorithm.errors import ConfigError, MissingDependencyError
-from algorithm.interfaces import (BEHAVIOR_INPUT, HISTORY_INPUT, POST_IN_REC, POST_IN_SCORES, UNKNOWN_COUNT_OUTPUT,
+from algorithm.interfaces import (BEHAVIOR_INPUT, POST_IN_REC, POST_IN_SCORES, UNKNOWN_COUNT_OUTPUT,
                                   EngineContract, EnsembleContract, TensorSpec)
 from algorithm.serving.config import ServingConfig
 from algorithm.serving.engines import engine_module, hosting as engine_hosting, resolve_auto

@@ -32,9 +32,7 @@ def make_histories(catalog_path: str, cfg, n: int, max_len: int, seed: int) -> L
     for k in sample_lengths(cfg, n, max_len, seed):
         user = rng.choice(len(topics), size=int(rng.integers(1, 4)), replace=False)
         pick = user[rng.integers(0, len(user), int(k))]
-        rows = np.array([members[t][i] for t, i in zip(pick, rng.integers(0, sizes[pick]))], dtype=np.int64) \
-            if k < 8 else _rows(members, pick, rng.integers(0, sizes[pick]))
-        out.append(catalog.item_ids[rows])
+        out.append(catalog.item_ids[_rows(members, pick, rng.integers(0, sizes[pick]))])
     return out
 
 

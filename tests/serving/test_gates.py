@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 from algorithm.models.checkpoint import load_checkpoint
-from algorithm.serving.config import ExportConfig, GateConfig
+from algorithm.serving.config import GateConfig
 from algorithm.serving.engines import build_engine_artifact
 from algorithm.serving.engines.onnxruntime import int8_weight_matmuls
 from algorithm.serving.gates import run_gates

@@ -18,7 +18,6 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from algorithm.errors import ConfigError
 from algorithm.serving.bench.report import summary_table, write_report
 from algorithm.serving.bench.suite import Benchmark, headline, run_once
 from algorithm.serving.bench.tail import fmt_spread
@@ -99,9 +98,11 @@ def repository_for_run(config: ServingConfig, out_dir: str, built_repo: str) -> 
     artifact = os.path.join(built_repo, ENGINE, "1", hosting.filename)
     extra = [artifact + ".data"] if os.path.exists(artifact + ".data") else []
     if config.engine.kind == "torch" and not config.engine.compile_cache_dir:
-        # 编译缓存跟着构建目录走（不跟着每次压测的输出目录）：重启与多实例复用
-        config = dataclasses.replace(config, engine=dataclasses.replace(
-            config.engine, compile_cache_dir=os.path.join(os.path.dirname(built_repo), "compile_cache")))
+        # 编译缓存跟着构建目录走（不跟着每次压测的输出目录）：重启与多实例复用；规则同 engines/torch.compile_cache_dir
+        from algorithm.serving.engines import engine_module
+
+        cache = engine_module("torch").compile_cache_dir(dataclasses.replace(config, build_dir=os.path.dirname(built_repo)))
+        config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, compile_cache_dir=cache))
     return build_repository(config, os.path.join(out_dir, "model_repository"), artifact,
                             os.path.join(built_repo, PREPROCESS, "1", "catalog.npz"),
                             info={"config": dataclasses.asdict(config), "base": built_repo},

@@ -28,7 +28,6 @@ def _perf_analyzer_exe() -> Optional[str]:
 def run_perf_analyzer(grpc_url: str, model_name: str, catalog_path: str, cfg: BenchmarkConfig,
                       max_seq_length: int, out_dir: str) -> Dict[str, Any]:
     """若装有 perf_analyzer，用同样分布的原始历史在同一模型上跑闭环并发扫描，返回它的数字。"""
-    import shutil
     import subprocess
 
 

@@ -109,7 +109,7 @@ class GpuSampler:
 _METRIC_RE = re.compile(r'^(ugt_engine_[a-z_]+)\{([^}]*)\}\s+([0-9.eE+-]+)$')
 
 
-class EngineMetrics:
+class EngineMetricsScraper:
     """抓 /metrics 里引擎运行器的累计计数（各实例相加），两次之差除以 execute 数得到“服务中的一批”。"""
 
     def __init__(self, metrics_url: Optional[str]):

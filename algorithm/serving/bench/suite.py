@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import time
 from dataclasses import asdict
 from typing import Any, Callable, Dict, List, Optional
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from algorithm.errors import ConfigError
 from algorithm.serving.bench import loadgen
-from algorithm.serving.bench.stats import EngineMetrics, GpuSampler, ServerStats
+from algorithm.serving.bench.stats import EngineMetricsScraper, GpuSampler, ServerStats
 from algorithm.serving.bench.tail import min_samples_for_upper_bound, percentiles, quantile_ci
 from algorithm.serving.config import BenchmarkConfig
 
@@ -61,7 +60,7 @@ class Benchmark:
         self.contract_kwargs = contract_kwargs or {"max_seq_length": max_seq_length}
         self.progress = progress
         self.stats = ServerStats(url, cfg.protocol)
-        self.engine_metrics = EngineMetrics(metrics_url)
+        self.engine_metrics = EngineMetricsScraper(metrics_url)
         self.gpu = GpuSampler()
         self._seed = cfg.seed
         self.on_point: Optional[Callable[[Dict[str, Any]], None]] = None
@@ -174,7 +173,7 @@ class Benchmark:
             "schedule_lag_ms": percentiles(lag) if point["mode"] == "open" else None,
             "client_cpu_util": [float(r["cpu_util"]) for r in results],
             "server": ServerStats.delta(before, after),
-            "engine_execute": EngineMetrics.delta(m_before, m_after),
+            "engine_execute": EngineMetricsScraper.delta(m_before, m_after),
             "gpu": self.gpu.result(),
         }
         if point["mode"] == "open" and point["schedule_lag_ms"]["p99"] is not None:
@@ -276,12 +275,6 @@ def strip_private(obj):
     if isinstance(obj, list):
         return [strip_private(v) for v in obj]
     return obj
-
-
-def timed(fn, *a, **kw):
-    t0 = time.time()
-    out = fn(*a, **kw)
-    return out, time.time() - t0
 
 
 # ---------------------------------------------------------------- 整套压测（可重复）

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional
 
 import numpy as np
 
@@ -70,9 +70,4 @@ def fmt_spread(s: Dict[str, Any], digits: int = 1) -> str:
     return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}–{s['max']:.{digits}f}]"
 
 
-def median_of(dicts: Sequence[Dict[str, Any]], key: str) -> Dict[str, Any]:
-    return spread(d.get(key) for d in dicts)
-
-
-__all__ = ["PERCENTILES", "percentiles", "quantile_ci", "min_samples_for_upper_bound", "spread", "fmt_spread",
-           "median_of"]
+__all__ = ["PERCENTILES", "percentiles", "quantile_ci", "min_samples_for_upper_bound", "spread", "fmt_spread"]

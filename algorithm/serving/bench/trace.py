@@ -22,9 +22,8 @@ import contextlib
 import glob
 import json
 import logging
-import os
 import urllib.request
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 

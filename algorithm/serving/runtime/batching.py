@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from algorithm.interfaces import ContractError, EngineContract
-from algorithm.serving.runtime.buckets import length_class, round_up
+from algorithm.serving.runtime.buckets import length_class
 
 MASK = "encoder_mask"
 
@@ -39,23 +39,21 @@ class RequestBatch:
         return int(self.rows.sum())
 
 
-def _shape_error(req: Mapping[str, np.ndarray], contract: EngineContract) -> Optional[str]:
-    """只看名字、dtype、秩与形状（O(1)）；返回 None 表示通过。取值在拼接后统一检查。"""
+def _shape_ok(req: Mapping[str, np.ndarray], contract: EngineContract) -> bool:
+    """只看名字、dtype、秩与形状（O(1)）。取值在拼接后统一检查；不通过时由 _precise_error 给出写明输入的错误。"""
     names = contract.input_names
-    if len(req) != len(names) or any(n not in req or req[n] is None for n in names):
-        return "names"
+    if len(req) != len(names) or any(req.get(n) is None for n in names):
+        return False
     shape = None
     for spec in contract.inputs:
         a = req[spec.name]
         if not isinstance(a, np.ndarray) or a.dtype != spec.dtype or a.ndim != 2:
-            return "dtype"
+            return False
         if shape is None:
             shape = a.shape
         elif a.shape != shape:
-            return "shape"
-    if shape[0] < 1 or shape[1] < 1 or shape[1] > contract.max_seq_length:
-        return "size"
-    return None
+            return False
+    return 1 <= shape[0] and 1 <= shape[1] <= contract.max_seq_length
 
 
 def _values_ok(flat: Dict[str, np.ndarray], row_starts: np.ndarray, contract: EngineContract) -> bool:
@@ -94,7 +92,7 @@ def collect(requests: Sequence[Mapping[str, np.ndarray]], contract: EngineContra
     errors: Dict[int, Exception] = {}
     good = []
     for i, req in enumerate(requests):
-        if _shape_error(req, contract) is None:
+        if _shape_ok(req, contract):
             good.append(i)
         else:
             errors[i] = _precise_error(req, contract)
@@ -215,9 +213,3 @@ def split_rows(batch: RequestBatch, group: Group) -> List[Tuple[int, int, int]]:
     rows = batch.rows[m]
     start = np.cumsum(rows) - rows
     return [(int(batch.index[j]), int(s), int(r)) for j, s, r in zip(m, start, rows)]
-
-
-def staging_shape(rows: int, length: int, batch_buckets: Sequence[int], seq_buckets: Sequence[int],
-                  limit: int) -> Tuple[int, int]:
-    """暂存区形状：batch 与长度各向上取整到桶（没有桶时为实际大小）。"""
-    return round_up(rows, batch_buckets), (round_up(length, seq_buckets, limit) if seq_buckets else length)

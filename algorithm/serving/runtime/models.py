@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -32,12 +32,9 @@ class PreprocessModel:
         self.pre = Preprocessor(catalog, config.contract(), config.catalog.unknown_item_policy,
                                 config.triton.max_history_items,
                                 spec.seq_buckets if spec.pad_in_preprocess else ())
-        self.unknown_total = 0
 
     def execute(self, requests: Sequence[Mapping[str, Optional[np.ndarray]]]) -> List[Result]:
-        results = self.pre.encode_requests(requests)
-        self.unknown_total += sum(int(r["num_unknown_items"].sum()) for r in results if isinstance(r, dict))
-        return results
+        return self.pre.encode_requests(requests)
 
 
 class PostprocessModel:
@@ -80,14 +77,11 @@ class ExecuteStats:
     def __init__(self):
         self.totals = {f: 0.0 for f in self.FIELDS}
         self.last: Dict[str, float] = {}
-        self.buckets: Dict[str, int] = {}
 
-    def add(self, d: Dict[str, float], buckets: Sequence[str]) -> None:
+    def add(self, d: Dict[str, float]) -> None:
         self.last = d
         for k in self.FIELDS:
             self.totals[k] += d.get(k, 0.0)
-        for b in buckets:
-            self.buckets[b] = self.buckets.get(b, 0) + 1
 
 
 class EngineModel:
@@ -115,7 +109,6 @@ class EngineModel:
         groups = batching.plan_groups(batch, self.seq_buckets, self.contract.max_seq_length, cost)
         staged, used = [], set()
         padded = 0
-        bucket_names = []
         for g in groups:
             buf = self.runner.staging(g.rows, g.length)
             if id(buf) in used:  # 两组落到同一个暂存区（不应发生）：不能共用
@@ -125,7 +118,6 @@ class EngineModel:
             staged.append(buf)
             shape = next(iter(buf.values())).shape
             padded += shape[0] * shape[1]
-            bucket_names.append(f"b{shape[0]}xL{shape[1]}")
         t_launch = time.perf_counter()
         try:
             outs, timing = self.runner.run_many(staged)
@@ -144,18 +136,8 @@ class EngineModel:
                         "valid_tokens": float(batch.flat["encoder_mask"].sum()),
                         "host_ms": (t_launch - t0) * 1e3, "device_ms": timing.get("device_ms", 0.0),
                         "copy_back_ms": timing.get("copy_back_ms", 0.0), "respond_ms": (t_end - t_run) * 1e3,
-                        "execute_ms": (t_end - t0) * 1e3}, bucket_names)
+                        "execute_ms": (t_end - t0) * 1e3})
         return results
-
-    def run_batch(self, feeds: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-        """一批已合并的输入 [B, L]（离线吞吐用）：与服务同一条分组 / 暂存 / 运行路径。"""
-        rows = feeds["encoder_mask"].shape[0]
-        reqs = [{n: feeds[n][r:r + 1] for n in self.contract.input_names} for r in range(rows)]
-        res = self.execute(reqs)
-        bad = [r for r in res if isinstance(r, Exception)]
-        if bad:
-            raise bad[0]
-        return (np.concatenate([r["recommendations"] for r in res]), np.concatenate([r["scores"] for r in res]))
 
 
 def serving_error_code(exc: Exception) -> str:

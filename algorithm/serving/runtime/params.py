@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
-from typing import List, Mapping, Tuple, Union
+from dataclasses import dataclass
+from typing import Mapping, Tuple, Union
 
 from algorithm.errors import ConfigError
 from algorithm.serving.config import ServingConfig

@@ -1,7 +1,6 @@
 """引擎的一次 execute 当作一批：向量化校验（坏请求单独失败、错误写明输入名）、分组与代价合并、
 向量化写入暂存区与逐请求合并结果相同、整批与逐个请求的 top-50 完全相同。"""
 import numpy as np
-import pytest
 
 from algorithm.interfaces import ContractError, EngineContract
 from algorithm.serving.runtime import batching

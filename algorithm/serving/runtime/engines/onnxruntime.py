@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -30,9 +30,6 @@ def ort_session(onnx_path: str, num_threads: int = 0, providers: Optional[List[s
 
 class OnnxRuntimeRunner:
     """ONNX Runtime CPU 会话。没有桶：每组填充到组内最长者（与逐请求合并时的形状相同）。"""
-
-    batch_buckets: Sequence[int] = ()
-    seq_buckets: Sequence[int] = ()
 
     def __init__(self, onnx_path: str, contract: EngineContract, num_threads: int = 0):
         self.contract = contract

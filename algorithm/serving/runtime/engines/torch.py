@@ -93,8 +93,8 @@ class TorchRunner:
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.seq_buckets = tuple(sorted(seq_buckets))
         self.slots: Dict[Tuple[int, int], _Slot] = {}
+        self._slot_of_buffer: Dict[int, _Slot] = {}  # id(暂存区字典) -> 它所属的桶（run_many 据此找到图）
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.load_seconds = time.time() - t0
         self.capture_seconds = 0.0
         if warmup and self.use_graphs:
@@ -106,10 +106,6 @@ class TorchRunner:
         return cls(path, contract, spec.device, device_id, spec.compile_mode, spec.cuda_graphs,
                    spec.batch_buckets, spec.seq_buckets, spec.compile_cache_dir,
                    transform=int8_transform(spec.int8_mode) if spec.precision == "int8" else None)
-
-    @property
-    def graphs(self) -> Dict[Tuple[int, int], _Slot]:
-        return self.slots
 
     # ---- CUDA Graph ----
     def _capture(self, b: int, length: int) -> _Slot:
@@ -132,6 +128,7 @@ class TorchRunner:
                     torch.empty(out[1].shape, dtype=torch.float32, pin_memory=True))
         slot = _Slot(graph, static, out, {n: t.numpy() for n, t in host_t.items()}, host_out)
         slot.host_tensors = host_t
+        self._slot_of_buffer[id(slot.host_in)] = slot
         self.slots[(b, length)] = slot
         return slot
 
@@ -196,7 +193,7 @@ class TorchRunner:
         stream = torch.cuda.current_stream(self.device)
         ev_start.record(stream)
         for feeds in staged:
-            slot = self._slot_by_buffers(feeds)
+            slot = self._slot_of_buffer.get(id(feeds))
             if slot is None:
                 pending.append(("eager", self._eager_async(feeds)))
                 continue
@@ -218,12 +215,6 @@ class TorchRunner:
             else:
                 outs.append((item[0].cpu().numpy(), item[1].float().cpu().numpy()))
         return outs, {"device_ms": ev_start.elapsed_time(ev_compute), "copy_back_ms": ev_compute.elapsed_time(ev_end)}
-
-    def _slot_by_buffers(self, feeds) -> Optional[_Slot]:
-        for slot in self.slots.values():
-            if slot.host_in is feeds:
-                return slot
-        return None
 
     def _eager_async(self, feeds: Mapping[str, np.ndarray]):
         torch = self.torch

@@ -6,7 +6,6 @@ import torch
 from algorithm.models.catalog import synthetic_catalog
 from algorithm.models.ugt import build_model
 from algorithm.serving.config import EngineConfig, ExportConfig
-from algorithm.serving.errors import ConfigError
 from algorithm.serving.export_onnx import torch_reference
 from algorithm.serving.engines.torch import export_torch_program
 from algorithm.serving.runtime.engines.torch import TorchRunner
@@ -64,7 +63,7 @@ def test_cuda_graph_buckets_match_eager_on_gpu(exported):
     cfg, model, path = exported
     runner = TorchRunner(path, cfg.model.contract(), "cuda", compile_mode="none", cuda_graphs=True,
                          batch_buckets=[2, 8], seq_buckets=[64, 256])
-    assert len(runner.graphs) == 4
+    assert len(runner.slots) == 4
     feeds = cfg.model.contract().random_inputs(3, 50, np.random.default_rng(1))
     rec, scores = runner.run(feeds)
     ref = torch_reference(model, feeds, cfg.model.contract())
