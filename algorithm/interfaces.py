@@ -255,6 +255,11 @@ class EnsembleContract:
     def output_names(self) -> Tuple[str, ...]:
         return tuple(s.name for s in self.outputs)
 
+    @property
+    def postprocess_outputs(self) -> Tuple[TensorSpec, ...]:
+        """后处理产出的输出（未知物品数由前处理产出）。"""
+        return tuple(s for s in self.outputs if s.name != UNKNOWN_COUNT_OUTPUT)
+
 
 class ServingExporterInterface(abc.ABC):
     """用户指定的服务导出接口（四个方法，签名与用户请求一致）。"""

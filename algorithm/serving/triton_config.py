@@ -230,7 +230,7 @@ def postprocess_config(config: ServingConfig, contract: EngineContract):
     rec, scores = contract.outputs
     _add_input(mc, POST_IN_REC, rec.triton_dtype, rec.dims_without_batch)
     _add_input(mc, POST_IN_SCORES, scores.triton_dtype, scores.dims_without_batch)
-    for spec in EnsembleContract(contract.top_k).outputs[:3]:
+    for spec in EnsembleContract(contract.top_k).postprocess_outputs:
         _add_output(mc, spec.name, spec.triton_dtype, spec.dims_without_batch)
     _set_batching(mc, config, engine=False)
     _set_instance_group(mc, config.triton.postprocess_instance_count, "KIND_CPU")
@@ -262,7 +262,7 @@ def ensemble_config(config: ServingConfig, contract: EngineContract):
     post = steps.step.add(model_name=POSTPROCESS, model_version=-1)
     post.input_map[POST_IN_REC] = POST_IN_REC
     post.input_map[POST_IN_SCORES] = POST_IN_SCORES
-    for spec in public.outputs[:3]:
+    for spec in public.postprocess_outputs:
         post.output_map[spec.name] = spec.name
     return mc
 
