@@ -455,6 +455,12 @@ def render_markdown(data: Dict[str, Any]) -> str:
         rows = [dict(shape=shape, backend=b, **r) for shape, by in sdpa["backends"].items() for b, r in by.items()]
         md.append(_table(rows, [("shape", "形状", ""), ("backend", "后端", ""), ("ok", "可用", ""),
                                 ("ms", "ms", ".3f"), ("error", "错误", "")]))
+    sa = s.get("self_attention")
+    if sa:
+        md.append("## b2. 解码器自注意力：显式 softmax 对 SDPA（eager，同一权重与历史）\n")
+        md.append(_table(list(sa.values()), [("batch", "batch", ""), ("length", "长度", ""), ("sdpa_ms", "SDPA ms", ".2f"),
+                                             ("explicit_ms", "显式 ms", ".2f"), ("speedup", "加速", ".2f"),
+                                             ("rec_equal", "推荐一致", ""), ("score_max_abs", "分数最大差", ".1e")]))
     pad = s.get("padding")
     if pad:
         md.append("## c. 长度桶的填充（默认长度分布）\n")
@@ -648,6 +654,37 @@ def run_profile(args) -> Dict[str, Any]:
         names = sorted({e.key for e in prof.key_averages() if any(s in e.key.lower() for s in words)})
         return {"backends": out, "default_ops": names}
     rep.section("sdpa", sdpa, need_s=5)
+
+    def self_attention():
+        """解码器自注意力：显式 softmax（模型的做法）对 SDPA，同一权重、同一批历史、eager，同一进程里测。"""
+        layers = [layer.self_attn for layer in model.decoder]
+        out = {}
+        for b in batches:
+            L = 16 if args.quick else 128
+            feeds = hist.encode(hist.sample(b, seed=21)[:b], pad_to=L)
+            x = _to_device({k: v[:, :L] for k, v in feeds.items()}, device)
+            row, results = {"batch": b, "length": L}, {}
+            try:
+                for name, explicit in (("sdpa", False), ("explicit", True)):
+                    for a in layers:
+                        a.explicit = explicit
+                    with torch.no_grad():
+                        results[name] = model(*x)
+                        times = []
+                        for _ in range(repeats * 3 + 1):
+                            a0 = clock.mark()
+                            model(*x)
+                            times.append(clock.seconds(a0, clock.mark()))
+                    row[f"{name}_ms"] = float(np.median(times[1:])) * 1e3
+            finally:
+                for a in layers:
+                    a.explicit = True
+            row["rec_equal"] = bool(torch.equal(results["sdpa"][0], results["explicit"][0]))
+            row["score_max_abs"] = float((results["sdpa"][1] - results["explicit"][1]).abs().max())
+            row["speedup"] = row["sdpa_ms"] / row["explicit_ms"]
+            out[f"b{b}xL{L}"] = row
+        return out
+    rep.section("self_attention", self_attention, need_s=5)
 
     def padding():
         max_len = meta["max_seq_length"]

@@ -3,14 +3,18 @@
 #   bash scripts/gpu_bench.sh setup      # 用 .carry/（scripts/make_carry.sh 生成）建环境（numpy<2，见 server.check_numpy）
 #   bash scripts/gpu_bench.sh build      # ugt_base / torch 引擎 / fp16：训练、torch.export、编译 + CUDA Graph、门禁
 #   bash scripts/gpu_bench.sh oldbuild   # 旧的服务路径（.carry/old.tar.xz = 提交 28b27eb 的代码）用同一检查点构建
-#   bash scripts/gpu_bench.sh profile    # 引擎剖析（scripts/engine_profile.py）
+#   bash scripts/gpu_bench.sh profile    # 引擎剖析（scripts/engine_profile.py；PROFILE_ARGS 追加参数，如 --no-int8）
+#   bash scripts/gpu_bench.sh profile_old # 同一剖析脚本对旧路径的仓库（旧代码导出的 .pt2，新运行器）：同一运行里的引擎对照
 #   bash scripts/gpu_bench.sh bench_old  # 旧路径的服务器 + 新的压测工具（benchmark.url），3 次重复
 #   bash scripts/gpu_bench.sh bench_new  # 新路径，同样的 Triton 设置与压测，3 次重复，含地板、追踪、离线吞吐
 #   bash scripts/gpu_bench.sh floor      # ../shared/probes/python-backend-floor（拷在 .carry/probe）的 4/2 实例配置
+#   bash scripts/gpu_bench.sh sweep      # Triton 设置的 multirun（SWEEP 覆盖；每组 1 次、较短的压测），一张汇总表
+#   bash scripts/gpu_bench.sh soak       # 生产设置：SLA 搜索 1 次，再以其 70% 浸泡 10 分钟，再 2 倍过载 60 s（issue #15）
+# 一整轮超过 device 工具单次调用的 10 分钟：用 scripts/gpu_campaign.sh 在后台按序运行多个阶段。
 # 构建产物在 /tmp/gpubuild（不在带来的目录里，同一台机器热着时各阶段复用）。
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?用法：gpu_bench.sh setup|build|oldbuild|profile|bench_old|bench_new|floor}
+STAGE=${1:?用法：gpu_bench.sh setup|build|oldbuild|profile|profile_old|bench_old|bench_new|floor|sweep|soak}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 VENV=/tmp/ugtvenv
@@ -106,6 +110,25 @@ PYEOF
     ;;
   profile)
     timeout 240 $PY scripts/engine_profile.py --repo $G/new/model_repository --out $G/profile ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" || true
+    ;;
+  profile_old)
+    timeout 200 $PY scripts/engine_profile.py --repo $G/old/model_repository --out $G/profile_old --no-int8 \
+        ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile_old.log" || true
+    ;;
+  sweep)
+    # 每组：重启服务器、SLA 搜索 1 次、轻负载点、c=64；不测地板与离线（主测量里有）
+    # 扫的键不能同时出现在固定设置里（Hydra 拒绝重复的键）：固定的只有前/后处理实例与 preferred batch
+    $PY scripts/benchmark.py -m "${COMMON[@]}" triton.preprocess_instance_count=4 triton.postprocess_instance_count=4 \
+        "triton.preferred_batch_sizes=[8,16,32,64]" build_dir=$G/new "${BENCH[@]}" benchmark.repeats=1 "benchmark.concurrency=[64]" \
+        benchmark.floor=false benchmark.offline_samples=0 benchmark.trace_rate=0 \
+        hydra.sweep.dir=$G/sweep ${SWEEP:-triton.instance_count=1,2 triton.max_queue_delay_us=500,2000} \
+        ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/sweep.log"
+    ;;
+  soak)
+    $PY scripts/benchmark.py "${COMMON[@]}" "${TRITON[@]}" build_dir=$G/new "${BENCH[@]}" benchmark.repeats=1 \
+        "benchmark.concurrency=[]" benchmark.floor=false benchmark.offline_samples=0 benchmark.trace_rate=0 \
+        benchmark.soak_s=${SOAK_S:-600} benchmark.overload_s=${OVERLOAD_S:-60} benchmark.output_dir=$G/bench_soak \
+        ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/soak.log"
     ;;
   bench_old)
     # 旧代码的服务器（同样的 Triton 设置），新的压测工具经 benchmark.url 测它（旧仓库没有地板模型与自定义指标）

@@ -79,10 +79,13 @@ class TritonConfig:
     instance_count: int = 2
     preferred_batch_sizes: List[int] = field(default_factory=lambda: [8, 16, 32, 64])
     max_queue_delay_us: int = 100
-    # 队列策略：超过 max_queue_size 的请求立即被拒（UNAVAILABLE），排队超过
-    # queue_timeout_us 的请求被拒，过载时丢弃而不是无限排队。0 = 不限。
-    max_queue_size: int = 512
-    queue_timeout_us: int = 1_000_000
+    # 引擎的队列策略：过载时丢弃而不是无限排队。在引擎前排队超过 queue_timeout_us 的请求被拒（UNAVAILABLE）：
+    # 默认 30 ms = 用户的延迟目标，等过它的请求已经没用了，被接受的请求延迟 <= 超时 + 一次执行。
+    # max_queue_size > 0 时超过它的请求立即被拒，但队列满时被拒的请求不唤醒 Triton 的动态批处理器（它睡在 500 ms 的
+    # 定时等待里），被接受的请求出现约 500 ms 的台阶、吞吐塌掉（tests/serving/test_reliability.py），所以默认 0 = 不限个数。
+    # 两个都为 0 时不设策略（Triton 才预取，但过载时队列无限增长），见 triton_config._set_batching。
+    max_queue_size: int = 0
+    queue_timeout_us: int = 30_000
     instance_kind: str = "auto"  # auto：有 GPU 用 KIND_GPU，否则 KIND_CPU
     gpus: List[int] = field(default_factory=list)  # 空 = 由机器决定（全部可见 GPU）
     preprocess_instance_count: int = 2
@@ -315,6 +318,15 @@ class BenchmarkConfig:
     offline_samples: int = 2000
     # 算 MFU 用的设备峰值（TFLOP/s，按引擎精度的稠密峰值）；0 = 不算。H100 SXM 的 fp16/bf16 稠密峰值为 989
     peak_tflops: float = 0.0
+    # 浸泡（issue #15）：soak_s 秒的开环负载，按 soak_window_s 分窗报告每窗的 P99、错误、服务器 RSS 与 GPU 显存；
+    # 速率 soak_rate，0 = soak_fraction x 本次测得的 SLA 速率（各次重复的中位数）。0 秒 = 不做
+    soak_s: float = 0.0
+    soak_rate: float = 0.0
+    soak_fraction: float = 0.7
+    soak_window_s: float = 60.0
+    # 过载：overload_factor x 同一速率，overload_s 秒；报告被拒比例、被拒得多快、被接受请求的延迟。0 秒 = 不做
+    overload_s: float = 0.0
+    overload_factor: float = 2.0
 
     def __post_init__(self) -> None:
         _choice("benchmark", "target", self.target, BENCH_TARGETS)
@@ -331,6 +343,10 @@ class BenchmarkConfig:
         _positive("benchmark", "sla_min_rate", self.sla_min_rate, allow_zero=True)
         _positive("benchmark", "slo_ms", self.slo_ms, allow_zero=True)
         _positive("benchmark", "trace_rate", self.trace_rate, allow_zero=True)
+        for f in ("soak_s", "soak_rate", "overload_s"):
+            _positive("benchmark", f, getattr(self, f), allow_zero=True)
+        for f in ("soak_fraction", "soak_window_s", "overload_factor"):
+            _positive("benchmark", f, getattr(self, f))
         if not 0 <= self.max_error_rate < 1:
             raise ConfigError(f"benchmark.max_error_rate 应在 [0, 1) 内，得到 {self.max_error_rate}")
         if any(r <= 0 for r in self.rates):

@@ -83,20 +83,26 @@ def _add_output(mc, name: str, dtype: str, dims: Sequence[int]) -> None:
 
 
 def _set_batching(mc, config: ServingConfig, engine: bool = True) -> None:
-    """动态批处理 + 队列策略：超过 max_queue_size 立即拒绝，排队超过 queue_timeout_us 拒绝。
+    """动态批处理；引擎另有队列策略：超过 max_queue_size 立即拒绝，排队超过 queue_timeout_us 拒绝。
 
     只有引擎按 preferred_batch_sizes / max_queue_delay_us 攒批；前/后处理是逐请求的 CPU 工作，
-    等待只增加延迟，所以它们不等（delay 0：执行时队列里有几个就一起处理几个）。"""
+    等待只增加延迟，所以它们不等（delay 0：执行时队列里有几个就一起处理几个）。
+
+    队列策略只放在引擎上（max_queue_size 与 queue_timeout_us 都为 0 时引擎也不放）：Triton 的动态批处理器在模型有
+    任何队列策略时不预取（scheduler_utils.cc 的 support_prefetching_），所有实例都忙时它睡在一个 500 ms 的
+    cv.wait_for 里，实例空闲时没有人唤醒它，只有下一个到达的请求会（dynamic_batch_scheduler.cc 的
+    WaitForPayloadSlotAvailable）。过载时请求堆在引擎（最慢的一步）前，所以丢弃放在那里就够了；前/后处理不要策略，
+    保留预取。"""
     t = config.triton
     db = mc.dynamic_batching
     if engine:
         db.preferred_batch_size.extend(sorted(t.preferred_batch_sizes))
         db.max_queue_delay_microseconds = t.max_queue_delay_us
-    qp = db.default_queue_policy
-    qp.timeout_action = pb().ModelQueuePolicy.REJECT
-    qp.default_timeout_microseconds = t.queue_timeout_us
-    qp.allow_timeout_override = True
-    qp.max_queue_size = t.max_queue_size
+    if engine and (t.max_queue_size or t.queue_timeout_us):
+        qp = db.default_queue_policy
+        qp.timeout_action = pb().ModelQueuePolicy.REJECT
+        qp.default_timeout_microseconds = t.queue_timeout_us
+        qp.max_queue_size = t.max_queue_size
 
 
 def _set_instance_group(mc, count: int, kind: str, gpus: Sequence[int] = ()) -> None:

@@ -42,6 +42,12 @@ def test_queue_policy_and_batching_from_config():
     assert list(db.preferred_batch_size) == [2, 4] and db.max_queue_delay_microseconds == 500
     assert db.default_queue_policy.max_queue_size == 7
     assert db.default_queue_policy.default_timeout_microseconds == 1234
+    # 任何队列策略都会关掉 Triton 的预取（见 _set_batching）：前/后处理没有策略，超时也不许请求覆盖
+    assert not db.default_queue_policy.allow_timeout_override
+    for name in ("ugt_preprocess", "ugt_postprocess"):
+        assert not build_model_configs(cfg, gpus=[])[name].dynamic_batching.HasField("default_queue_policy")
+    off = tiny_config("b", triton=TritonConfig(preferred_batch_sizes=[2, 4], max_queue_size=0, queue_timeout_us=0))
+    assert not build_model_configs(off, gpus=[])["ugt_engine"].dynamic_batching.HasField("default_queue_policy")
 
 
 @pytest.mark.parametrize("name", ["a/b", "..", "../x", "", "a b", "x" * 200, "/abs"])

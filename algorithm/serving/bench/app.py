@@ -140,7 +140,7 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
     slo_ms = b.slo_ms or config.export.target_latency_ms
 
     def suite(url: str, metrics_url: Optional[str], http_url: Optional[str], trace_file: Optional[str],
-              floor: Optional[str]) -> Dict[str, Any]:
+              floor: Optional[str], rss_fn=None) -> Dict[str, Any]:
         bench = Benchmark(url, target, b, catalog, config.export.max_seq_length, contract_kwargs,
                           progress=True, metrics_url=metrics_url, kind=b.target)
         tracer = None
@@ -167,6 +167,25 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
 
                 report["perf_analyzer"] = run_perf_analyzer(url, target, catalog, b, config.export.max_seq_length,
                                                             out_dir)
+            if b.soak_s or b.overload_s:
+                from algorithm.serving.bench import soak as soak_mod
+
+                # SLA 速率：本次测得的中位数；没有测（sla_search=false）时由 soak_rate / soak_fraction 反推
+                sla = headline(report["runs"])["sla_rate"].get("median") or (
+                    b.soak_rate / b.soak_fraction if b.soak_rate else 0.0)
+                rate = b.soak_rate or b.soak_fraction * sla
+                if rate <= 0:
+                    report["soak_note"] = "没有做浸泡 / 过载：没有 benchmark.soak_rate，本次也没有测得 SLA 速率"
+                    tqdm.write(report["soak_note"])
+                else:
+                    report["soak_sla_rate"] = sla
+                    if b.soak_s:
+                        bar.set_postfix_str("浸泡")
+                        report["soak"] = soak_mod.soak(bench, rate, b.soak_s, b.soak_window_s, rss_fn, log=tqdm.write)
+                    if b.overload_s:
+                        bar.set_postfix_str("过载")
+                        report["overload"] = soak_mod.overload(bench, b.overload_factor * sla, b.overload_s, slo_ms,
+                                                               log=tqdm.write)
             # 离线吞吐放在最后：它在本进程里再加载一份引擎（GPU 上占显存与上下文），不能干扰服务的测量
             if offline:
                 from algorithm.serving.bench.offline import offline_engine_throughput
@@ -190,7 +209,10 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
                                   log_path=os.path.join(out_dir, "tritonserver.log"),
                                   extra_args=trace_mod.server_args(trace_file) if trace_file else None) as server:
             url = server.grpc_url if b.protocol == "grpc" else server.http_url
-            report = suite(url, server.metrics_url, server.http_url, trace_file, FLOOR)
+            from algorithm.serving.bench.soak import process_tree_rss_mb
+
+            report = suite(url, server.metrics_url, server.http_url, trace_file, FLOOR,
+                           rss_fn=lambda: process_tree_rss_mb(server.process.pid))
     add_flops(report, flops, b.peak_tflops)
     report["files"] = write_report(report, out_dir)
     print(summary_table(report))

@@ -87,6 +87,7 @@ async def run_schedule(spec: Dict[str, Any], requests: List[list]) -> Dict[str, 
     intended = np.full(n, np.nan)
     sent = np.full(n, np.nan)
     done = np.full(n, np.nan)
+    failed = np.full(n, np.nan)  # 失败（含过载被拒）的时刻：被拒得快不快
     errors: Dict[str, int] = {}
     error_samples: Dict[str, str] = {}
     cpu0, wall0 = time.process_time(), time.monotonic()
@@ -98,6 +99,7 @@ async def run_schedule(spec: Dict[str, Any], requests: List[list]) -> Dict[str, 
             await client.infer(model, requests[i], request_id=f"{prefix}-{i}", **kwargs)
             done[i] = time.monotonic()
         except Exception as e:  # 记下错误类型与一条样例，继续
+            failed[i] = time.monotonic()
             kind = error_kind(e)
             errors[kind] = errors.get(kind, 0) + 1
             error_samples.setdefault(kind, str(e)[:300])
@@ -130,7 +132,7 @@ async def run_schedule(spec: Dict[str, Any], requests: List[list]) -> Dict[str, 
     finally:
         await client.close()
     wall = time.monotonic() - wall0
-    return {"intended": intended, "sent": sent, "done": done, "errors": errors, "error_samples": error_samples,
+    return {"intended": intended, "sent": sent, "done": done, "failed": failed, "errors": errors, "error_samples": error_samples,
             "start_at": start, "id_prefix": prefix, "cpu_util": (time.process_time() - cpu0) / max(wall, 1e-9)}
 
 

@@ -152,6 +152,21 @@ def summary_table(report: Dict[str, Any]) -> str:
             else "失败：" + (r["error"].splitlines() or [""])[-1][:120]))
     if pa and not pa.get("available"):
         lines.append(f"  perf_analyzer：{pa.get('reason')}")
+    sk = report.get("soak")
+    if sk:
+        lines.append(f"  浸泡 {sk['rate']:.0f}/s x {sk['duration_s']:.0f} s（{len(sk['windows'])} 窗）：{sk['sent']} 个请求，错误 "
+                     f"{sk['errors']}；每窗 P99 " + " ".join(f"{w['p99_ms']:.1f}" for w in sk["windows"] if w["p99_ms"])
+                     + f" ms（最大/中位 {_fmt(sk['p99_max_over_median'])}，界 {sk['bounds']['p99_max_over_median']}）；"
+                     f"RSS 增长 {_fmt(sk['rss_growth_mb'])} MiB（界 {sk['bounds']['rss_growth_mb']:g}），显存增长 "
+                     f"{_fmt(sk['gpu_mem_growth_mb'])} MiB（界 {sk['bounds']['gpu_mem_growth_mb']:g}）："
+                     + ("通过" if sk["passed"] else f"未通过 {sk['checks']}"))
+    ov = report.get("overload")
+    if ov:
+        acc, ref = ov["accepted_ms"], ov["refused_ms"]
+        lines.append(f"  过载 {ov['rate']:.0f}/s x {ov['duration_s']:.0f} s：被拒 {ov['refused_share']:.1%}（P50 "
+                     f"{_fmt(ref['p50'])} ms），接受 {ov['throughput']:.0f}/s，P99 {_fmt(acc['p99'])} / 最大 {_fmt(acc['max'])} ms，"
+                     f">= {ov['steps_over_ms']:g} ms 的 {ov['accepted_over_step']} 个："
+                     + ("通过" if ov["passed"] else f"未通过 {ov['checks']}"))
     off = report.get("offline_engine") or {}
     mixed = {k: v for k, v in off.items() if k.isdigit()}
     if mixed:

@@ -152,6 +152,9 @@ class Benchmark:
                 errors[k] = errors.get(k, 0) + v
             samples.update(r.get("error_samples", {}))
         lat = (done[ok] - intended[ok]) * 1000
+        failed = np.concatenate([r["failed"] for r in results])
+        failed_ok = issued & ~np.isnan(failed)
+        failed_lat = (failed[failed_ok] - intended[failed_ok]) * 1000
         lag = (sent[issued] - intended[issued]) * 1000
         t0 = min(r["start_at"] for r in results)  # 从计划开始时刻算吞吐的时间窗
         t1 = np.nanmax(np.where(np.isnan(done), sent, done)) if issued.any() else 0.0
@@ -166,6 +169,8 @@ class Benchmark:
             "refused_share": (errors.get("UNAVAILABLE", 0) + errors.get("503", 0)) / max(n_issued, 1),
             "throughput": float(ok.sum() / window),
             "latency_ms": percentiles(lat),
+            # 失败请求从计划发送到得到错误的时间（过载时：被拒得多快）
+            "failed_latency_ms": percentiles(failed_lat),
             "p99_ci": quantile_ci(lat, 0.99),
             # 前后四分之一的中位延迟：开环过载时队列随时间增长，两者相差很大
             "p50_first_quarter_ms": float(np.median(lat[order[:q]])) if ok.any() else None,

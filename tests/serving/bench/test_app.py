@@ -35,3 +35,22 @@ def test_sweep_summary_is_one_table(tmp_path):
     lines = open(path).read().splitlines()
     assert len(lines) == 4 and "precision=fp32" in lines[2] and "precision=int8" in lines[3]
     assert "20.0 [19.0–21.0]" in lines[3] and "100.0" in lines[3]
+
+
+def test_soak_and_overload_run_from_the_benchmark_config(built, tmp_path, capsys):
+    """benchmark.soak_s / overload_s 从压测入口跑（GPU 上是 10 分钟与 60 s）：报告里有每窗的数字与判定，摘要里有两行。"""
+    cfg, _ = built
+    b = dataclasses.replace(cfg.benchmark, repeats=1, concurrency=[1], sla_search=False, light_rate=0.0, floor=False,
+                            trace_rate=0, offline_samples=0, warmup_requests=5, processes=1, length_median=30,
+                            soak_rate=10.0, soak_fraction=0.5, soak_s=2.0, soak_window_s=1.0, overload_s=1.0,
+                            overload_factor=1.5, output_dir=str(tmp_path / "bench"))
+    report = app.benchmark_from_config(dataclasses.replace(cfg, benchmark=b), str(tmp_path))
+    sk, ov = report["soak"], report["overload"]
+    # 没有测 SLA：SLA 速率由 soak_rate / soak_fraction 反推，过载 = 1.5 x 20
+    assert report["soak_sla_rate"] == 20.0 and ov["rate"] == 30.0 and sk["rate"] == 10.0
+    assert len(sk["windows"]) == 2 and sk["errors"] == 0 and sk["windows"][-1]["rss_mb"] > 0
+    assert set(ov["checks"]) == {"only_refusals", "accepted_p99", "refused_fast", "no_500ms_steps"}
+    saved = json.load(open(report["files"]["json"]))
+    assert saved["soak"]["windows"][0]["p99_ms"] == sk["windows"][0]["p99_ms"]
+    out = capsys.readouterr().out
+    assert "浸泡 10/s x 2 s（2 窗）" in out and "过载 30/s x 1 s" in out
