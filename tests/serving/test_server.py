@@ -74,3 +74,28 @@ def test_concurrent_mixed_lengths_are_batched_and_unchanged(server, built, refer
     executions = after.execution_count - before.execution_count
     assert inferences == len(hs)
     assert executions < inferences, "并发请求应被动态批处理合并（执行次数 < 推理次数）"
+
+
+def test_engine_custom_metrics_match_triton_statistics(server, built, histories):
+    """引擎运行器的自定义指标（后台线程写）与 Triton 自己的统计一致：execute 数、请求数；各阶段毫秒为正。"""
+    import time
+
+    import tritonclient.grpc as grpcclient
+
+    from algorithm.serving.bench.stats import EngineMetricsScraper
+
+    scraper = EngineMetricsScraper(server.metrics_url)
+    stats = grpcclient.InferenceServerClient(server.grpc_url)
+    time.sleep(EngineMetricsScraper.FLUSH_WAIT_S)  # 之前测试的待写数字先落地
+    before, s0 = scraper.snapshot(), stats.get_inference_statistics("ugt_engine").model_stats[0]
+    client = RecommendClient(server.grpc_url, built[0].export.model_name)
+    for h in histories:
+        client.recommend(h)
+    client.close()
+    time.sleep(EngineMetricsScraper.FLUSH_WAIT_S)
+    after, s1 = scraper.snapshot(), stats.get_inference_statistics("ugt_engine").model_stats[0]
+    d = EngineMetricsScraper.delta(before, after)
+    assert d is not None, (before, after)
+    assert d["executes"] == s1.execution_count - s0.execution_count == len(histories)
+    assert d["requests_per_execute"] == 1.0
+    assert d["execute_ms"] > 0 and d["host_ms"] > 0 and d["execute_ms"] >= d["device_ms"]

@@ -273,13 +273,20 @@ def update_sweep_summary(sweep_dir: str, run_dir: str, report: Dict[str, Any], o
                  "sla_rate_median": (h.get("sla_rate") or {}).get("median")})
     with open(store, "w") as f:
         json.dump(rows, f, indent=2, ensure_ascii=False)
+    # 表里的“变体”列只写各行之间不同的覆盖（相同的前缀只在 summary.json / csv 的 overrides 里）
+    split = [dict(o.split("=", 1) if "=" in o else (o, "") for o in r["overrides"].split()) for r in rows]
+    keys = list(dict.fromkeys(k for d in split for k in d))
+    differ = [k for k in keys if len({d.get(k) for d in split}) > 1]
+    for r, d in zip(rows, split):
+        r["variant"] = " ".join(f"{k}={d[k]}" for k in differ if k in d) or "-"
     cols = list(dict.fromkeys(k for r in rows for k in r))
     with open(os.path.join(sweep_dir, "summary.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, cols)
         w.writeheader()
         w.writerows(rows)
-    md = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    md += ["| " + " | ".join("-" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
+    md_cols = [c for c in cols if c != "overrides"]
+    md = ["| " + " | ".join(md_cols) + " |", "|" + " --- |" * len(md_cols)]
+    md += ["| " + " | ".join("-" if r.get(c) is None else str(r.get(c)) for c in md_cols) + " |" for r in rows]
     path = os.path.join(sweep_dir, "summary.md")
     with open(path, "w") as f:
         f.write("\n".join(md) + "\n")

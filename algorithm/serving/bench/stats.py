@@ -110,7 +110,11 @@ _METRIC_RE = re.compile(r'^(ugt_engine_[a-z_]+)\{([^}]*)\}\s+([0-9.eE+-]+)$')
 
 
 class EngineMetricsScraper:
-    """抓 /metrics 里引擎运行器的累计计数（各实例相加），两次之差除以 execute 数得到“服务中的一批”。"""
+    """抓 /metrics 里引擎运行器的累计计数（各实例相加），两次之差除以 execute 数得到“服务中的一批”。
+
+    引擎在后台线程里每 0.1 s 写一次指标（runtime/glue.EngineMetrics.FLUSH_S）：负载点结束后先等 FLUSH_WAIT_S 再抓。"""
+
+    FLUSH_WAIT_S = 0.3
 
     def __init__(self, metrics_url: Optional[str]):
         self.url = metrics_url

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import time
 from dataclasses import asdict
 from typing import Any, Callable, Dict, List, Optional
 
@@ -139,6 +140,8 @@ class Benchmark:
         finally:
             if ctx is not None:
                 ctx.__exit__(None, None, None)
+        if self.engine_metrics.url:
+            time.sleep(EngineMetricsScraper.FLUSH_WAIT_S)  # 引擎的指标在后台每 0.1 s 写一次
         after, m_after = self.stats.snapshot(), self.engine_metrics.snapshot()
         intended = np.concatenate([r["intended"] for r in results])
         sent = np.concatenate([r["sent"] for r in results])

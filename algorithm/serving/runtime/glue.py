@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
+import time
 from typing import Iterable, List, Optional
 
 from algorithm.serving.runtime.models import ExecuteStats, serving_error_code
@@ -68,10 +70,21 @@ class EngineMetrics:
     ugt_engine_ms_total{stage=host|device|copy_back|respond|execute}。
     压测在每个负载点前后各抓一次 /metrics，差值除以 execute 数就是“服务中的一批”的各阶段时间，
     可与同一 batch 的离线时间对比。python backend 不支持自定义指标时（旧版本）只记日志，不影响服务。
+
+    为什么在后台线程里每 FLUSH_S 秒写一次：python backend 的每次 Metric.increment 都是一次到 Triton 进程的
+    同步往返（pb_stub.h 的 SendMessage 等父进程处理完才返回），11 个计数器在 execute 里逐个写，
+    就在每个请求返回之前多等 11 次往返。execute 里只把这一次的数加进本地的待写字典（微秒级）。
+    读 /metrics 的一方最多晚 FLUSH_S 秒看到（压测在每个点结束后等 FLUSH_WAIT_S 再抓）。
     """
 
-    def __init__(self, pb_utils, model_name: str, instance: str):
+    FLUSH_S = 0.1
+
+    def __init__(self, pb_utils, model_name: str, instance: str, flush_s: float = FLUSH_S):
         self.ok = False
+        self._pending: dict = {}
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        self._flush_s = flush_s
         labels = {"model": model_name, "instance": instance}
         try:
             MF = pb_utils.MetricFamily
@@ -79,7 +92,7 @@ class EngineMetrics:
             def counter(name, desc):
                 return MF(name=name, description=desc, kind=MF.COUNTER)
 
-            self._fams = {
+            fams = {
                 "executes": counter("ugt_engine_executes_total", "引擎 execute 次数"),
                 "requests": counter("ugt_engine_requests_total", "引擎处理的请求数"),
                 "rows": counter("ugt_engine_rows_total", "引擎处理的行数（请求的 batch 行）"),
@@ -88,10 +101,13 @@ class EngineMetrics:
                 "ms": counter("ugt_engine_ms_total", "各阶段累计毫秒：host=启动前的 Python，device=GPU（CUDA 事件），"
                                                      "copy_back=回拷，respond=拆分结果，execute=整个 execute"),
             }
-            self._m = {k: self._fams[k].Metric(labels=labels) for k in ("executes", "requests", "rows", "groups")}
-            self._tokens = {k: self._fams["tokens"].Metric(labels=labels | {"kind": k}) for k in ("valid", "padded")}
-            self._ms = {k: self._fams["ms"].Metric(labels=labels | {"stage": k})
-                        for k in ("host", "device", "copy_back", "respond", "execute")}
+            self._fams = fams
+            # ExecuteStats.last 的键 -> 指标
+            self._metrics = {k: fams[k].Metric(labels=labels) for k in ("executes", "requests", "rows", "groups")}
+            self._metrics |= {f"{k}_tokens": fams["tokens"].Metric(labels=labels | {"kind": k})
+                              for k in ("valid", "padded")}
+            self._metrics |= {f"{k}_ms": fams["ms"].Metric(labels=labels | {"stage": k})
+                              for k in ("host", "device", "copy_back", "respond", "execute")}
             self.ok = True
         except Exception as e:  # pragma: no cover - 取决于 python backend 版本
             log.warning("自定义指标不可用（%s: %s）；引擎计时只在日志里", type(e).__name__, e)
@@ -100,12 +116,29 @@ class EngineMetrics:
         d = stats.last
         if not self.ok or not d:
             return
-        for k, m in self._m.items():
-            m.increment(float(d.get(k, 0.0)))
-        self._tokens["valid"].increment(float(d.get("valid_tokens", 0.0)))
-        self._tokens["padded"].increment(float(d.get("padded_tokens", 0.0)))
-        for k, m in self._ms.items():
-            m.increment(float(d.get(f"{k}_ms", 0.0)))
+        with self._lock:
+            for k in self._metrics:
+                self._pending[k] = self._pending.get(k, 0.0) + float(d.get(k, 0.0))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ugt-engine-metrics", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._flush_s)
+            try:
+                self.flush()
+            except Exception as e:  # noqa: BLE001  指标写失败不能影响服务：记一次日志后停止写
+                log.warning("写自定义指标失败，停止写（%s: %s）", type(e).__name__, e)
+                self.ok = False
+                return
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for k, v in pending.items():
+            if v:
+                self._metrics[k].increment(v)
 
 
 def instance_name(args: dict) -> Optional[str]:

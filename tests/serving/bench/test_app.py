@@ -30,11 +30,15 @@ def test_sweep_summary_is_one_table(tmp_path):
                 "offline_engine": {"64": {"batch": 64, "throughput": 100.0}}}
 
     sweep = str(tmp_path / "sweep")
-    app.update_sweep_summary(sweep, str(tmp_path / "0"), report(10.0, "fp32"), ["precision=fp32"])
-    path = app.update_sweep_summary(sweep, str(tmp_path / "1"), report(20.0, "int8"), ["precision=int8"])
+    common = ["model=ugt_tiny", "triton.instance_count=1"]
+    app.update_sweep_summary(sweep, str(tmp_path / "0"), report(10.0, "fp32"), common + ["precision=fp32"])
+    path = app.update_sweep_summary(sweep, str(tmp_path / "1"), report(20.0, "int8"), common + ["precision=int8"])
     lines = open(path).read().splitlines()
-    assert len(lines) == 4 and "precision=fp32" in lines[2] and "precision=int8" in lines[3]
+    assert len(lines) == 4 and "| precision=fp32 |" in lines[2] and "| precision=int8 |" in lines[3]
     assert "20.0 [19.0–21.0]" in lines[3] and "100.0" in lines[3]
+    # 各行相同的覆盖不进表（在 summary.json / csv 的 overrides 里）
+    assert "model=ugt_tiny" not in open(path).read()
+    assert json.load(open(os.path.join(sweep, "summary.json")))[0]["overrides"].startswith("model=ugt_tiny")
 
 
 def test_soak_and_overload_run_from_the_benchmark_config(built, tmp_path, capsys):
