@@ -2,7 +2,7 @@
 
   python scripts/plan_capacity.py target_qps=5000
   python scripts/plan_capacity.py target_qps=5000 headroom=0.2 gpus_per_replica=1 \
-      report=benchmarks/h100-2026-11-24/torch_fp16_tuned/benchmark.json
+      report=benchmarks/h100-2026-11-24/torch_fp16_tuned/benchmark.json   # 旧的单次报告也能读
 
 参数（key=value，与其余脚本的 Hydra 覆盖写法相同）：
   target_qps        峰值请求速率（req/s，必填）
@@ -19,7 +19,7 @@
   每副本容量 C = R × gpus_per_replica（假设与 GPU 数成正比），计划负载 T = C × (1 − headroom)
   副本数 N = ⌈target_qps / T⌉，GPU 数 = N × gpus_per_replica，利用率 = target_qps / (N × C)
   HPA 目标：每副本平均排队请求数 L = T × W_q(T / gpus_per_replica) / 1000，W_q 是各模型平均排队时间之和（ms），
-      在报告 SLA 搜索各点（sla.points[*].server.*.queue_ms）之间按每 GPU 吞吐线性插值；它与 Prometheus Adapter
+      在报告 SLA 搜索各点（sla.points 或各次重复的 runs[*].sla.points 的 server.*.queue_ms）之间按每 GPU 吞吐线性插值；它与 Prometheus Adapter
       规则 Σ rate(nv_inference_queue_duration_us[1m]) / 1e6 是同一个量（Little 定律 L = λ·W）。
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass, fields
 from typing import List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_REPORT = "benchmarks/h100-2026-11-24/torch_fp16/benchmark.json"
+DEFAULT_REPORT = "benchmarks/h100-2026-11-25-run2/machine1/bench_new/benchmark.json"
 HPA_METRIC = "triton_queued_requests"
 
 
@@ -141,9 +141,11 @@ def sla_figure(report: dict) -> SlaFigure:
 
 
 def queue_curve(report: dict) -> List[QueuePoint]:
-    """SLA 搜索各点的 (吞吐, 各模型平均排队时间之和)，按吞吐排序；没有服务器统计的点跳过。"""
+    """SLA 搜索各点的 (吞吐, 各模型平均排队时间之和)，按吞吐排序；没有服务器统计的点跳过。
+    重复多次的报告（runs[*].sla）把各次重复的点合在一起。"""
     pts = []
-    for p in (report.get("sla") or {}).get("points") or []:
+    searches = [report.get("sla")] + [r.get("sla") for r in report.get("runs") or []]
+    for p in (q for s in searches if s for q in s.get("points") or []):
         server = p.get("server") or {}
         if p.get("throughput") and server and all("queue_ms" in m for m in server.values()):
             pts.append(QueuePoint(float(p["throughput"]), sum(float(m["queue_ms"]) for m in server.values())))

@@ -324,7 +324,8 @@ class BenchmarkConfig:
     soak_rate: float = 0.0
     soak_fraction: float = 0.7
     soak_window_s: float = 60.0
-    # 过载：overload_factor x 同一速率，overload_s 秒；报告被拒比例、被拒得多快、被接受请求的延迟。0 秒 = 不做
+    # 过载：overload_factor x SLA 速率（同上：测得的中位数，或 soak_rate / soak_fraction），overload_s 秒；
+    # 报告被拒比例、被拒得多快、被接受请求的延迟与 >= 400 ms 的台阶。0 秒 = 不做
     overload_s: float = 0.0
     overload_factor: float = 2.0
 
