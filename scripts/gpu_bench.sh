@@ -117,7 +117,7 @@ PYEOF
     ;;
   sweep)
     # 每组：重启服务器、SLA 搜索 1 次、轻负载点、c=64；不测地板与离线（主测量里有）
-    # 扫的键不能同时出现在固定设置里（Hydra 拒绝重复的键）：固定的只有前/后处理实例与 preferred batch
+    # 固定设置里不放要扫的键（引擎实例、等待），免得同一个键既固定又扫描：固定的只有前/后处理实例与 preferred batch
     $PY scripts/benchmark.py -m "${COMMON[@]}" triton.preprocess_instance_count=4 triton.postprocess_instance_count=4 \
         "triton.preferred_batch_sizes=[8,16,32,64]" build_dir=$G/new "${BENCH[@]}" benchmark.repeats=1 "benchmark.concurrency=[64]" \
         benchmark.floor=false benchmark.offline_samples=0 benchmark.trace_rate=0 \

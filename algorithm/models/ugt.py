@@ -35,7 +35,8 @@ class Attention(nn.Module):
     explicit=True：不用 SDPA，显式算 softmax(q k^T / sqrt(dh) + bias) v。给解码器的自注意力用：那里每条序列只有
     1-3 个 token，却有 B*beam*头 = 3.8 万个（b64）小问题；SDPA 的融合内核按 64x128 的块处理每个小问题，H100 上
     b64xL128 的一次运行里这一项占约 19 ms 中的 12 ms（benchmarks/h100-2026-11-25/profile）。两个小矩阵乘 + softmax
-    只读写一遍 q/k/v。数学上与 SDPA 相同（softmax 在 fp32 里算）。"""
+    只读写一遍 q/k/v；改后同一运行器 b64xL128 19.3 -> 9.2 ms（benchmarks/h100-2026-11-25-run2/machine1/profile*）。
+    数学上与 SDPA 相同（softmax 在 fp32 里算）。"""
 
     def __init__(self, d_model: int, num_heads: int, explicit: bool = False):
         super().__init__()

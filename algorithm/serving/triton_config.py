@@ -90,8 +90,8 @@ def _set_batching(mc, config: ServingConfig, engine: bool = True) -> None:
 
     队列策略只放在引擎上（max_queue_size 与 queue_timeout_us 都为 0 时引擎也不放）：Triton 的动态批处理器在模型有
     任何队列策略时不预取（scheduler_utils.cc 的 support_prefetching_），所有实例都忙时它睡在一个 500 ms 的
-    cv.wait_for 里，实例空闲时没有人唤醒它，只有下一个到达的请求会（dynamic_batch_scheduler.cc 的
-    WaitForPayloadSlotAvailable）。过载时请求堆在引擎（最慢的一步）前，所以丢弃放在那里就够了；前/后处理不要策略，
+    cv.wait_for 里，实例空闲时没有人唤醒它，只有下一个成功入队的请求会（dynamic_batch_scheduler.cc 的
+    WaitForPayloadSlotAvailable；max_queue_size 满时被拒的请求不算，所以只用排队超时）。过载时请求堆在引擎（最慢的一步）前，所以丢弃放在那里就够了；前/后处理不要策略，
     保留预取。"""
     t = config.triton
     db = mc.dynamic_batching

@@ -132,8 +132,8 @@ async def run_schedule(spec: Dict[str, Any], requests: List[list]) -> Dict[str, 
     finally:
         await client.close()
     wall = time.monotonic() - wall0
-    return {"intended": intended, "sent": sent, "done": done, "failed": failed, "errors": errors, "error_samples": error_samples,
-            "start_at": start, "id_prefix": prefix, "cpu_util": (time.process_time() - cpu0) / max(wall, 1e-9)}
+    return {"intended": intended, "sent": sent, "done": done, "failed": failed, "errors": errors,
+            "error_samples": error_samples, "start_at": start, "id_prefix": prefix, "cpu_util": (time.process_time() - cpu0) / max(wall, 1e-9)}
 
 
 _BARRIER = None
