@@ -128,6 +128,7 @@ PYEOF
     $PY scripts/benchmark.py "${COMMON[@]}" "${TRITON[@]}" build_dir=$G/new "${BENCH[@]}" benchmark.repeats=1 \
         "benchmark.concurrency=[]" benchmark.floor=false benchmark.offline_samples=0 benchmark.trace_rate=0 \
         benchmark.soak_s=${SOAK_S:-600} benchmark.overload_s=${OVERLOAD_S:-60} benchmark.output_dir=$G/bench_soak \
+        benchmark.soak_trace_rate=${SOAK_TRACE_RATE:-100} \
         ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/soak.log"
     ;;
   bench_old)

@@ -324,6 +324,8 @@ class BenchmarkConfig:
     soak_rate: float = 0.0
     soak_fraction: float = 0.7
     soak_window_s: float = 60.0
+    # 浸泡时每 soak_trace_rate 个请求追踪一个（0 = 不追踪），每窗报告最慢 1% 与最慢一个被追踪请求的分解：偶发的停顿停在哪一步
+    soak_trace_rate: int = 0
     # 过载：overload_factor x SLA 速率（同上：测得的中位数，或 soak_rate / soak_fraction），overload_s 秒；
     # 报告被拒比例、被拒得多快、被接受请求的延迟与 >= 400 ms 的台阶。0 秒 = 不做
     overload_s: float = 0.0
@@ -344,7 +346,7 @@ class BenchmarkConfig:
         _positive("benchmark", "sla_min_rate", self.sla_min_rate, allow_zero=True)
         _positive("benchmark", "slo_ms", self.slo_ms, allow_zero=True)
         _positive("benchmark", "trace_rate", self.trace_rate, allow_zero=True)
-        for f in ("soak_s", "soak_rate", "overload_s"):
+        for f in ("soak_s", "soak_rate", "overload_s", "soak_trace_rate"):
             _positive("benchmark", f, getattr(self, f), allow_zero=True)
         for f in ("soak_fraction", "soak_window_s", "overload_factor"):
             _positive("benchmark", f, getattr(self, f))

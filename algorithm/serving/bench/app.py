@@ -144,8 +144,9 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
         bench = Benchmark(url, target, b, catalog, config.export.max_seq_length, contract_kwargs,
                           progress=True, metrics_url=metrics_url, kind=b.target)
         tracer = None
-        if trace_file and http_url and b.trace_rate and b.target == "ensemble":
-            tracer = trace_mod.Tracer(http_url, trace_file, b.trace_rate, target, [PREPROCESS, ENGINE, POSTPROCESS])
+        if trace_file and http_url and (b.trace_rate or b.soak_trace_rate) and b.target == "ensemble":
+            tracer = trace_mod.Tracer(http_url, trace_file, b.trace_rate or b.soak_trace_rate, target,
+                                      [PREPROCESS, ENGINE, POSTPROCESS])
         report: Dict[str, Any] = {"model": target, "url": url, "slo_ms": slo_ms,
                                   "benchmark": dataclasses.asdict(b), "device": bench.gpu.name or "CPU", **meta}
         steps = b.repeats * (len(b.concurrency) + len(b.rates) + 3) + 1
@@ -161,7 +162,7 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
             for i in range(b.repeats):
                 if b.repeats > 1:
                     tqdm.write(f"== 第 {i + 1}/{b.repeats} 次")
-                report["runs"].append(run_once(bench, b, slo_ms, floor, tracer, step))
+                report["runs"].append(run_once(bench, b, slo_ms, floor, tracer if b.trace_rate else None, step))
             if b.perf_analyzer:
                 from algorithm.serving.bench.perf_analyzer import run_perf_analyzer
 
@@ -181,7 +182,8 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
                     report["soak_sla_rate"] = sla
                     if b.soak_s:
                         bar.set_postfix_str("浸泡")
-                        report["soak"] = soak_mod.soak(bench, rate, b.soak_s, b.soak_window_s, rss_fn, log=tqdm.write)
+                        report["soak"] = soak_mod.soak(bench, rate, b.soak_s, b.soak_window_s, rss_fn, log=tqdm.write,
+                                                       tracer=tracer, trace_rate=b.soak_trace_rate)
                     if b.overload_s:
                         bar.set_postfix_str("过载")
                         report["overload"] = soak_mod.overload(bench, b.overload_factor * sla, b.overload_s, slo_ms,
@@ -202,7 +204,7 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
     if b.url:
         report = suite(b.url, None, None, None, None)
     else:
-        trace_file = os.path.join(out_dir, "trace", "trace.json") if b.trace_rate else None
+        trace_file = os.path.join(out_dir, "trace", "trace.json") if (b.trace_rate or b.soak_trace_rate) else None
         if trace_file:
             os.makedirs(os.path.dirname(trace_file), exist_ok=True)
         with EmbeddedTritonServer(repo, config.server, ready_models=[config.export.model_name, FLOOR],

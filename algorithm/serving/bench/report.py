@@ -160,6 +160,13 @@ def summary_table(report: Dict[str, Any]) -> str:
                      f"RSS 增长 {_fmt(sk['rss_growth_mb'])} MiB（界 {sk['bounds']['rss_growth_mb']:g}），显存增长 "
                      f"{_fmt(sk['gpu_mem_growth_mb'])} MiB（界 {sk['bounds']['gpu_mem_growth_mb']:g}）："
                      + ("通过" if sk["passed"] else f"未通过 {sk['checks']}"))
+        tw = [w for w in sk["windows"] if (w.get("trace") or {}).get("traced")]
+        if tw:  # 最慢的窗里最慢的一个被追踪请求：停在哪几步
+            w = max(tw, key=lambda x: x["trace"]["slowest_request"]["latency"])
+            r = w["trace"]["slowest_request"]
+            top = sorted(((k, v) for k, v in r.items() if k != "latency"), key=lambda kv: -kv[1])[:3]
+            lines.append(f"       追踪（每 {w['trace']['trace_rate']} 个一个）：最慢的被追踪请求在第 {w['window']} 窗，"
+                         f"{r['latency']:.1f} ms = " + "、".join(f"{k} {v:.1f}" for k, v in top) + " ms ……")
     ov = report.get("overload")
     if ov:
         acc, ref = ov["accepted_ms"], ov["refused_ms"]

@@ -50,19 +50,25 @@ def _growth(values: List[Optional[float]]) -> Optional[float]:
 
 
 def soak(bench, rate: float, duration_s: float, window_s: float, rss_fn: Optional[Callable[[], Optional[float]]] = None,
-         log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """rate req/s 的开环负载 duration_s 秒，分成 window_s 秒的窗；返回每窗的数字与判定。"""
+         log: Callable[[str], None] = print, tracer=None, trace_rate: int = 0) -> Dict[str, Any]:
+    """rate req/s 的开环负载 duration_s 秒，分成 window_s 秒的窗；返回每窗的数字与判定。
+
+    tracer 与 trace_rate > 0 时每窗开着 Triton 追踪（每 trace_rate 个请求一个），每窗记下最慢 1% 与最慢一个被追踪请求的分解。"""
+    traced = tracer is not None and trace_rate > 0
     n = max(1, math.ceil(duration_s / window_s))
     windows: List[Dict[str, Any]] = []
     t_start = time.monotonic()
     for i in range(n):
         t0 = time.monotonic() - t_start
-        p = bench.open_loop(rate, duration_s=window_s, label=f"浸泡 {i + 1}/{n}")
+        hook = (lambda: tracer.session(trace_rate)) if traced else None
+        p = bench.open_loop(rate, duration_s=window_s, label=f"浸泡 {i + 1}/{n}", hook=hook)
         w = {"window": i + 1, "start_s": t0, "end_s": time.monotonic() - t_start, "sent": p["sent"], "ok": p["ok"],
              "errors": p["errors"], "throughput": p["throughput"], "p50_ms": p["latency_ms"]["p50"],
              "p99_ms": p["latency_ms"]["p99"], "p99_ci": p["p99_ci"], "max_ms": p["latency_ms"]["max"],
              "gpu_util": p["gpu"].get("util_mean"), "rss_mb": rss_fn() if rss_fn else None,
              "gpu_mem_mb": gpu_memory_used_mb(bench.gpu)}
+        if traced:
+            w["trace"] = tracer.breakdown(p, trace_rate)
         windows.append(w)
         log(f"浸泡 窗 {i + 1}/{n}：P99 {w['p99_ms']:.1f} ms，错误 {sum(w['errors'].values())}，"
             f"RSS {w['rss_mb'] or float('nan'):.0f} MiB，显存 {w['gpu_mem_mb'] or float('nan'):.0f} MiB")

@@ -23,7 +23,7 @@ import glob
 import json
 import logging
 import urllib.request
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -52,10 +52,10 @@ class Tracer:
             r.read()
 
     @contextlib.contextmanager
-    def session(self):
-        """测量期间打开 TIMESTAMPS 追踪（每 rate 个请求一个），结束后关掉（关掉时 Triton 写出余下的追踪）。"""
+    def session(self, rate: Optional[int] = None):
+        """测量期间打开 TIMESTAMPS 追踪（每 rate 个请求一个，默认构造时的 rate），结束后关掉（关掉时 Triton 写出余下的追踪）。"""
         try:
-            self._post({"trace_level": ["TIMESTAMPS"], "trace_rate": str(self.rate), "trace_count": "-1"})
+            self._post({"trace_level": ["TIMESTAMPS"], "trace_rate": str(int(rate or self.rate)), "trace_count": "-1"})
         except OSError as e:
             log.warning("打开追踪失败（%s）：这个点没有分解", e)
             yield
@@ -90,12 +90,13 @@ class Tracer:
             entries.extend(data if isinstance(data, list) else [data])
         return entries
 
-    def breakdown(self, point: Dict[str, Any]) -> Dict[str, Any]:
-        """把这个点期间写出的追踪与它的客户端时间戳对齐，给出中位请求与最慢 1% 的分解。"""
+    def breakdown(self, point: Dict[str, Any], rate: Optional[int] = None) -> Dict[str, Any]:
+        """把这个点期间写出的追踪与它的客户端时间戳对齐，给出中位请求、最慢 1% 与最慢一个请求的分解。"""
         traces = merge_entries(self._read_new())
         client = index_client(point.get("_client", {}).get("results", []))
         rows = join(traces, client, self.ensemble, self.steps)
-        return summarize(rows, self.steps) | {"offered_rate": point.get("offered_rate"), "trace_rate": self.rate}
+        return summarize(rows, self.steps) | {"offered_rate": point.get("offered_rate"),
+                                              "trace_rate": int(rate or self.rate)}
 
 
 def merge_entries(entries: List[dict]) -> Dict[int, dict]:
@@ -187,6 +188,8 @@ def summarize(rows: List[Dict[str, float]], steps: List[str]) -> Dict[str, Any]:
     return {"traced": len(rows), "stages": names, "median_request": {n: med[n] for n in names + ["latency"]},
             "slowest_1pct": {"count": k, "mean": mean_slow,
                              "latency_ms": [float(r["latency"]) for r in slow]},
+            # 最慢的一个被追踪的请求（浸泡里偶发的停顿：看它停在哪一步）
+            "slowest_request": {n: float(slow[-1][n]) for n in names + ["latency"]},
             "stage_p50": {n: float(np.median([r[n] for r in rows])) for n in names},
             "unaccounted_ms_max": float(max(abs(r["latency"] - sum(r[n] for n in names)) for r in rows))}
 

@@ -3,6 +3,8 @@ import dataclasses
 import json
 import os
 
+import pytest
+
 from algorithm.serving.bench import app
 
 
@@ -47,14 +49,23 @@ def test_soak_and_overload_run_from_the_benchmark_config(built, tmp_path, capsys
     b = dataclasses.replace(cfg.benchmark, repeats=1, concurrency=[1], sla_search=False, light_rate=0.0, floor=False,
                             trace_rate=0, offline_samples=0, warmup_requests=5, processes=1, length_median=30,
                             soak_rate=10.0, soak_fraction=0.5, soak_s=2.0, soak_window_s=1.0, overload_s=1.0,
+                            soak_trace_rate=1,
                             overload_factor=1.5, output_dir=str(tmp_path / "bench"))
     report = app.benchmark_from_config(dataclasses.replace(cfg, benchmark=b), str(tmp_path))
     sk, ov = report["soak"], report["overload"]
     # 没有测 SLA：SLA 速率由 soak_rate / soak_fraction 反推，过载 = 1.5 x 20
     assert report["soak_sla_rate"] == 20.0 and ov["rate"] == 30.0 and sk["rate"] == 10.0
     assert len(sk["windows"]) == 2 and sk["errors"] == 0 and sk["windows"][-1]["rss_mb"] > 0
+    # 浸泡的每窗开着追踪（每个请求都追踪）：最慢一个被追踪请求的分解加起来就是它的延迟
+    for w in sk["windows"]:
+        t = w["trace"]
+        assert t["traced"] >= 5 and t["trace_rate"] == 1, t
+        r = t["slowest_request"]
+        assert r["latency"] == max(t["slowest_1pct"]["latency_ms"])
+        assert sum(v for k, v in r.items() if k != "latency") == pytest.approx(r["latency"], abs=1e-6)
+    assert "runs" in report and not report["runs"][0].get("trace")  # trace_rate=0：SLA 点不追踪
     assert set(ov["checks"]) == {"only_refusals", "accepted_p99", "refused_fast", "no_500ms_steps"}
     saved = json.load(open(report["files"]["json"]))
     assert saved["soak"]["windows"][0]["p99_ms"] == sk["windows"][0]["p99_ms"]
     out = capsys.readouterr().out
-    assert "浸泡 10/s x 2 s（2 窗）" in out and "过载 30/s x 1 s" in out
+    assert "浸泡 10/s x 2 s（2 窗）" in out and "过载 30/s x 1 s" in out and "最慢的被追踪请求在第" in out
