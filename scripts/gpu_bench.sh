@@ -152,7 +152,17 @@ PYEOF
     P=/tmp/floorprobe; rm -rf $P && cp -r .carry/probe $P
     sed -i 's/for cfg in "2 1" "4 2" "8 4"/for cfg in "4 2"/' $P/run.sh
     sed -i 's/for conc in (4, 16, 64, 128)/for conc in (16, 64)/; s/def run(url, model, conc, dur=8/def run(url, model, conc, dur=5/' $P/client.py
-    PY=$PY TS=$UGT_TRITON_SITE OUT=$G bash $P/run.sh 2>&1 | tee "$OUT/floor_probe.log"
+    # 探针的服务器用固定端口 18000-18002（与 bench_old 的旧服务器相同）：等这些端口空出来，否则它的就绪检查会问到
+    # 正在退出的旧服务器、客户端连不上 gRPC 而挂住（2026-11-25 第二次测量时发生过）；整个探针限时
+    for i in $(seq 60); do
+      $PY -c 'import socket
+for p in (18000, 18001, 18002):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", p)); s.close()' 2>/dev/null && break
+      sleep 1
+    done
+    PY=$PY TS=$UGT_TRITON_SITE OUT=$G timeout 240 bash $P/run.sh 2>&1 | tee "$OUT/floor_probe.log" || true
+    pkill -f 'grpc-port=18001' 2>/dev/null || true   # 超时时 run.sh 在后台起的服务器还在
+    cp $G/floor_server_*.log "$OUT/" 2>/dev/null || true
     ;;
   *) echo "未知阶段 $STAGE" >&2; exit 2 ;;
 esac
