@@ -354,13 +354,6 @@ class Histories:
                 "encoder_mask": mask}
 
 
-def round_up(n: int, buckets: Sequence[int]) -> int:
-    for b in sorted(buckets):
-        if b >= n:
-            return b
-    return n
-
-
 # ---------------------------------------------------------------- 报告
 class Report:
     def __init__(self, out_dir: str, t0: float, budget_s: float):
@@ -521,6 +514,8 @@ def run_profile(args) -> Dict[str, Any]:
     from algorithm.models.ugt import flops_per_request
     from algorithm.serving.accuracy import compare_topk
     from algorithm.serving.bucket_plan import default_lengths, model_cost, padding_report, plan_seq_buckets
+    from algorithm.serving.bench.offline import grouped_seconds
+    from algorithm.serving.runtime.buckets import round_up
 
     rep = Report(args.out, t0, args.budget_s)
     meta = load_repository(args.repo)
@@ -730,21 +725,11 @@ def run_profile(args) -> Dict[str, Any]:
     def offline(runner, seq_buckets, label: str, peak_tflops: float) -> Dict[str, Any]:
         groups: Dict[int, List[np.ndarray]] = {}
         for h in pool:
-            groups.setdefault(round_up(len(h), seq_buckets), []).append(h)
+            groups.setdefault(round_up(len(h), sorted(seq_buckets)), []).append(h)
         share = {k: len(v) / len(pool) for k, v in groups.items()}
         rows = []
         for b in batches:
-            per = {}
-            for k, hs in sorted(groups.items()):
-                times = []
-                for r in range(repeats + 1):
-                    picked = [hs[(r * b + i) % len(hs)] for i in range(b)]
-                    feeds = hist.encode(picked)
-                    t = time.perf_counter()
-                    runner.run(feeds)
-                    if r:  # 第一次是预热（惰性捕获 CUDA Graph / 编译）
-                        times.append(time.perf_counter() - t)
-                per[k] = float(np.median(times))
+            per = grouped_seconds(groups, b, repeats, runner.run, hist.encode)
             sec = sum(share[k] * t for k, t in per.items())
             rps = b / sec
             padded = sum(share[k] * float(flops_fn(np.array([k]))[0]) for k in per)

@@ -5,12 +5,29 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import numpy as np
 
 from algorithm.serving.config import BenchmarkConfig
 from algorithm.serving.workload import make_histories
+
+
+def grouped_seconds(groups: Dict[int, list], b: int, repeats: int, run: Callable[[list], Any],
+                    prepare: Callable[[list], Any] = lambda x: x) -> Dict[int, float]:
+    """每个长度组轮转取 b 个、运行 repeats + 1 次（第一次是预热：惰性编译 / 捕获 CUDA Graph），返回各组一次运行的
+    中位秒数。prepare（例如把历史编码成输入）在计时之外。这里与 scripts/engine_profile.py 的离线吞吐共用。"""
+    per: Dict[int, float] = {}
+    for k, items in sorted(groups.items()):
+        times = []
+        for r in range(repeats + 1):
+            batch = prepare([items[(r * b + i) % len(items)] for i in range(b)])
+            t0 = time.perf_counter()
+            run(batch)
+            if r:
+                times.append(time.perf_counter() - t0)
+        per[k] = float(np.median(times))
+    return per
 
 
 def _grouped(eng, feeds, batch_sizes, repeats: int) -> Dict[str, Any]:
@@ -25,18 +42,10 @@ def _grouped(eng, feeds, batch_sizes, repeats: int) -> Dict[str, Any]:
     share = {k: len(v) / len(feeds) for k, v in groups.items()}
     out: Dict[str, Any] = {"length_share": {str(k): v for k, v in sorted(share.items())}}
     for b in batch_sizes:
-        per = {}
-        for k, fs in sorted(groups.items()):
-            times = []
-            for r in range(repeats + 1):
-                picked = [fs[(r * b + i) % len(fs)] for i in range(b)]
-                t0 = time.perf_counter()
-                eng.execute(picked)
-                if r:
-                    times.append(time.perf_counter() - t0)
-            per[str(k)] = float(np.median(times))
-        sec = sum(share[int(k)] * t for k, t in per.items())
-        out[str(b)] = {"batch": b, "seconds_weighted": sec, "throughput": float(b / sec), "seconds_by_length": per}
+        per = grouped_seconds(groups, b, repeats, eng.execute)
+        sec = sum(share[k] * t for k, t in per.items())
+        out[str(b)] = {"batch": b, "seconds_weighted": sec, "throughput": float(b / sec),
+                       "seconds_by_length": {str(k): t for k, t in per.items()}}
     return out
 
 
