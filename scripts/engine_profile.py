@@ -689,9 +689,7 @@ def run_profile(args) -> Dict[str, Any]:
         planned = plan_seq_buckets(lengths, 4, max_len)
         state["planned"] = planned
         for name, buckets in (("仓库", meta["seq_buckets"] or [max_len]), ("规划 4 桶", planned),
-                              ("规划 8 桶", plan_seq_buckets(lengths, 8, max_len)), ("不填充上限", None)):
-            if buckets is None:
-                continue
+                              ("规划 8 桶", plan_seq_buckets(lengths, 8, max_len))):
             r = padding_report(lengths, buckets)
             r["flops_ratio"] = padding_report(lengths, buckets, flops)["cost_ratio"]
             r["name"] = name

@@ -1,8 +1,9 @@
 """按请求长度分布规划长度桶（seq bucket）：使期望的填充后计算量最小。只依赖 numpy。
 
 为什么要规划：torch 引擎按长度桶捕获 CUDA Graph，同一桶内的请求都填充到桶的上界；TensorRT / 原生后端
-也按桶填充。固定的 [128, 256, 512, 1024] 对中位数 100 的对数正态分布不合身：落在 (128, 256] 的请求平均
-填充近一半。规划只改桶的边界，不改桶数（桶数决定 CUDA Graph 的数量与捕获时间）。
+也按桶填充。固定的 [128, 256, 512, 1024] 对中位数 100 的对数正态分布不合身：填充后的 token 里 36 % 是填充
+（scripts/engine_profile.py 的 padding 一节，benchmarks/h100-2026-11-25-run2/machine1/profile）。规划只改桶的边界，
+不改桶数（桶数决定 CUDA Graph 的数量与捕获时间）。
 
 代价模型（一个长度为 n 的请求被填充到桶 b >= n 时的计算量 cost(b)）：
 - 浮点数 c（默认 DEFAULT_ATTENTION_CROSSOVER）：cost(b) = b + b*b/c。线性项是投影与 FFN，二次项是自注意力；
@@ -27,9 +28,10 @@ DEFAULT_ATTENTION_CROSSOVER = 4608.0
 
 def default_lengths(median: float = 100.0, sigma: float = 1.0, max_len: int = 1024, n: int = 100_000,
                     seed: int = 0) -> np.ndarray:
-    """与压测（benchmark.sample_lengths）相同的对数正态长度抽样，同一公式、同一种子得到同一组长度。"""
-    rng = np.random.default_rng(seed)
-    return np.clip(np.round(rng.lognormal(math.log(median), sigma, n)), 1, max_len).astype(int)
+    """压测的长度分布（workload.lognormal_lengths，同一种子得到同一组长度），这里给规划用的默认参数。"""
+    from algorithm.serving.workload import lognormal_lengths
+
+    return lognormal_lengths(median, sigma, n, max_len, seed)
 
 
 def quadratic_cost(crossover: float) -> Callable[[np.ndarray], np.ndarray]:

@@ -366,11 +366,12 @@ class EmbeddedTritonServer:
 
         procs = []
         for st in list(self._known_stubs.values()):
+            if not self._stub_alive(st):
+                continue
             try:
                 p = psutil.Process(st.pid)
-                if abs(p.create_time() - st.create_time) < 1e-3 and p.status() != psutil.STATUS_ZOMBIE:
-                    p.kill()
-                    procs.append(p)
+                p.kill()
+                procs.append(p)
             except psutil.Error:
                 pass
         psutil.wait_procs(procs, timeout=timeout)

@@ -11,10 +11,15 @@ from typing import List
 import numpy as np
 
 
+def lognormal_lengths(median: float, sigma: float, n: int, max_len: int, seed: int) -> np.ndarray:
+    """历史长度：对数正态（中位数 median，形状 sigma），四舍五入后截断到 [1, max_len]。全项目只有这一个公式。"""
+    rng = np.random.default_rng(seed)
+    return np.clip(np.round(rng.lognormal(math.log(median), sigma, n)), 1, max_len).astype(int)
+
+
 def sample_lengths(cfg, n: int, max_len: int, seed: int) -> np.ndarray:
     """cfg 有 length_median 与 length_sigma（BenchmarkConfig）。"""
-    rng = np.random.default_rng(seed)
-    return np.clip(np.round(rng.lognormal(math.log(cfg.length_median), cfg.length_sigma, n)), 1, max_len).astype(int)
+    return lognormal_lengths(cfg.length_median, cfg.length_sigma, n, max_len, seed)
 
 
 def make_histories(catalog_path: str, cfg, n: int, max_len: int, seed: int) -> List[np.ndarray]:

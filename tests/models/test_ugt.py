@@ -1,4 +1,6 @@
 """参考 UGT 模型：形状、dtype、填充不变性、分数降序、无 NaN、目录约束、检查点。"""
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -91,7 +93,8 @@ def test_checkpoint_roundtrip_weights_only(tmp_path, model, rng):
 def test_checkpoint_refuses_pickled_objects(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": "ugt-serving/1", "config": object()}, path)
-    with pytest.raises(Exception):
+    # weights_only=True 的 torch.load 在反序列化时就拒绝任意对象（不是之后在配置上出错）
+    with pytest.raises(pickle.UnpicklingError, match="Weights only"):
         load_checkpoint(str(path))
 
 

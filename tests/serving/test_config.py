@@ -63,6 +63,7 @@ def test_gate_and_cross_section_errors():
     buckets = cfg.seq_buckets()
     assert buckets[-1] == cfg.export.max_seq_length and len(buckets) <= 4
     assert all(b % 16 == 0 for b in buckets) and buckets == sorted(buckets)
+    assert buckets != cfg.engine.seq_buckets, "seq_bucket_plan 被忽略了：得到的是固定的桶"
 
 
 def _compose(overrides):

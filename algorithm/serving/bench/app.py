@@ -112,7 +112,7 @@ def repository_for_run(config: ServingConfig, out_dir: str, built_repo: str) -> 
 def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[str] = ()) -> Dict[str, Any]:
     from tqdm import tqdm
 
-    from algorithm.models.ugt import flops_per_request
+    from algorithm.serving.bucket_plan import model_cost
     from algorithm.serving.bench import trace as trace_mod
     from algorithm.serving.server import EmbeddedTritonServer
     from algorithm.serving.triton_config import ENGINE, FLOOR, POSTPROCESS, PREPROCESS
@@ -126,7 +126,7 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
     built = ensure_built(config)
     repo = repository_for_run(config, out_dir, built)
     lengths = sample_lengths(b, 4096, config.export.max_seq_length, b.seed)
-    flops = float(np.mean([flops_per_request(config.model, int(n)) for n in lengths]))
+    flops = float(np.mean(model_cost(config.model)(lengths)))  # 与 flops_per_request 相同（测试对照），向量化
     contract = config.contract()
     meta = {"overrides": list(overrides), "engine": config.engine.kind, "precision": config.export.precision,
             "model_preset": config.model.name, "triton": dataclasses.asdict(config.triton),
@@ -163,6 +163,7 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
                 if b.repeats > 1:
                     tqdm.write(f"== 第 {i + 1}/{b.repeats} 次")
                 report["runs"].append(run_once(bench, b, slo_ms, floor, tracer if b.trace_rate else None, step))
+            report["headline"] = headline(report["runs"])
             if b.perf_analyzer:
                 from algorithm.serving.bench.perf_analyzer import run_perf_analyzer
 
@@ -172,7 +173,7 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
                 from algorithm.serving.bench import soak as soak_mod
 
                 # SLA 速率：本次测得的中位数；没有测（sla_search=false）时由 soak_rate / soak_fraction 反推
-                sla = headline(report["runs"])["sla_rate"].get("median") or (
+                sla = report["headline"]["sla_rate"].get("median") or (
                     b.soak_rate / b.soak_fraction if b.soak_rate else 0.0)
                 rate = b.soak_rate or b.soak_fraction * sla
                 if rate <= 0:
@@ -197,7 +198,6 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
                                                                      samples=b.offline_samples)
         finally:
             bar.close()
-        report["headline"] = headline(report["runs"])
         _add_overhead(report)
         return report
 

@@ -42,11 +42,13 @@ def run_perf_analyzer(grpc_url: str, model_name: str, catalog_path: str, cfg: Be
     with open(data_path, "w") as f:
         json.dump({"data": [{HISTORY_INPUT: {"content": h.tolist(), "shape": [len(h)]}} for h in histories]}, f)
     rows = []
+    # 各并发共用的参数（报告里写这一段；concurrency 为空时也有定义）
+    base = [exe, "-m", model_name, "-u", grpc_url, "-i", "grpc", "--input-data", data_path,
+            "--measurement-interval", str(int(cfg.duration_s * 1000)), "--percentile=99",
+            "--stability-percentage", "20", "--max-trials", "6"]
     for c in cfg.concurrency:
         csv_path = os.path.join(out_dir, f"perf_analyzer_c{c}.csv")
-        cmd = [exe, "-m", model_name, "-u", grpc_url, "-i", "grpc", "--input-data", data_path,
-               "--concurrency-range", str(c), "--measurement-interval", str(int(cfg.duration_s * 1000)),
-               "--percentile=99", "--stability-percentage", "20", "--max-trials", "6", "-f", csv_path]
+        cmd = base + ["--concurrency-range", str(c), "-f", csv_path]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0 or not os.path.exists(csv_path):
             # 例如 P99 在 max_trials 个窗口内不稳定：记下原因，继续下一个并发
@@ -56,4 +58,4 @@ def run_perf_analyzer(grpc_url: str, model_name: str, catalog_path: str, cfg: Be
             r = next(csv.DictReader(f))
         rows.append({"concurrency": c, "throughput": float(r["Inferences/Second"]),
                      **{f"p{q}_ms": float(r[f"p{q} latency"]) / 1000 for q in (50, 90, 95, 99)}})
-    return {"available": True, "command": " ".join(cmd[:-2]), "points": rows}
+    return {"available": True, "command": " ".join(base), "points": rows}

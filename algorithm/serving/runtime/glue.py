@@ -101,13 +101,17 @@ class EngineMetrics:
                 "ms": counter("ugt_engine_ms_total", "各阶段累计毫秒：host=启动前的 Python，device=GPU（CUDA 事件），"
                                                      "copy_back=回拷，respond=拆分结果，execute=整个 execute"),
             }
+            # 留住 MetricFamily 的引用：python backend 里 family 对象被回收时会注销它（连同它的指标）
             self._fams = fams
-            # ExecuteStats.last 的键 -> 指标
-            self._metrics = {k: fams[k].Metric(labels=labels) for k in ("executes", "requests", "rows", "groups")}
-            self._metrics |= {f"{k}_tokens": fams["tokens"].Metric(labels=labels | {"kind": k})
-                              for k in ("valid", "padded")}
-            self._metrics |= {f"{k}_ms": fams["ms"].Metric(labels=labels | {"stage": k})
-                              for k in ("host", "device", "copy_back", "respond", "execute")}
+            # ExecuteStats.FIELDS 的每个键 -> 一个指标：*_tokens 是 tokens{kind}，*_ms 是 ms{stage}，其余是同名计数器
+            self._metrics = {}
+            for k in ExecuteStats.FIELDS:
+                if k.endswith("_tokens"):
+                    self._metrics[k] = fams["tokens"].Metric(labels=labels | {"kind": k[:-len("_tokens")]})
+                elif k.endswith("_ms"):
+                    self._metrics[k] = fams["ms"].Metric(labels=labels | {"stage": k[:-len("_ms")]})
+                else:
+                    self._metrics[k] = fams[k].Metric(labels=labels)
             self.ok = True
         except Exception as e:  # pragma: no cover - 取决于 python backend 版本
             log.warning("自定义指标不可用（%s: %s）；引擎计时只在日志里", type(e).__name__, e)

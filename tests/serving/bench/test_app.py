@@ -56,13 +56,15 @@ def test_soak_and_overload_run_from_the_benchmark_config(built, tmp_path, capsys
     # 没有测 SLA：SLA 速率由 soak_rate / soak_fraction 反推，过载 = 1.5 x 20
     assert report["soak_sla_rate"] == 20.0 and ov["rate"] == 30.0 and sk["rate"] == 10.0
     assert len(sk["windows"]) == 2 and sk["errors"] == 0 and sk["windows"][-1]["rss_mb"] > 0
-    # 浸泡的每窗开着追踪（每个请求都追踪）：最慢一个被追踪请求的分解加起来就是它的延迟
+    # 浸泡的每窗开着追踪（每个请求都追踪）：追踪与客户端对上了，最慢一个请求的各步排队 / 计算都是非负的时长，
+    # 步间的间隙只可能是很小的负数（下一步的 QUEUE_START 早于上一步的 COMPUTE_END 被记录）：对错了父子追踪就不是这样
     for w in sk["windows"]:
         t = w["trace"]
-        assert t["traced"] >= 5 and t["trace_rate"] == 1, t
+        assert t["traced"] >= 0.9 * w["ok"] and t["trace_rate"] == 1, (t, w["ok"])
         r = t["slowest_request"]
-        assert r["latency"] == max(t["slowest_1pct"]["latency_ms"])
-        assert sum(v for k, v in r.items() if k != "latency") == pytest.approx(r["latency"], abs=1e-6)
+        assert all(v >= 0 for k, v in r.items() if k.endswith((".queue", ".compute"))), r
+        assert all(v > -1.0 for k, v in r.items() if k.endswith(".gap")), r
+        assert r["ugt_engine.compute"] > 0
     assert "runs" in report and not report["runs"][0].get("trace")  # trace_rate=0：SLA 点不追踪
     assert set(ov["checks"]) == {"only_refusals", "accepted_p99", "refused_fast", "no_500ms_steps"}
     saved = json.load(open(report["files"]["json"]))

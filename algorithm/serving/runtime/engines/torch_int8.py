@@ -124,7 +124,6 @@ def quantize_int8(model, mode: str = "dynamic", filter_fn: Optional[Callable] = 
 
     import torch
 
-    _torchao_config(mode)  # 先检查依赖与模式
     if isinstance(model, torch.fx.GraphModule) and not any(isinstance(m, torch.nn.Linear) for m in model.modules()):
         return quantize_exported_module(model, mode, pad_rows)
     quantize_, config = _torchao_config(mode)
