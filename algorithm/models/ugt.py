@@ -34,9 +34,9 @@ class Attention(nn.Module):
 
     explicit=True：不用 SDPA，显式算 softmax(q k^T / sqrt(dh) + bias) v。给解码器的自注意力用：那里每条序列只有
     1-3 个 token，却有 B*beam*头 = 3.8 万个（b64）小问题；SDPA 的融合内核按 64x128 的块处理每个小问题，H100 上
-    b64xL128 的一次运行里这一项占约 19 ms 中的 12 ms（benchmarks/h100-2026-11-25/profile）。两个小矩阵乘 + softmax
-    只读写一遍 q/k/v；改后同一运行器 b64xL128 19.3 -> 9.2 ms（benchmarks/h100-2026-11-25-run2/machine1/profile*）。
-    数学上与 SDPA 相同（softmax 在 fp32 里算）。"""
+    b64xL128 的一次运行里这一项占约 19 ms 中的 12 ms（benchmarks/h100-2026-11-25/profile）。显式实现只读写一遍 q/k/v；
+    改后同一运行器 b64xL128 19.3 -> 9.2 ms（benchmarks/h100-2026-11-25-run2/machine1/profile*）。
+    数学上与 SDPA 相同（在 fp32 里算）。"""
 
     def __init__(self, d_model: int, num_heads: int, explicit: bool = False):
         super().__init__()
@@ -64,10 +64,14 @@ class Attention(nn.Module):
 
 
 def _explicit_attention(q, k, v, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    s = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    # 两个“矩阵乘”写成广播乘 + 求和（T <= 3，中间张量只有 q 的 T 倍）：Inductor 把它们与 softmax 融合成逐元素 /
+    # 归约内核，而 matmul 在 H100 上落到 cuBLAS 的 FFMA / WMMA 小块内核（b64xL128 一次运行里约 1.6 / 9.2 ms，
+    # benchmarks/h100-2026-11-25-run2/machine1/profile）。乘加都在 fp32 里做。
+    s = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1) * (q.shape[-1] ** -0.5)  # [.., T, T]
     if bias is not None:
-        s = s + bias
-    return torch.matmul(torch.softmax(s.float(), dim=-1).to(v.dtype), v)
+        s = s + bias.float()
+    p = torch.softmax(s, dim=-1)
+    return (p.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2).to(v.dtype)  # [.., T, dh]
 
 
 class FeedForward(nn.Sequential):
