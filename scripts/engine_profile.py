@@ -461,7 +461,7 @@ def render_markdown(data: Dict[str, Any]) -> str:
                                        ("padded_token_share", "填充 token", ".1%"),
                                        ("cost_ratio", "代价比（二次模型）", ".3f"),
                                        ("flops_ratio", "FLOPs 比（模型）", ".3f"), ("request_share", "各桶请求", "")]))
-    for key in ("throughput", "throughput_planned", "throughput_int8"):
+    for key in ["throughput", "throughput_planned"] + sorted(k for k in s if k.startswith("throughput_int8")):
         tp = s.get(key)
         if not tp:
             continue
@@ -818,25 +818,22 @@ def run_profile(args) -> Dict[str, Any]:
     if "runner" in state:
         rep.section("throughput_planned", throughput_planned, need_s=20 if on_gpu else 0)
 
-    def int8():
+    def int8(qmode: str):
         from algorithm.serving.runtime.engines.torch_int8 import quantize_int8
 
         t = time.time()
         attempts: List[Dict[str, Any]] = []  # 失败的方式（按顺序尝试，第一个成功的给出数字）
-        q = args.int8_mode
-        ways = [(q, compile_mode, meta["cuda_graphs"])]
+        ways = [(compile_mode, meta["cuda_graphs"])]
         if compile_mode != "none":
-            ways.append((q, "none", meta["cuda_graphs"]))  # 编译失败时退到 eager int8（仍可 CUDA Graph）
+            ways.append(("none", meta["cuda_graphs"]))  # 编译失败时退到 eager int8（仍可 CUDA Graph）
         if meta["cuda_graphs"] and on_gpu:
-            ways.append((q, "none", False))
-        if q == "dynamic":
-            ways.append(("weight_only", compile_mode, meta["cuda_graphs"]))  # 不用 int8 矩阵乘的最后一种
-        for qmode, mode, graphs in ways:
+            ways.append(("none", False))
+        for mode, graphs in ways:
             if attempts and on_gpu and rep.left() < 30:
-                attempts.append({"int8_mode": qmode, "compile_mode": mode, "skipped": f"预算只剩 {rep.left():.0f}s"})
+                attempts.append({"compile_mode": mode, "skipped": f"预算只剩 {rep.left():.0f}s"})
                 continue
             try:
-                runner, how = make_runner(mode, graphs, lambda m, qm=qmode: quantize_int8(m, qm))
+                runner, how = make_runner(mode, graphs, lambda m: quantize_int8(m, qmode))
                 res = offline(runner, meta["seq_buckets"], f"int8 {qmode}（{how}；compile {mode}，"
                                                            f"CUDA Graph {'开' if graphs and on_gpu else '关'}）", peak)
                 res["gates"] = gates(runner)
@@ -848,13 +845,13 @@ def run_profile(args) -> Dict[str, Any]:
                                f"{PEAK_INT8_TOPS:g} TOPS）。")
                 return res
             except Exception as e:
-                attempts.append({"int8_mode": qmode, "compile_mode": mode, "cuda_graphs": graphs,
+                attempts.append({"compile_mode": mode, "cuda_graphs": graphs,
                                  "error": f"{type(e).__name__}: {str(e)[:500]}"})
                 print(f"  int8 {qmode}（compile {mode}，graphs {graphs}）失败：{type(e).__name__}: {str(e)[:200]}",
                       flush=True)
                 if on_gpu:
                     torch.cuda.synchronize()
-        raise RuntimeError(f"int8 的所有方式都失败：{attempts}")
+        raise RuntimeError(f"int8 {qmode} 的所有方式都失败：{attempts}")
 
     try:
         import torchao  # noqa: F401
@@ -863,7 +860,9 @@ def run_profile(args) -> Dict[str, Any]:
         have_torchao = False
         rep.data["skipped"]["throughput_int8"] = f"torchao 不能导入：{type(e).__name__}: {e}"
     if have_torchao and not args.no_int8:
-        rep.section("throughput_int8", int8, need_s=60 if on_gpu else 0)
+        # 每种量化方式各一节（“dynamic 还是 weight_only”按测得的速度与门禁选，见 README 的引擎表）
+        for qmode in args.int8_modes.split(","):
+            rep.section(f"throughput_int8_{qmode}", lambda qm=qmode: int8(qm), need_s=60 if on_gpu else 0)
     elif args.no_int8:
         rep.data["skipped"]["throughput_int8"] = "--no-int8"
 
@@ -880,12 +879,16 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="CPU 上的小规模检查（ugt_tiny）：小形状、1 次重复")
     p.add_argument("--device", default="auto", help="auto / cuda / cpu")
     p.add_argument("--compile-mode", default="", help="覆盖仓库的 compile_mode（例如 none）")
-    p.add_argument("--int8-mode", default="dynamic", choices=["dynamic", "weight_only"])
+    p.add_argument("--int8-modes", default="dynamic", help="逗号分隔：dynamic、weight_only（各测一节）")
     p.add_argument("--no-int8", action="store_true")
     p.add_argument("--samples", type=int, default=0, help="离线吞吐抽样的历史数（默认 1000；--quick 为 64）")
     p.add_argument("--runner", default="", help="运行器类 模块:类（默认找 TorchRunner 的新、旧位置）")
     p.add_argument("--budget-s", type=float, default=140.0, help="总预算：剩余时间不够的节跳过并写明原因")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    bad = set(args.int8_modes.split(",")) - {"dynamic", "weight_only"}
+    if bad:
+        p.error(f"--int8-modes 只能是 dynamic、weight_only，得到 {sorted(bad)}")
+    return args
 
 
 def main(argv=None) -> Dict[str, Any]:

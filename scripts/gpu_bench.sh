@@ -2,19 +2,20 @@
 # GPU 机器上的测量（本项目在 H100 上用它得到 benchmarks/ 下的结果）。分阶段运行，结果写到 $OUT（device 工具带回）：
 #   bash scripts/gpu_bench.sh setup      # 用 .carry/（scripts/make_carry.sh 生成）建环境（numpy<2，见 server.check_numpy）
 #   bash scripts/gpu_bench.sh build      # ugt_base / torch 引擎 / fp16：训练、torch.export、编译 + CUDA Graph、门禁
-#   bash scripts/gpu_bench.sh oldbuild   # 旧的服务路径（.carry/old.tar.xz = 提交 28b27eb 的代码）用同一检查点构建
-#   bash scripts/gpu_bench.sh profile    # 引擎剖析（scripts/engine_profile.py；PROFILE_ARGS 追加参数，如 --no-int8）
+#   bash scripts/gpu_bench.sh oldbuild   # 旧的服务路径（.carry/old.tar.xz = make_carry.sh 的 UGT_OLD_COMMIT）用同一检查点构建
+#   bash scripts/gpu_bench.sh profile    # 引擎剖析（scripts/engine_profile.py），含 int8 两种方式；PROFILE_ARGS 追加参数，如 --no-int8
 #   bash scripts/gpu_bench.sh profile_old # 同一剖析脚本对旧路径的仓库（旧代码导出的 .pt2，新运行器）：同一运行里的引擎对照
 #   bash scripts/gpu_bench.sh bench_old  # 旧路径的服务器 + 新的压测工具（benchmark.url），3 次重复
 #   bash scripts/gpu_bench.sh bench_new  # 新路径，同样的 Triton 设置与压测，3 次重复，含地板、追踪、离线吞吐
 #   bash scripts/gpu_bench.sh floor      # ../shared/probes/python-backend-floor（拷在 .carry/probe）的 4/2 实例配置
 #   bash scripts/gpu_bench.sh sweep      # Triton 设置的 multirun（SWEEP 覆盖；每组 1 次、较短的压测），一张汇总表
 #   bash scripts/gpu_bench.sh soak       # 生产设置：SLA 搜索 1 次，再以其 70% 浸泡 10 分钟，再 2 倍过载 60 s（issue #15）
+#   bash scripts/gpu_bench.sh overload   # 只有 SLA 搜索与 2 倍过载（OVERLOAD_QT_US：引擎的排队超时，默认 15000）
 # 一整轮超过 device 工具单次调用的 10 分钟：用 scripts/gpu_campaign.sh 在后台按序运行多个阶段。
 # 构建产物在 /tmp/gpubuild（不在带来的目录里，同一台机器热着时各阶段复用）。
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?用法：gpu_bench.sh setup|build|oldbuild|profile|profile_old|bench_old|bench_new|floor|sweep|soak}
+STAGE=${1:?用法：gpu_bench.sh setup|build|oldbuild|profile|profile_old|bench_old|bench_new|floor|sweep|soak|overload}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 VENV=/tmp/ugtvenv
@@ -24,8 +25,14 @@ export UGT_TRITON_SITE=/tmp/ugt-triton PYTHONUNBUFFERED=1
 BASE_SITE=${BASE_SITE:-/opt/torch/.venv/lib/python3.12/site-packages}
 
 # 模型与引擎（新旧两条路径共用）；MFU 的峰值：H100 SXM 稠密 fp16 989 TFLOP/s
-COMMON=(model=ugt_base "export.validation_shapes=[[1,5],[7,37],[16,256]]" server.startup_timeout_s=900
-        engine=torch precision=fp16 "engine.batch_buckets=[2,8,16,32,64]" "engine.seq_buckets=[128,256,512,1024]")
+# batch 桶：新路径用配置的默认（NEW_BUCKETS，含 4），旧路径的代码用它自己的默认（OLD_BUCKETS）；
+# 压测命令用新路径的设置（它只从构建里读工作负载，旧服务器经 benchmark.url 访问）
+NEW_BUCKETS=${NEW_BUCKETS:-[2,4,8,16,32,64]}
+OLD_BUCKETS=${OLD_BUCKETS:-[2,8,16,32,64]}
+BASE=(model=ugt_base "export.validation_shapes=[[1,5],[7,37],[16,256]]" server.startup_timeout_s=900
+      engine=torch precision=fp16 "engine.seq_buckets=[128,256,512,1024]")
+COMMON=("${BASE[@]}" "engine.batch_buckets=$NEW_BUCKETS")
+COMMON_OLD=("${BASE[@]}" "engine.batch_buckets=$OLD_BUCKETS")
 # Triton 设置：新旧路径相同（引擎 2 实例、前/后处理各 4 实例），差别只在代码
 TRITON=(triton.instance_count=${ENGINE_INSTANCES:-2} triton.preprocess_instance_count=4 triton.postprocess_instance_count=4
         "triton.preferred_batch_sizes=[8,16,32,64]" triton.max_queue_delay_us=${QUEUE_DELAY_US:-500})
@@ -105,11 +112,13 @@ PYEOF
     ;;
   oldbuild)
     rm -rf /tmp/old && mkdir -p /tmp/old && tar -xJf .carry/old.tar.xz -C /tmp/old
-    (cd /tmp/old && $PY scripts/build.py "${COMMON[@]}" "${TRITON[@]}" build_dir=$G/old \
+    (cd /tmp/old && $PY scripts/build.py "${COMMON_OLD[@]}" "${TRITON[@]}" build_dir=$G/old \
         checkpoint=$G/new/checkpoints/ugt_base.pt 2>&1 | tee "$OUT/build_old.log")
     ;;
   profile)
-    timeout 240 $PY scripts/engine_profile.py --repo $G/new/model_repository --out $G/profile ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" || true
+    # int8（torchao）两种方式各一节，每种都要编译一次：预算 420 s
+    timeout 480 $PY scripts/engine_profile.py --repo $G/new/model_repository --out $G/profile --budget-s 420 \
+        --int8-modes ${INT8_MODES:-dynamic,weight_only} ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" || true
     ;;
   profile_old)
     timeout 200 $PY scripts/engine_profile.py --repo $G/old/model_repository --out $G/profile_old --no-int8 \
@@ -131,9 +140,16 @@ PYEOF
         benchmark.soak_trace_rate=${SOAK_TRACE_RATE:-100} \
         ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/soak.log"
     ;;
+  overload)
+    # 过载时被接受请求的 P99 由排队超时决定（超时 + 一次 execute）：用更短的超时再测一次，与 soak 阶段的默认 30 ms 对照
+    $PY scripts/benchmark.py "${COMMON[@]}" "${TRITON[@]}" triton.queue_timeout_us=${OVERLOAD_QT_US:-15000} build_dir=$G/new \
+        "${BENCH[@]}" benchmark.repeats=1 "benchmark.concurrency=[]" benchmark.floor=false benchmark.offline_samples=0 \
+        benchmark.trace_rate=0 benchmark.soak_s=0 benchmark.overload_s=${OVERLOAD_S:-60} \
+        benchmark.output_dir=$G/bench_overload ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/overload.log"
+    ;;
   bench_old)
     # 旧代码的服务器（同样的 Triton 设置），新的压测工具经 benchmark.url 测它（旧仓库没有地板模型与自定义指标）
-    (cd /tmp/old && exec $PY scripts/serve.py "${COMMON[@]}" "${TRITON[@]}" build_dir=$G/old checkpoint=$G/new/checkpoints/ugt_base.pt \
+    (cd /tmp/old && exec $PY scripts/serve.py "${COMMON_OLD[@]}" "${TRITON[@]}" build_dir=$G/old checkpoint=$G/new/checkpoints/ugt_base.pt \
         server.http_port=18000 server.grpc_port=18001 server.metrics_port=18002 > "$OUT/serve_old.log" 2>&1) &
     SP=$!
     for i in $(seq 300); do curl -sf localhost:18000/v2/models/ugt_recommend/ready >/dev/null && break; sleep 1; done

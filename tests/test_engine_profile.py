@@ -59,7 +59,7 @@ def test_engine_profile_quick_on_cpu(torch_repo, tmp_path):
     except ImportError:
         assert "throughput_int8" in data["skipped"]
     else:
-        assert s["throughput_int8"]["gates"]["rows"] == 32
+        assert s["throughput_int8_dynamic"]["gates"]["rows"] == 32
     md = (out / "profile.md").read_text()
     assert "SDPA" in md and "离线吞吐" in md
     assert json.loads((out / "profile.json").read_text())["sections"].keys() == s.keys()

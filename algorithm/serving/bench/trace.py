@@ -13,6 +13,9 @@
   <步>.gap       上一步结束（或 ensemble 开始）-> 本步 QUEUE_START（ensemble 调度）
   <步>.queue     QUEUE_START -> COMPUTE_START（动态批处理排队）
   <步>.compute   COMPUTE_START -> COMPUTE_END（execute：输入、推理、输出）
+另外（不参与首尾相接的和）：<步>.compute 按 COMPUTE_INPUT_END、COMPUTE_OUTPUT_START 拆成 input / infer / output
+（compute_split）。python backend 里 input 是父进程把输入放进共享内存，infer 是与存根的往返（含存根解包请求、
+model.py 的 execute、打包响应），output 是父进程取回输出：与引擎自己量的 execute 毫秒对照，差就是存根的开销。
   ensemble_tail  最后一步结束 -> ensemble REQUEST_END
   server_to_client REQUEST_END -> 客户端收到（响应序列化、gRPC 发送、客户端解析）
 """
@@ -159,6 +162,11 @@ def join(traces: Dict[int, dict], client: Dict[str, tuple], ensemble: str, steps
             row[f"{step}.gap"] = (q0 - prev) / 1e6
             row[f"{step}.queue"] = (c0 - q0) / 1e6
             row[f"{step}.compute"] = (c1 - c0) / 1e6
+            ci, co = s.get("COMPUTE_INPUT_END"), s.get("COMPUTE_OUTPUT_START")
+            if ci is not None and co is not None:
+                row[f"{step}.compute.input"] = (ci - c0) / 1e6
+                row[f"{step}.compute.infer"] = (co - ci) / 1e6
+                row[f"{step}.compute.output"] = (c1 - co) / 1e6
             prev = c1
         if not complete:
             continue
@@ -185,12 +193,16 @@ def summarize(rows: List[Dict[str, float]], steps: List[str]) -> Dict[str, Any]:
     k = max(1, int(round(len(rows) * 0.01)))
     slow = [rows[int(i)] for i in order[-k:]]
     mean_slow = {n: float(np.mean([r[n] for r in slow])) for n in names + ["latency"]}
+    split = [f"{st}.compute.{part}" for st in steps for part in ("input", "infer", "output")
+             if all(f"{st}.compute.{part}" in r for r in rows)]
     return {"traced": len(rows), "stages": names, "median_request": {n: med[n] for n in names + ["latency"]},
             "slowest_1pct": {"count": k, "mean": mean_slow,
                              "latency_ms": [float(r["latency"]) for r in slow]},
             # 最慢的一个被追踪的请求（浸泡里偶发的停顿：看它停在哪一步）
             "slowest_request": {n: float(slow[-1][n]) for n in names + ["latency"]},
             "stage_p50": {n: float(np.median([r[n] for r in rows])) for n in names},
+            "compute_split": {"p50": {n: float(np.median([r[n] for r in rows])) for n in split},
+                              "slowest_1pct_mean": {n: float(np.mean([r[n] for r in slow])) for n in split}},
             "unaccounted_ms_max": float(max(abs(r["latency"] - sum(r[n] for n in names)) for r in rows))}
 
 
@@ -204,4 +216,8 @@ def format_breakdown(b: Dict[str, Any]) -> str:
              "    阶段                     中位请求 ms   最慢 1% 平均 ms"]
     for n in names:
         lines.append(f"    {n:<24} {med[n]:>10.2f}   {slow[n]:>12.2f}")
+    split = b.get("compute_split") or {}
+    if split.get("p50"):
+        lines.append("    compute 的拆分（各自的中位数 / 最慢 1% 平均，ms）：" + "，".join(
+            f"{n} {split['p50'][n]:.2f}/{split['slowest_1pct_mean'][n]:.2f}" for n in split["p50"]))
     return "\n".join(lines)

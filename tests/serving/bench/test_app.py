@@ -65,6 +65,10 @@ def test_soak_and_overload_run_from_the_benchmark_config(built, tmp_path, capsys
         assert all(v >= 0 for k, v in r.items() if k.endswith((".queue", ".compute"))), r
         assert all(v > -1.0 for k, v in r.items() if k.endswith(".gap")), r
         assert r["ugt_engine.compute"] > 0
+        # python backend 记下 COMPUTE_INPUT_END / COMPUTE_OUTPUT_START：各步的 compute 拆成三段，都非负
+        split = t["compute_split"]["p50"]
+        assert {"ugt_engine.compute.input", "ugt_engine.compute.infer", "ugt_engine.compute.output"} <= set(split), split
+        assert all(v >= 0 for v in split.values()), split
     assert "runs" in report and not report["runs"][0].get("trace")  # trace_rate=0：SLA 点不追踪
     assert set(ov["checks"]) == {"only_refusals", "accepted_p99", "refused_fast", "no_500ms_steps"}
     saved = json.load(open(report["files"]["json"]))
