@@ -356,15 +356,26 @@ class Histories:
 
 # ---------------------------------------------------------------- 报告
 class Report:
-    def __init__(self, out_dir: str, t0: float, budget_s: float):
+    ALWAYS = ("environment", "load")  # 其它节的前提
+
+    def __init__(self, out_dir: str, t0: float, budget_s: float, only: Sequence[str] = ()):
         self.out_dir, self.t0, self.budget_s = out_dir, t0, budget_s
+        self.only = set(only)  # 非空时只跑这些节（"int8" 代表各个 throughput_int8_*）
         self.data: Dict[str, Any] = {"sections": {}, "skipped": {}, "errors": {}}
         os.makedirs(out_dir, exist_ok=True)
 
     def left(self) -> float:
         return self.budget_s - (time.time() - self.t0)
 
+    def wanted(self, name: str) -> bool:
+        if not self.only or name in self.ALWAYS or name in self.only:
+            return True
+        return "int8" in self.only and name.startswith("throughput_int8")
+
     def section(self, name: str, fn: Callable[[], Any], need_s: float = 0.0) -> Any:
+        if not self.wanted(name):
+            self.data["skipped"][name] = "不在 --only 里"
+            return None
         if need_s and self.left() < need_s:
             self.data["skipped"][name] = f"预算剩 {self.left():.0f}s，少于这一节估计需要的 {need_s:.0f}s"
             print(f"[跳过] {name}：{self.data['skipped'][name]}", flush=True)
@@ -517,7 +528,7 @@ def run_profile(args) -> Dict[str, Any]:
     from algorithm.serving.bench.offline import grouped_seconds
     from algorithm.serving.runtime.buckets import round_up
 
-    rep = Report(args.out, t0, args.budget_s)
+    rep = Report(args.out, t0, args.budget_s, [x for x in args.only.split(",") if x])
     meta = load_repository(args.repo)
     cfg = UGTConfig.from_dict(dict(meta["model"]))
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -881,6 +892,7 @@ def parse_args(argv=None):
     p.add_argument("--compile-mode", default="", help="覆盖仓库的 compile_mode（例如 none）")
     p.add_argument("--int8-modes", default="dynamic", help="逗号分隔：dynamic、weight_only（各测一节）")
     p.add_argument("--no-int8", action="store_true")
+    p.add_argument("--only", default="", help="逗号分隔的节名（如 throughput,int8），只跑这些节；environment、load 总会跑")
     p.add_argument("--samples", type=int, default=0, help="离线吞吐抽样的历史数（默认 1000；--quick 为 64）")
     p.add_argument("--runner", default="", help="运行器类 模块:类（默认找 TorchRunner 的新、旧位置）")
     p.add_argument("--budget-s", type=float, default=140.0, help="总预算：剩余时间不够的节跳过并写明原因")

@@ -3,7 +3,8 @@
 #   bash scripts/gpu_bench.sh setup      # 用 .carry/（scripts/make_carry.sh 生成）建环境（numpy<2，见 server.check_numpy）
 #   bash scripts/gpu_bench.sh build      # ugt_base / torch 引擎 / fp16：训练、torch.export、编译 + CUDA Graph、门禁
 #   bash scripts/gpu_bench.sh oldbuild   # 旧的服务路径（.carry/old.tar.xz = make_carry.sh 的 UGT_OLD_COMMIT）用同一检查点构建
-#   bash scripts/gpu_bench.sh profile    # 引擎剖析（scripts/engine_profile.py），含 int8 两种方式；PROFILE_ARGS 追加参数，如 --no-int8
+#   bash scripts/gpu_bench.sh profile    # 引擎剖析（scripts/engine_profile.py，不含 int8）；PROFILE_ARGS 追加参数
+#   bash scripts/gpu_bench.sh int8       # int8 两种方式各一个限时的进程（只测 fp16 与 int8 的离线吞吐与门禁）
 #   bash scripts/gpu_bench.sh profile_old # 同一剖析脚本对旧路径的仓库（旧代码导出的 .pt2，新运行器）：同一运行里的引擎对照
 #   bash scripts/gpu_bench.sh bench_old  # 旧路径的服务器 + 新的压测工具（benchmark.url），3 次重复
 #   bash scripts/gpu_bench.sh bench_new  # 新路径，同样的 Triton 设置与压测，3 次重复，含地板、追踪、离线吞吐
@@ -15,7 +16,7 @@
 # 构建产物在 /tmp/gpubuild（不在带来的目录里，同一台机器热着时各阶段复用）。
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?用法：gpu_bench.sh setup|build|oldbuild|profile|profile_old|bench_old|bench_new|floor|sweep|soak|overload}
+STAGE=${1:?用法：gpu_bench.sh setup|build|oldbuild|profile|int8|profile_old|bench_old|bench_new|floor|sweep|soak|overload}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 VENV=/tmp/ugtvenv
@@ -116,9 +117,18 @@ PYEOF
         checkpoint=$G/new/checkpoints/ugt_base.pt 2>&1 | tee "$OUT/build_old.log")
     ;;
   profile)
-    # int8（torchao）两种方式各一节，每种都要编译一次：预算 420 s
-    timeout 480 $PY scripts/engine_profile.py --repo $G/new/model_repository --out $G/profile --budget-s 420 \
-        --int8-modes ${INT8_MODES:-dynamic,weight_only} ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" || true
+    # int8 在单独的 int8 阶段（各方式各自限时）
+    timeout 240 $PY scripts/engine_profile.py --repo $G/new/model_repository --out $G/profile --no-int8 \
+        ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" || true
+    ;;
+  int8)
+    # int8（torchao）单独测：每种方式一个进程、各自限时（2026-11-27 第一次在 H100 上试时，dynamic 的编译在 profile 阶段里
+    # 7 分钟没有结束，后面的节全被超时杀掉）。TORCH_LOGS=recompiles 记下重新编译的原因；fp16 的同批吞吐在同一进程里先测
+    for m in ${INT8_MODES:-weight_only dynamic}; do
+      TORCH_LOGS=recompiles timeout ${INT8_TIMEOUT:-240} $PY scripts/engine_profile.py --repo $G/new/model_repository \
+          --out $G/profile_int8_$m --only throughput,int8 --int8-modes $m --batches ${INT8_BATCHES:-16,64} \
+          --budget-s $(( ${INT8_TIMEOUT:-240} - 10 )) 2>&1 | tee "$OUT/profile_int8_$m.log" || true
+    done
     ;;
   profile_old)
     timeout 200 $PY scripts/engine_profile.py --repo $G/old/model_repository --out $G/profile_old --no-int8 \

@@ -63,6 +63,10 @@ def test_engine_profile_quick_on_cpu(torch_repo, tmp_path):
     md = (out / "profile.md").read_text()
     assert "SDPA" in md and "离线吞吐" in md
     assert json.loads((out / "profile.json").read_text())["sections"].keys() == s.keys()
+    # --only：只跑点名的节（GPU 上单独测 int8 时用），其余的写明跳过原因
+    only = _script().main(["--repo", repo, "--out", str(tmp_path / "only"), "--quick", "--only", "throughput"])
+    assert set(only["sections"]) == {"environment", "load", "throughput"}
+    assert only["skipped"]["stages"] == "不在 --only 里"
 
 
 def test_load_repository_reads_both_parameter_formats(tmp_path):
