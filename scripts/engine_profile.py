@@ -1,4 +1,4 @@
-"""torch 引擎的剖析（GPU 上一次运行，< 150 s）：分阶段耗时与 roofline、SDPA 后端、长度桶的填充、离线吞吐与 MFU、int8。
+"""torch 引擎的剖析（GPU 上一次运行，不含 int8 约 1 分钟）：分阶段耗时与 roofline、SDPA 后端、长度桶的填充、离线吞吐与 MFU、int8。
 
   python scripts/engine_profile.py --repo build/gpu/model_repository --out $OUT/profile [--batches 8,16,64] [--quick]
 
@@ -9,8 +9,10 @@
   c. 默认长度分布下仓库的 seq 桶与 bucket_plan 规划的 4 个桶的填充比例；
   d. 每个阶段的 FLOPs、字节数（权重读一次 + 激活各读写一次的估计）、达到的 TFLOP/s 与 GB/s；
   e. 仓库里的 TorchRunner（编译 + CUDA Graph）按长度组成批的离线吞吐与 MFU；规划桶下的同一测量；
-     torchao 可用时 int8（服务时量化加载后的模块，再同样编译）的吞吐与对 fp32 eager 的门禁数字。
-每一节独立：失败只记进报告（error），预算（--budget-s）不够时跳过并写明原因；每节结束都重写报告。
+     torchao 可用时 int8（服务时量化加载后的模块，再同样编译；--int8-modes 的每种方式一节，编译失败时退到
+     eager + CUDA Graph、再退到 eager）的吞吐与对 fp32 的门禁数字（不过 INT8_GATE 时报告写“不通过”）。
+每一节独立：失败只记进报告（error），预算（--budget-s）不够时跳过并写明原因；每节开始与结束都重写报告
+（被外部超时杀掉时，报告里写着停在哪一节）。--only 只跑点名的节（例如 GPU 上单独测 int8：--only throughput,int8）。
 """
 from __future__ import annotations
 
@@ -355,6 +357,13 @@ class Histories:
 
 
 # ---------------------------------------------------------------- 报告
+# --only 可点的节（"int8" 代表各个 throughput_int8_*）
+SECTIONS = ("environment", "load", "stage_check", "stages", "sdpa", "self_attention", "padding", "throughput",
+            "kernels_compiled", "throughput_planned", "int8")
+# int8 的门禁（issue #12）：对 fp32 的 top-50 重合与 top-1 一致
+INT8_GATE = {"overlap": 0.95, "top1": 0.97}
+
+
 class Report:
     ALWAYS = ("environment", "load")  # 其它节的前提
 
@@ -383,11 +392,16 @@ class Report:
             return None
         t = time.time()
         print(f"[{time.time() - self.t0:6.1f}s] {name} ...", flush=True)
+        # 先记下“正在运行”：进程在这一节里被外部超时杀掉时，profile.json 里看得出停在哪一节
+        self.data["skipped"][name] = "运行中被终止（外部超时或进程崩溃）"
+        self.write()
         try:
             result = fn()
+            self.data["skipped"].pop(name, None)
             self.data["sections"][name] = result
         except Exception as e:  # 一节失败不影响其它节：记下完整的异常
             result = None
+            self.data["skipped"].pop(name, None)
             self.data["errors"][name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
             print(f"[失败] {name}: {type(e).__name__}: {e}", flush=True)
         self.data.setdefault("section_seconds", {})[name] = time.time() - t
@@ -483,8 +497,11 @@ def render_markdown(data: Dict[str, Any]) -> str:
                                       ("hw_util", "含填充 FLOPs", ".1%"), ("ms_by_bucket", "各组 ms", "")]))
         if tp.get("gates"):
             g = tp["gates"]
+            verdict = "" if "passed" not in g else ("，**通过**" if g["passed"] else
+                                                    f"，**不通过**（要求重合 >= {g['thresholds']['overlap']}、"
+                                                    f"top-1 >= {g['thresholds']['top1']}）")
             md.append(f"门禁（对 fp32 eager，{g['rows']} 条）：top-50 重合 {g['overlap']:.4f}，top-1 一致 "
-                      f"{g['top1_agreement']:.3f}，分数 MAE {g['score_mae']:.2e}\n")
+                      f"{g['top1_agreement']:.3f}，分数 MAE {g['score_mae']:.2e}{verdict}\n")
     kern = s.get("kernels_compiled")
     if kern:
         md.append(f"## 运行器一次运行的内核 / 算子（{kern['shape']}，{kern.get('device')}，按自身时间）\n")
@@ -847,7 +864,9 @@ def run_profile(args) -> Dict[str, Any]:
                 runner, how = make_runner(mode, graphs, lambda m: quantize_int8(m, qmode))
                 res = offline(runner, meta["seq_buckets"], f"int8 {qmode}（{how}；compile {mode}，"
                                                            f"CUDA Graph {'开' if graphs and on_gpu else '关'}）", peak)
-                res["gates"] = gates(runner)
+                res["gates"] = g = gates(runner)
+                g["passed"] = bool(g["overlap"] >= INT8_GATE["overlap"] and g["top1_agreement"] >= INT8_GATE["top1"])
+                g["thresholds"] = INT8_GATE
                 res.update(attempts=attempts, seconds_incl_compile=time.time() - t, peak_int8_tops=PEAK_INT8_TOPS,
                            int8_mode=qmode, compile_mode=mode, cuda_graphs=bool(graphs and on_gpu))
                 res["note"] = (f"服务时量化：.pt2 加载、移到 {device.type} 后 quantize_int8(mode={qmode!r})"
@@ -861,7 +880,10 @@ def run_profile(args) -> Dict[str, Any]:
                 print(f"  int8 {qmode}（compile {mode}，graphs {graphs}）失败：{type(e).__name__}: {str(e)[:200]}",
                       flush=True)
                 if on_gpu:
-                    torch.cuda.synchronize()
+                    try:  # 捕获失败等错误之后上下文可能已坏：同步再失败也只记下，下一种方式照样试
+                        torch.cuda.synchronize()
+                    except Exception as e2:  # noqa: BLE001
+                        attempts[-1]["sync_error"] = f"{type(e2).__name__}: {str(e2)[:200]}"
         raise RuntimeError(f"int8 {qmode} 的所有方式都失败：{attempts}")
 
     try:
@@ -871,13 +893,13 @@ def run_profile(args) -> Dict[str, Any]:
         have_torchao = False
         rep.data["skipped"]["throughput_int8"] = f"torchao 不能导入：{type(e).__name__}: {e}"
     if have_torchao and not args.no_int8:
-        # 每种量化方式各一节（“dynamic 还是 weight_only”按测得的速度与门禁选，见 README 的引擎表）
+        # 每种量化方式各一节（dynamic 与 weight_only 各自的速度与门禁，README“引擎与精度”引用这些数字）
         for qmode in args.int8_modes.split(","):
             rep.section(f"throughput_int8_{qmode}", lambda qm=qmode: int8(qm), need_s=60 if on_gpu else 0)
     elif args.no_int8:
         rep.data["skipped"]["throughput_int8"] = "--no-int8"
 
-    rep.data["stage_check_passed"] = bool(state.get("stage_ok"))
+    rep.data["stage_check_passed"] = bool(state.get("stage_ok")) if "stage_check" in rep.data["sections"] else None
     rep.write()
     return rep.data
 
@@ -897,9 +919,14 @@ def parse_args(argv=None):
     p.add_argument("--runner", default="", help="运行器类 模块:类（默认找 TorchRunner 的新、旧位置）")
     p.add_argument("--budget-s", type=float, default=140.0, help="总预算：剩余时间不够的节跳过并写明原因")
     args = p.parse_args(argv)
-    bad = set(args.int8_modes.split(",")) - {"dynamic", "weight_only"}
-    if bad:
-        p.error(f"--int8-modes 只能是 dynamic、weight_only，得到 {sorted(bad)}")
+    modes = list(dict.fromkeys(m for m in args.int8_modes.split(",") if m))  # 去重、保序
+    bad = set(modes) - {"dynamic", "weight_only"}
+    if bad or not modes:
+        p.error(f"--int8-modes 只能是 dynamic、weight_only（逗号分隔），得到 {args.int8_modes!r}")
+    args.int8_modes = ",".join(modes)
+    unknown = {x for x in args.only.split(",") if x} - set(SECTIONS)
+    if unknown:
+        p.error(f"--only 里有未知的节 {sorted(unknown)}；可选 {', '.join(SECTIONS)}")
     return args
 
 

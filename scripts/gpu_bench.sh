@@ -26,7 +26,7 @@ export UGT_TRITON_SITE=/tmp/ugt-triton PYTHONUNBUFFERED=1
 BASE_SITE=${BASE_SITE:-/opt/torch/.venv/lib/python3.12/site-packages}
 
 # 模型与引擎（新旧两条路径共用）；MFU 的峰值：H100 SXM 稠密 fp16 989 TFLOP/s
-# batch 桶：新路径用配置的默认（NEW_BUCKETS，含 4），旧路径的代码用它自己的默认（OLD_BUCKETS）；
+# batch 桶：新路径用 NEW_BUCKETS（= 现在配置的默认，含 4），旧路径用 OLD_BUCKETS（= 4129829 的默认；换 UGT_OLD_COMMIT 时按它改）；
 # 压测命令用新路径的设置（它只从构建里读工作负载，旧服务器经 benchmark.url 访问）
 NEW_BUCKETS=${NEW_BUCKETS:-[2,4,8,16,32,64]}
 OLD_BUCKETS=${OLD_BUCKETS:-[2,8,16,32,64]}
@@ -122,12 +122,18 @@ PYEOF
         ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" || true
     ;;
   int8)
-    # int8（torchao）单独测：每种方式一个进程、各自限时（2026-11-27 第一次在 H100 上试时，dynamic 的编译在 profile 阶段里
-    # 7 分钟没有结束，后面的节全被超时杀掉）。TORCH_LOGS=recompiles 记下重新编译的原因；fp16 的同批吞吐在同一进程里先测
-    for m in ${INT8_MODES:-weight_only dynamic}; do
-      TORCH_LOGS=recompiles timeout ${INT8_TIMEOUT:-240} $PY scripts/engine_profile.py --repo $G/new/model_repository \
-          --out $G/profile_int8_$m --only throughput,int8 --int8-modes $m --batches ${INT8_BATCHES:-16,64} \
-          --budget-s $(( ${INT8_TIMEOUT:-240} - 10 )) 2>&1 | tee "$OUT/profile_int8_$m.log" || true
+    # int8（torchao）单独测：每种方式一个进程、各自限时（INT8_TIMEOUT，整数秒）。2026-11-27 在 H100 上，编译（compile default）
+    # 的两种方式 240 s 内都没有编译完；INT8_COMPILE_MODE=none 测 eager（+ CUDA Graph）：fp16 基线也用同一编译模式。
+    # INT8_MODES 用空格或逗号分隔；TORCH_LOGS=recompiles 记下重新编译的原因
+    MODES=${INT8_MODES:-weight_only dynamic}
+    for m in ${MODES//,/ }; do
+      CM=()
+      [ -n "${INT8_COMPILE_MODE:-}" ] && CM=(--compile-mode "$INT8_COMPILE_MODE")
+      rc=0
+      TORCH_LOGS=recompiles timeout -k 10 ${INT8_TIMEOUT:-240} $PY scripts/engine_profile.py --repo $G/new/model_repository \
+          --out $G/profile_int8_$m${INT8_COMPILE_MODE:+_$INT8_COMPILE_MODE} --only throughput,int8 --int8-modes $m \
+          --batches ${INT8_BATCHES:-16,64} ${CM[@]+"${CM[@]}"} --budget-s $(( ${INT8_TIMEOUT:-240} - 10 )) 2>&1 | tee "$OUT/profile_int8_$m.log" || rc=$?
+      echo "int8 $m：退出码 $rc（124 = 超时）" | tee -a "$OUT/profile_int8_$m.log"
     done
     ;;
   profile_old)

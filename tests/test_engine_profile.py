@@ -59,14 +59,17 @@ def test_engine_profile_quick_on_cpu(torch_repo, tmp_path):
     except ImportError:
         assert "throughput_int8" in data["skipped"]
     else:
-        assert s["throughput_int8_dynamic"]["gates"]["rows"] == 32
+        g = s["throughput_int8_dynamic"]["gates"]
+        assert g["rows"] == 32 and g["passed"] == (g["overlap"] >= 0.95 and g["top1_agreement"] >= 0.97)
     md = (out / "profile.md").read_text()
     assert "SDPA" in md and "离线吞吐" in md
     assert json.loads((out / "profile.json").read_text())["sections"].keys() == s.keys()
     # --only：只跑点名的节（GPU 上单独测 int8 时用），其余的写明跳过原因
     only = _script().main(["--repo", repo, "--out", str(tmp_path / "only"), "--quick", "--only", "throughput"])
     assert set(only["sections"]) == {"environment", "load", "throughput"}
-    assert only["skipped"]["stages"] == "不在 --only 里"
+    assert only["skipped"]["stages"] == "不在 --only 里" and only["stage_check_passed"] is None
+    with pytest.raises(SystemExit):  # 拼错的节名不能悄悄跳过所有节
+        _script().parse_args(["--repo", repo, "--out", str(tmp_path), "--only", "throughput_int8"])
 
 
 def test_load_repository_reads_both_parameter_formats(tmp_path):

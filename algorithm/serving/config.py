@@ -80,12 +80,14 @@ class TritonConfig:
     preferred_batch_sizes: List[int] = field(default_factory=lambda: [8, 16, 32, 64])
     max_queue_delay_us: int = 100
     # 引擎的队列策略：过载时丢弃而不是无限排队。在引擎前排队超过 queue_timeout_us 的请求被拒（UNAVAILABLE）：
-    # 默认 30 ms = 用户的延迟目标，等过它的请求已经没用了，被接受的请求延迟 <= 超时 + 一次执行。
+    # 默认 15 ms：被接受的请求延迟约 <= 超时 + 一次执行，要让过载时被接受请求的 P99 留在 2 倍目标（60 ms）以内。
+    # H100 上 2 倍 SLA 速率 60 s：30 ms 时被接受 P99 75.9 ms（benchmarks/h100-2026-11-25-run2/machine2/soak），
+    # 15 ms 时 50.3 ms、拒绝 6.8 %（benchmarks/h100-2026-11-27/machine2/bench_overload）；SLA 速率及以下两者都没有拒绝。
     # max_queue_size > 0 时超过它的请求立即被拒，但队列满时被拒的请求不唤醒 Triton 的动态批处理器（它睡在 500 ms 的
     # 定时等待里），被接受的请求出现约 500 ms 的台阶、吞吐塌掉（tests/serving/test_reliability.py），所以默认 0 = 不限个数。
     # 两个都为 0 时不设策略（Triton 才预取，但过载时队列无限增长），见 triton_config._set_batching。
     max_queue_size: int = 0
-    queue_timeout_us: int = 30_000
+    queue_timeout_us: int = 15_000
     instance_kind: str = "auto"  # auto：有 GPU 用 KIND_GPU，否则 KIND_CPU
     gpus: List[int] = field(default_factory=list)  # 空 = 由机器决定（全部可见 GPU）
     preprocess_instance_count: int = 2
@@ -138,6 +140,9 @@ class EngineConfig:
     # torch 引擎的 int8（torchao，服务时在加载的模块上量化，见 runtime/engines/torch_int8.py）：
     # dynamic = 按行动态 int8 激活 + 按通道 int8 权重；weight_only = 只量化权重。打分头与嵌入不量化
     int8_mode: str = "dynamic"
+    # GPU 上的 torch int8 在 H100（torch 2.11 + torchao 0.18）上没有通过门禁：eager 的输出 top-50 重合 0、分数 inf，
+    # 编译 240 s 内没有结束（benchmarks/h100-2026-11-27/machine2）。默认在构建开头就拒绝；true = 照样试（门禁照常把关）
+    allow_unverified_gpu_int8: bool = False
     # 长度桶的规划：0 = 按 seq_buckets 原样；N > 0 = 构建时按压测的长度分布（benchmark.length_*）规划至多 N 个桶，
     # 使期望的填充后计算量最小（bucket_plan.plan_seq_buckets，最后一个桶为 export.max_seq_length），代替 seq_buckets
     seq_bucket_plan: int = 0

@@ -13,11 +13,12 @@
   <步>.gap       上一步结束（或 ensemble 开始）-> 本步 QUEUE_START（ensemble 调度）
   <步>.queue     QUEUE_START -> COMPUTE_START（动态批处理排队）
   <步>.compute   COMPUTE_START -> COMPUTE_END（execute：输入、推理、输出）
-另外（不参与首尾相接的和）：<步>.compute 按 COMPUTE_INPUT_END、COMPUTE_OUTPUT_START 拆成 input / infer / output
-（compute_split）。python backend 里 input 是父进程把输入放进共享内存，infer 是与存根的往返（含存根解包请求、
-model.py 的 execute、打包响应），output 是父进程取回输出：与引擎自己量的 execute 毫秒对照，差就是存根的开销。
   ensemble_tail  最后一步结束 -> ensemble REQUEST_END
   server_to_client REQUEST_END -> 客户端收到（响应序列化、gRPC 发送、客户端解析）
+
+另外（不参与上面首尾相接的和）：<步>.compute 按 COMPUTE_INPUT_END、COMPUTE_OUTPUT_START 拆成 input / infer / output
+（compute_split）。python backend 里 input 是父进程把输入放进共享内存，infer 是与存根的往返（含存根解包请求、
+model.py 的 execute、打包响应），output 是父进程取回输出：与引擎自己量的 execute 毫秒对照，差就是存根的开销。
 """
 from __future__ import annotations
 
@@ -199,7 +200,7 @@ def summarize(rows: List[Dict[str, float]], steps: List[str]) -> Dict[str, Any]:
             "slowest_1pct": {"count": k, "mean": mean_slow,
                              "latency_ms": [float(r["latency"]) for r in slow]},
             # 最慢的一个被追踪的请求（浸泡里偶发的停顿：看它停在哪一步）
-            "slowest_request": {n: float(slow[-1][n]) for n in names + ["latency"]},
+            "slowest_request": {n: float(slow[-1][n]) for n in names + ["latency"] + split},
             "stage_p50": {n: float(np.median([r[n] for r in rows])) for n in names},
             "compute_split": {"p50": {n: float(np.median([r[n] for r in rows])) for n in split},
                               "slowest_1pct_mean": {n: float(np.mean([r[n] for r in slow])) for n in split}},

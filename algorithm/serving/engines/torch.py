@@ -33,9 +33,10 @@ def compile_cache_dir(config: ServingConfig) -> str:
 def build(config: ServingConfig, model, catalog: Catalog, onnx_path: str, engine_dir: str, log: Log) -> BuiltEngine:
     from algorithm.serving.runtime.engines.torch import TorchRunner, int8_transform, resolve_device
 
-    artifact = export_torch_program(model, os.path.join(engine_dir, f"{config.model.name}.pt2"), config)
     e = config.engine
     int8 = config.export.precision == "int8"
+    check_gpu_int8(config, resolve_device(e.device))
+    artifact = export_torch_program(model, os.path.join(engine_dir, f"{config.model.name}.pt2"), config)
     runner = TorchRunner(artifact, config.contract(), resolve_device(e.device), 0, e.compile_mode, e.cuda_graphs,
                          e.batch_buckets, config.seq_buckets(), compile_cache_dir(config),
                          transform=int8_transform(e.int8_mode) if int8 else None)
@@ -43,6 +44,18 @@ def build(config: ServingConfig, model, catalog: Catalog, onnx_path: str, engine
         "load_seconds": runner.load_seconds, "capture_seconds": runner.capture_seconds,
         "cuda_graphs": len(runner.slots), "compile_mode": e.compile_mode,
         "bucket_seconds": runner.bucket_seconds()}})
+
+
+def check_gpu_int8(config: ServingConfig, device: str) -> None:
+    """GPU 上的 torch int8 在 H100 上测过、不能用：在导出与编译之前就说清楚，而不是几分钟后在门禁或编译里失败。"""
+    if config.export.precision != "int8" or device != "cuda" or config.engine.allow_unverified_gpu_int8:
+        return
+    raise ConfigError(
+        "engine=torch precision=int8 在 GPU 上没有可用的实现：H100 上（torch 2.11、torchao 0.18）torchao 的 int8 在 eager 下"
+        "输出错误（top-50 重合 0、分数 inf，dynamic 与 weight_only 都是），torch.compile 240 s 内没有编译完"
+        "（benchmarks/h100-2026-11-27/machine2/int8_eager、profile_int8_*）。GPU 上请用 precision=fp16；"
+        "要 int8 可用 engine=onnxruntime（CPU）或能装 TensorRT 的环境里的 engine=tensorrt；"
+        "换了 torch / torchao 版本想再试，加 engine.allow_unverified_gpu_int8=true（构建时的门禁照常把关）。")
 
 
 def export_torch_program(model, path: str, config: ServingConfig) -> str:

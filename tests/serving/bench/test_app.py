@@ -69,6 +69,9 @@ def test_soak_and_overload_run_from_the_benchmark_config(built, tmp_path, capsys
         split = t["compute_split"]["p50"]
         assert {"ugt_engine.compute.input", "ugt_engine.compute.infer", "ugt_engine.compute.output"} <= set(split), split
         assert all(v >= 0 for v in split.values()), split
+        # 最慢一个请求：三段加起来就是它的 compute（拆分用的是同一个请求的时间戳）
+        parts = [r[f"ugt_engine.compute.{p}"] for p in ("input", "infer", "output")]
+        assert sum(parts) == pytest.approx(r["ugt_engine.compute"], abs=1e-6), (parts, r)
     assert "runs" in report and not report["runs"][0].get("trace")  # trace_rate=0：SLA 点不追踪
     assert set(ov["checks"]) == {"only_refusals", "accepted_p99", "refused_fast", "no_500ms_steps"}
     saved = json.load(open(report["files"]["json"]))

@@ -1,7 +1,7 @@
 """追踪与客户端时间戳的对齐（合成的 Triton 追踪，不起服务器；真服务器上的对齐见 test_app 的浸泡测试）。"""
 import pytest
 
-from algorithm.serving.bench.trace import join, stage_names, summarize
+from algorithm.serving.bench.trace import format_breakdown, join, stage_names, summarize
 
 STEPS = ["pre", "engine"]
 
@@ -26,11 +26,14 @@ def test_stages_add_up_and_compute_split_is_reported_when_timestamps_exist(split
     r = rows[0]
     assert r["latency"] == pytest.approx(30.5)
     assert sum(r[n] for n in stage_names(STEPS)) == pytest.approx(r["latency"])
+    assert "engine.compute" in format_breakdown({**summarize(rows, STEPS), "offered_rate": 1, "trace_rate": 1})
     assert r["engine.queue"] == pytest.approx(3.0) and r["engine.compute"] == pytest.approx(18.0)
     b = summarize(rows, STEPS)
     if split:
         assert (r["engine.compute.input"], r["engine.compute.infer"], r["engine.compute.output"]) == \
             pytest.approx((1.0, 15.0, 2.0))
+        assert "engine.compute.infer 15.00/15.00" in format_breakdown({**b, "offered_rate": 1, "trace_rate": 1})
+        assert b["slowest_request"]["engine.compute.infer"] == pytest.approx(15.0)
         assert b["compute_split"]["p50"] == pytest.approx(
             {"engine.compute.input": 1.0, "engine.compute.infer": 15.0, "engine.compute.output": 2.0})
     else:  # 没有这两个时间戳的步（这里的 pre，以及 split=False 时的 engine）不拆

@@ -150,3 +150,20 @@ def test_unknown_mode_is_refused():
 
     with pytest.raises(ConfigError, match="weight_only"):
         quantize_int8(build_model(UGTConfig(max_seq_length=32)), "int4")
+
+
+def test_gpu_int8_is_refused_before_export_unless_allowed():
+    """GPU 上的 torch int8 在 H100 上没过门禁：构建开头就给出写明原因与替代的错误；显式允许时放行；CPU 上不受影响。"""
+    import dataclasses
+
+    from algorithm.errors import ConfigError
+    from algorithm.serving.config import EngineConfig, ExportConfig
+    from algorithm.serving.engines.torch import check_gpu_int8
+    from conftest import tiny_config
+
+    cfg = tiny_config("b", engine=EngineConfig(kind="torch"), export=ExportConfig(precision="int8"))
+    with pytest.raises(ConfigError, match="precision=fp16"):
+        check_gpu_int8(cfg, "cuda")
+    check_gpu_int8(cfg, "cpu")
+    check_gpu_int8(dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, allow_unverified_gpu_int8=True)), "cuda")
+    check_gpu_int8(dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, precision="fp16")), "cuda")
