@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import inspect
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -732,7 +734,7 @@ def run_profile(args) -> Dict[str, Any]:
     mean_flops = float(np.mean([flops_per_request(cfg, min(len(h), meta["max_seq_length"])) for h in pool]))
     flops_fn = model_cost(cfg)
 
-    def make_runner(mode: str, graphs: bool, transform=None):
+    def make_runner(mode: str, graphs: bool, transform=None, path: str = ""):
         """按构造函数建运行器（warmup=False：CUDA Graph 在首次运行时按需捕获）。transform 在加载后、编译前作用于模块；
         运行器没有 transform 参数（旧版）时，在首次调用前替换 module/fn（torch.compile 是惰性的）。"""
         kw = dict(device=device.type, device_id=device.index or 0, compile_mode=mode, cuda_graphs=graphs,
@@ -740,8 +742,8 @@ def run_profile(args) -> Dict[str, Any]:
                   cache_dir=meta["compile_cache_dir"], warmup=False)
         kw = {k: v for k, v in kw.items() if k in sig}
         if transform is not None and "transform" in sig:
-            return Runner(meta["engine_file"], cfg.contract(), transform=transform, **kw), "TorchRunner(transform=...)"
-        runner = Runner(meta["engine_file"], cfg.contract(), **kw)
+            return Runner(path or meta["engine_file"], cfg.contract(), transform=transform, **kw), "TorchRunner(transform=...)"
+        runner = Runner(path or meta["engine_file"], cfg.contract(), **kw)
         if transform is None:
             return runner, "TorchRunner"
         runner.module = transform(runner.module)
@@ -846,10 +848,34 @@ def run_profile(args) -> Dict[str, Any]:
     if "runner" in state:
         rep.section("throughput_planned", throughput_planned, need_s=20 if on_gpu else 0)
 
+    def int8_base() -> Tuple[str, str]:
+        """int8 的底本 .pt2 与它的精度：与构建相同（engines/torch.int8_base_precision：GPU 上 bf16，因为 fp16 在 torchao
+        缩放之前溢出）；仓库的 .pt2 精度不同时，用由它重建的 eager 模型按底本精度重新导出到临时目录（只导出一次）。"""
+        from algorithm.serving.engines.torch import DTYPES, _strip_device_asserts, int8_base_precision
+
+        want = args.int8_base if args.int8_base != "auto" else int8_base_precision(device.type)
+        if meta["precision"] == want:
+            return meta["engine_file"], want
+        if "int8_base" not in state:
+            m = copy.deepcopy(state["model"]).to(getattr(torch, DTYPES[want]))
+            feeds = hist.encode(hist.sample(2, seed=3), pad_to=16)  # 导出用的示例：长度 >= 2，动态维不被特化
+            ex = _to_device(feeds, device)
+            dims = {0: torch.export.Dim("batch", min=1, max=4096),  # 门禁一批 64 条等：上界放宽
+                    1: torch.export.Dim("seq_len", min=1, max=meta["max_seq_length"])}
+            with torch.no_grad():
+                ep = torch.export.export(m, ex, dynamic_shapes=tuple(dims for _ in ex))
+            _strip_device_asserts(ep)
+            path = os.path.join(tempfile.mkdtemp(prefix="int8_base_"), f"{want}.pt2")
+            torch.export.save(ep, path)
+            state["int8_base"] = path
+            del m
+        return state["int8_base"], want
+
     def int8(qmode: str):
         from algorithm.serving.runtime.engines.torch_int8 import quantize_int8
 
         t = time.time()
+        base_path, base = int8_base()
         attempts: List[Dict[str, Any]] = []  # 失败的方式（按顺序尝试，第一个成功的给出数字）
         ways = [(compile_mode, meta["cuda_graphs"])]
         if compile_mode != "none":
@@ -861,15 +887,15 @@ def run_profile(args) -> Dict[str, Any]:
                 attempts.append({"compile_mode": mode, "skipped": f"预算只剩 {rep.left():.0f}s"})
                 continue
             try:
-                runner, how = make_runner(mode, graphs, lambda m: quantize_int8(m, qmode))
+                runner, how = make_runner(mode, graphs, lambda m: quantize_int8(m, qmode), path=base_path)
                 res = offline(runner, meta["seq_buckets"], f"int8 {qmode}（{how}；compile {mode}，"
                                                            f"CUDA Graph {'开' if graphs and on_gpu else '关'}）", peak)
                 res["gates"] = g = gates(runner)
                 g["passed"] = bool(g["overlap"] >= INT8_GATE["overlap"] and g["top1_agreement"] >= INT8_GATE["top1"])
                 g["thresholds"] = INT8_GATE
-                res.update(attempts=attempts, seconds_incl_compile=time.time() - t, peak_int8_tops=PEAK_INT8_TOPS,
+                res.update(attempts=attempts, seconds_incl_compile=time.time() - t, peak_int8_tops=PEAK_INT8_TOPS, base=base,
                            int8_mode=qmode, compile_mode=mode, cuda_graphs=bool(graphs and on_gpu))
-                res["note"] = (f"服务时量化：.pt2 加载、移到 {device.type} 后 quantize_int8(mode={qmode!r})"
+                res["note"] = (f"服务时量化：{base} 底本的 .pt2 加载、移到 {device.type} 后 quantize_int8(mode={qmode!r})"
                                f"{'（CUDA 上把小行数补到 17：torch._int_mm 的限制）' if on_gpu and qmode == 'dynamic' else ''}，"
                                f"再 torch.compile（{mode}）。MFU 仍以 {peak:g} TFLOP/s 为分母（H100 int8 稠密峰值 "
                                f"{PEAK_INT8_TOPS:g} TOPS）。")
@@ -914,6 +940,8 @@ def parse_args(argv=None):
     p.add_argument("--compile-mode", default="", help="覆盖仓库的 compile_mode（例如 none）")
     p.add_argument("--int8-modes", default="dynamic", help="逗号分隔：dynamic、weight_only（各测一节）")
     p.add_argument("--no-int8", action="store_true")
+    p.add_argument("--int8-base", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="int8 量化前的底本精度（auto = 与构建相同：GPU 上 bf16、CPU 上 fp32）")
     p.add_argument("--only", default="", help="逗号分隔的节名（如 throughput,int8），只跑这些节；environment、load 总会跑")
     p.add_argument("--samples", type=int, default=0, help="离线吞吐抽样的历史数（默认 1000；--quick 为 64）")
     p.add_argument("--runner", default="", help="运行器类 模块:类（默认找 TorchRunner 的新、旧位置）")

@@ -124,11 +124,13 @@ PYEOF
   int8)
     # int8（torchao）单独测：每种方式一个进程、各自限时（INT8_TIMEOUT，整数秒）。2026-11-27 在 H100 上，编译（compile default）
     # 的两种方式 240 s 内都没有编译完；INT8_COMPILE_MODE=none 测 eager（+ CUDA Graph）：fp16 基线也用同一编译模式。
-    # INT8_MODES 用空格或逗号分隔；TORCH_LOGS=recompiles 记下重新编译的原因
+    # INT8_MODES 用空格或逗号分隔；TORCH_LOGS=recompiles 记下重新编译的原因。底本默认与构建相同（GPU 上 bf16；2026-11-27 那次
+    # 还是 fp16，输出因溢出而错），INT8_BASE=fp16 可复现那次
     MODES=${INT8_MODES:-weight_only dynamic}
     for m in ${MODES//,/ }; do
       CM=()
       [ -n "${INT8_COMPILE_MODE:-}" ] && CM=(--compile-mode "$INT8_COMPILE_MODE")
+      [ -n "${INT8_BASE:-}" ] && CM+=(--int8-base "$INT8_BASE")
       rc=0
       TORCH_LOGS=recompiles timeout -k 10 ${INT8_TIMEOUT:-240} $PY scripts/engine_profile.py --repo $G/new/model_repository \
           --out $G/profile_int8_$m${INT8_COMPILE_MODE:+_$INT8_COMPILE_MODE} --only throughput,int8 --int8-modes $m \

@@ -68,6 +68,16 @@ def test_engine_profile_quick_on_cpu(torch_repo, tmp_path):
     only = _script().main(["--repo", repo, "--out", str(tmp_path / "only"), "--quick", "--only", "throughput"])
     assert set(only["sections"]) == {"environment", "load", "throughput"}
     assert only["skipped"]["stages"] == "不在 --only 里" and only["stage_check_passed"] is None
+    # int8 的底本与构建相同（GPU 上 bf16）；这里在 CPU 上强制 bf16，走“按底本精度重新导出”那条路
+    b = _script().main(["--repo", repo, "--out", str(tmp_path / "bf16"), "--quick", "--only", "int8",
+                        "--int8-base", "bf16", "--int8-modes", "weight_only"])
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        r = b["sections"]["throughput_int8_weight_only"]
+        assert r["base"] == "bf16" and r["gates"]["rows"] == 32 and r["gates"]["overlap"] > 0.9, r["gates"]
     with pytest.raises(SystemExit):  # 拼错的节名不能悄悄跳过所有节
         _script().parse_args(["--repo", repo, "--out", str(tmp_path), "--only", "throughput_int8"])
 

@@ -46,28 +46,37 @@ def build(config: ServingConfig, model, catalog: Catalog, onnx_path: str, engine
         "bucket_seconds": runner.bucket_seconds()}})
 
 
+def int8_base_precision(device: str) -> str:
+    """int8 在服务时量化（torch_int8.py），.pt2 先按这个精度导出：GPU 上 bf16，CPU 上 fp32。
+
+    为什么 GPU 上不是 fp16：torchao 的 int8 在 CUDA 上先用未缩放的整数值相乘、再乘缩放系数——weight_only 时 fp16 激活乘
+    int8 权重（至多 ±127）、dynamic 时 int32 的点积转回激活的类型，都会在缩放之前超出 fp16 的范围（65504）变成 inf
+    （torchao 作者的说明：huggingface/diffusion-fast#1，“bf16 or fp32 works”）。H100 上 fp16 底本的 int8 正是
+    分数 inf、top-50 重合 0（benchmarks/h100-2026-11-27/machine2/int8_eager）。bf16 与 fp32 的指数范围相同。"""
+    return "bf16" if device == "cuda" else "fp32"
+
+
 def check_gpu_int8(config: ServingConfig, device: str) -> None:
     """GPU 上的 torch int8 在 H100 上测过、不能用：在导出与编译之前就说清楚，而不是几分钟后在门禁或编译里失败。"""
     if config.export.precision != "int8" or device != "cuda" or config.engine.allow_unverified_gpu_int8:
         return
     raise ConfigError(
-        "engine=torch precision=int8 在 GPU 上没有可用的实现：H100 上（torch 2.11、torchao 0.18）torchao 的 int8 在 eager 下"
-        "输出错误（top-50 重合 0、分数 inf，dynamic 与 weight_only 都是），torch.compile 240 s 内没有编译完"
-        "（benchmarks/h100-2026-11-27/machine2/int8_eager、profile_int8_*）。GPU 上请用 precision=fp16；"
-        "要 int8 可用 engine=onnxruntime（CPU）或能装 TensorRT 的环境里的 engine=tensorrt；"
-        "换了 torch / torchao 版本想再试，加 engine.allow_unverified_gpu_int8=true（构建时的门禁照常把关）。")
+        "engine=torch precision=int8 在 GPU 上还没有验证过的实现：H100 上（torch 2.11、torchao 0.18）以 fp16 为底本时 torchao 的 "
+        "int8 输出错误（top-50 重合 0、分数 inf：缩放之前就超出了 fp16 的范围），torch.compile 240 s 内没有编译完"
+        "（benchmarks/h100-2026-11-27/machine2/int8_eager、profile_int8_*）。底本现在改为 bf16（见 int8_base_precision），"
+        "但还没有在 GPU 上测过。GPU 上请用 precision=fp16；要 int8 可用 engine=onnxruntime（CPU）或能装 TensorRT 的环境里的 "
+        "engine=tensorrt；要在 GPU 上试 bf16 底本的 int8，加 engine.allow_unverified_gpu_int8=true（构建时的门禁照常把关）。")
 
 
 def export_torch_program(model, path: str, config: ServingConfig) -> str:
-    """torch.export（batch 与 seq_len 动态）-> .pt2。precision 决定权重 dtype（fp16 / fp32）。"""
+    """torch.export（batch 与 seq_len 动态）-> .pt2。precision 决定权重 dtype（fp32 / fp16 / bf16；int8 见 int8_base_precision）。"""
     import torch
 
     precision = config.export.precision
     if precision == "int8":
-        # int8 在服务时量化（torch_int8.py）：GPU 上的底本是 fp16，CPU 上是 fp32
         from algorithm.serving.runtime.engines.torch import resolve_device
 
-        precision = "fp16" if resolve_device(config.engine.device) == "cuda" else "fp32"
+        precision = int8_base_precision(resolve_device(config.engine.device))
     if precision not in DTYPES:
         raise ConfigError(f"torch 引擎支持 export.precision=fp32 / fp16 / int8，得到 {precision!r}")
     dtype = getattr(torch, DTYPES[precision])

@@ -41,7 +41,7 @@ def resolve_device(name: str) -> str:
 
 
 def int8_transform(mode: str):
-    """int8：.pt2 按 fp16（GPU）/ fp32（CPU）导出，加载并移到设备后再用 torchao 量化（见 torch_int8.py 的说明）。"""
+    """int8：.pt2 按 bf16（GPU）/ fp32（CPU）导出，加载并移到设备后再用 torchao 量化（见 torch_int8.py 的说明）。"""
     def apply(module):
         from algorithm.serving.runtime.engines.torch_int8 import quantize_int8
 

@@ -13,7 +13,8 @@
 torchao 在追踪时按张量所在设备选实现——在 CPU 上导出的程序固化的是 CPU 的 int8 路径
 （_int_scaled_matmul_cpu / aten._int_mm），还带 torchao 的自定义算子（加载需 import torchao）；
 而本项目在 CPU 上导出、在 GPU 上运行。先移到 GPU 再量化，torch.compile 看到的是 GPU 的 int8 路径
-（Inductor 的 int8 矩阵乘模板），所以 .pt2 仍按 fp16/fp32 导出，int8 只是服务时的一步变换。
+（Inductor 的 int8 矩阵乘模板），所以 .pt2 仍按浮点导出（GPU 上 bf16、CPU 上 fp32，为什么不是 fp16 见
+engines/torch.int8_base_precision），int8 只是服务时的一步变换。
 """
 from __future__ import annotations
 

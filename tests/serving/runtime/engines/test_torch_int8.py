@@ -167,3 +167,21 @@ def test_gpu_int8_is_refused_before_export_unless_allowed():
     check_gpu_int8(cfg, "cpu")
     check_gpu_int8(dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, allow_unverified_gpu_int8=True)), "cuda")
     check_gpu_int8(dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, precision="fp16")), "cuda")
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_bf16_base_int8_matches_fp32_topk(trained, mode):
+    """GPU 上 int8 的底本是 bf16（engines/torch.int8_base_precision：fp16 在 torchao 缩放之前溢出）。bf16 底本 + int8
+    在本机 CPU 上同样通过门禁（CPU 的 int8 内核与 CUDA 的不同，这里只证明 bf16 底本这条路本身的答案是对的）。"""
+    from algorithm.serving.engines.torch import int8_base_precision
+
+    assert int8_base_precision("cuda") == "bf16" and int8_base_precision("cpu") == "fp32"
+    model, feeds = trained
+    ref = _run(model, feeds)
+    q = quantize_int8(copy.deepcopy(model).to(torch.bfloat16), mode)
+    rec, scores = _run(q, feeds)
+    assert np.isfinite(scores).all()
+    cmp = compare_topk(ref[0], ref[1], rec, scores, tie_tolerance=0.01)
+    print(f"\nbf16 底本 int8 {mode}：top-50 重合 {cmp.overlap:.4f}，top-1 一致 {cmp.top1_agreement:.3f}，"
+          f"分数 MAE {cmp.score_mae:.2e}")
+    assert cmp.overlap >= 0.95 and cmp.top1_agreement >= 0.97 and cmp.score_mae <= 0.05
