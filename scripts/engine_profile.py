@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import inspect
 import json
 import math
@@ -399,13 +398,12 @@ class Report:
         self.write()
         try:
             result = fn()
-            self.data["skipped"].pop(name, None)
             self.data["sections"][name] = result
         except Exception as e:  # 一节失败不影响其它节：记下完整的异常
             result = None
-            self.data["skipped"].pop(name, None)
             self.data["errors"][name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
             print(f"[失败] {name}: {type(e).__name__}: {e}", flush=True)
+        self.data["skipped"].pop(name)  # 这一节已结束（成功或记进 errors），去掉“运行中”
         self.data.setdefault("section_seconds", {})[name] = time.time() - t
         self.write()
         return result
@@ -851,24 +849,15 @@ def run_profile(args) -> Dict[str, Any]:
     def int8_base() -> Tuple[str, str]:
         """int8 的底本 .pt2 与它的精度：与构建相同（engines/torch.int8_base_precision：GPU 上 bf16，因为 fp16 在 torchao
         缩放之前溢出）；仓库的 .pt2 精度不同时，用由它重建的 eager 模型按底本精度重新导出到临时目录（只导出一次）。"""
-        from algorithm.serving.engines.torch import DTYPES, _strip_device_asserts, int8_base_precision
+        from algorithm.serving.engines.torch import export_program, int8_base_precision
 
         want = args.int8_base if args.int8_base != "auto" else int8_base_precision(device.type)
         if meta["precision"] == want:
             return meta["engine_file"], want
         if "int8_base" not in state:
-            m = copy.deepcopy(state["model"]).to(getattr(torch, DTYPES[want]))
-            feeds = hist.encode(hist.sample(2, seed=3), pad_to=16)  # 导出用的示例：长度 >= 2，动态维不被特化
-            ex = _to_device(feeds, device)
-            dims = {0: torch.export.Dim("batch", min=1, max=4096),  # 门禁一批 64 条等：上界放宽
-                    1: torch.export.Dim("seq_len", min=1, max=meta["max_seq_length"])}
-            with torch.no_grad():
-                ep = torch.export.export(m, ex, dynamic_shapes=tuple(dims for _ in ex))
-            _strip_device_asserts(ep)
+            # 门禁一批 64 条等：batch 上界放宽到 4096
             path = os.path.join(tempfile.mkdtemp(prefix="int8_base_"), f"{want}.pt2")
-            torch.export.save(ep, path)
-            state["int8_base"] = path
-            del m
+            state["int8_base"] = export_program(state["model"], path, want, 4096, meta["max_seq_length"])
         return state["int8_base"], want
 
     def int8(qmode: str):

@@ -35,9 +35,10 @@ def build(config: ServingConfig, model, catalog: Catalog, onnx_path: str, engine
 
     e = config.engine
     int8 = config.export.precision == "int8"
-    check_gpu_int8(config, resolve_device(e.device))
+    device = resolve_device(e.device)
+    check_gpu_int8(config, device)
     artifact = export_torch_program(model, os.path.join(engine_dir, f"{config.model.name}.pt2"), config)
-    runner = TorchRunner(artifact, config.contract(), resolve_device(e.device), 0, e.compile_mode, e.cuda_graphs,
+    runner = TorchRunner(artifact, config.contract(), device, 0, e.compile_mode, e.cuda_graphs,
                          e.batch_buckets, config.seq_buckets(), compile_cache_dir(config),
                          transform=int8_transform(e.int8_mode) if int8 else None)
     return BuiltEngine(artifact, runner, reports={"torch_engine": {
@@ -69,9 +70,7 @@ def check_gpu_int8(config: ServingConfig, device: str) -> None:
 
 
 def export_torch_program(model, path: str, config: ServingConfig) -> str:
-    """torch.export（batch 与 seq_len 动态）-> .pt2。precision 决定权重 dtype（fp32 / fp16 / bf16；int8 见 int8_base_precision）。"""
-    import torch
-
+    """torch.export（batch 与 seq_len 动态）-> .pt2。precision 决定权重 dtype（fp32 / fp16；int8 见 int8_base_precision）。"""
     precision = config.export.precision
     if precision == "int8":
         from algorithm.serving.runtime.engines.torch import resolve_device
@@ -79,14 +78,22 @@ def export_torch_program(model, path: str, config: ServingConfig) -> str:
         precision = int8_base_precision(resolve_device(config.engine.device))
     if precision not in DTYPES:
         raise ConfigError(f"torch 引擎支持 export.precision=fp32 / fp16 / int8，得到 {precision!r}")
-    dtype = getattr(torch, DTYPES[precision])
-    m = copy.deepcopy(model).eval().to(dtype)
+    return export_program(model, path, precision, config.export.max_batch_size, config.export.max_seq_length)
+
+
+def export_program(model, path: str, precision: str, max_batch: int, max_seq: int) -> str:
+    """把 model 按 precision（DTYPES 的键）做 torch.export（batch <= max_batch、seq_len <= max_seq 动态）并存成 .pt2。
+    构建与剖析（scripts/engine_profile.py 按 int8 底本重新导出）共用。示例输入放在模型所在的设备上。"""
+    import torch
+
+    m = copy.deepcopy(model).eval().to(getattr(torch, DTYPES[precision]))
     # 掩码与前缀树缓冲区保持原类型（bool / 整数），只有浮点参数变精度
+    device = next(m.parameters()).device
     contract = model.cfg.contract()
     feeds = contract.random_inputs(2, 16, np.random.default_rng(0), lengths=np.array([16, 8]))
-    args = tuple(torch.from_numpy(feeds[n]) for n in contract.input_names)
-    batch = torch.export.Dim("batch", min=1, max=max(2, config.export.max_batch_size))
-    seq = torch.export.Dim("seq_len", min=1, max=max(2, config.export.max_seq_length))
+    args = tuple(torch.from_numpy(feeds[n]).to(device) for n in contract.input_names)
+    batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
+    seq = torch.export.Dim("seq_len", min=1, max=max(2, max_seq))
     with torch.no_grad():
         ep = torch.export.export(m, args, dynamic_shapes=tuple({0: batch, 1: seq} for _ in args))
     _strip_device_asserts(ep)
