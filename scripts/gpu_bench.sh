@@ -11,7 +11,7 @@
 #   bash scripts/gpu_bench.sh floor      # ../shared/probes/python-backend-floor（拷在 .carry/probe）的 4/2 实例配置
 #   bash scripts/gpu_bench.sh sweep      # Triton 设置的 multirun（SWEEP 覆盖；每组 1 次、较短的压测），一张汇总表
 #   bash scripts/gpu_bench.sh soak       # 生产设置：SLA 搜索 1 次，再以其 70% 浸泡 10 分钟，再 2 倍过载 60 s（issue #15）
-#   bash scripts/gpu_bench.sh overload   # 只有 SLA 搜索与 2 倍过载（OVERLOAD_QT_US：引擎的排队超时，默认 15000）
+#   bash scripts/gpu_bench.sh overload   # 只有 SLA 搜索与 2 倍过载（OVERLOAD_QT_US：引擎的排队超时，默认 15000 = 配置默认）
 # 一整轮超过 device 工具单次调用的 10 分钟：用 scripts/gpu_campaign.sh 在后台按序运行多个阶段。
 # 构建产物在 /tmp/gpubuild（不在带来的目录里，同一台机器热着时各阶段复用）。
 set -euo pipefail
@@ -159,7 +159,8 @@ PYEOF
         ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/soak.log"
     ;;
   overload)
-    # 过载时被接受请求的 P99 由排队超时决定（超时 + 一次 execute）：用更短的超时再测一次，与 soak 阶段的默认 30 ms 对照
+    # 过载时被接受请求的 P99 由排队超时决定（超时 + 一次 execute）：不浸泡、只测 SLA 与 2 倍过载，OVERLOAD_QT_US 可换超时
+    # 对照（默认 15000 = 现在配置的默认；2026-11-27 用它与 2026-11-25 的 30 ms 对照，之后默认改为 15 ms）
     $PY scripts/benchmark.py "${COMMON[@]}" "${TRITON[@]}" triton.queue_timeout_us=${OVERLOAD_QT_US:-15000} build_dir=$G/new \
         "${BENCH[@]}" benchmark.repeats=1 "benchmark.concurrency=[]" benchmark.floor=false benchmark.offline_samples=0 \
         benchmark.trace_rate=0 benchmark.soak_s=0 benchmark.overload_s=${OVERLOAD_S:-60} \
