@@ -6,9 +6,9 @@
   a. eager 模块（由同一个 .pt2 的权重重建的 UGTModel）按 forward 的顺序分阶段计时（GPU 上用 CUDA 事件，
      CPU 上用 perf_counter），分阶段的重写与 model(...) 的输出逐位比较（不一致时报告后以退出码 3 结束）；
   b. 带加性浮点掩码时各 SDPA 后端能否运行、各自耗时，以及默认选中的后端（profiler 里的算子名）；
-  c. 默认长度分布下仓库的 seq 桶与 bucket_plan 规划的 4 个桶的填充比例；
+  c. 默认长度分布下仓库的 seq 桶与 bucket_plan 规划的 4 个、8 个桶的填充比例；
   d. 每个阶段的 FLOPs、字节数（权重读一次 + 激活各读写一次的估计）、达到的 TFLOP/s 与 GB/s；
-  e. 仓库里的 TorchRunner（编译 + CUDA Graph）按长度组成批的离线吞吐与 MFU；规划桶下的同一测量；
+  e. 仓库里的 TorchRunner（编译 + CUDA Graph）按长度组成批的离线吞吐与 MFU；规划的 4 个、8 个桶下的同一测量；
      torchao 可用时 int8（服务时量化加载后的模块，再同样编译；--int8-modes 的每种方式一节，编译失败时退到
      eager + CUDA Graph、再退到 eager）的吞吐与对 fp32 的门禁数字（不过 INT8_GATE 时报告写“不通过”）。
 每一节独立：失败只记进报告（error），预算（--budget-s）不够时跳过并写明原因；每节开始与结束都重写报告
@@ -360,7 +360,7 @@ class Histories:
 # ---------------------------------------------------------------- 报告
 # --only 可点的节（"int8" 代表各个 throughput_int8_*）
 SECTIONS = ("environment", "load", "stage_check", "stages", "sdpa", "self_attention", "padding", "throughput",
-            "kernels_compiled", "throughput_planned", "int8")
+            "kernels_compiled", "throughput_planned", "throughput_planned_8", "int8")
 # int8 的门禁（issue #12）：对 fp32 的 top-50 重合与 top-1 一致
 INT8_GATE = {"overlap": 0.95, "top1": 0.97}
 
@@ -486,7 +486,7 @@ def render_markdown(data: Dict[str, Any]) -> str:
                                        ("padded_token_share", "填充 token", ".1%"),
                                        ("cost_ratio", "代价比（二次模型）", ".3f"),
                                        ("flops_ratio", "FLOPs 比（模型）", ".3f"), ("request_share", "各桶请求", "")]))
-    for key in ["throughput", "throughput_planned"] + sorted(k for k in s if k.startswith("throughput_int8")):
+    for key in ["throughput", "throughput_planned", "throughput_planned_8"] + sorted(k for k in s if k.startswith("throughput_int8")):
         tp = s.get(key)
         if not tp:
             continue
@@ -503,9 +503,11 @@ def render_markdown(data: Dict[str, Any]) -> str:
             md.append(f"门禁（对 fp32 eager，{g['rows']} 条）：top-50 重合 {g['overlap']:.4f}，top-1 一致 "
                       f"{g['top1_agreement']:.3f}，分数 MAE {g['score_mae']:.2e}{verdict}\n")
     kern = s.get("kernels_compiled")
-    if kern:
-        md.append(f"## 运行器一次运行的内核 / 算子（{kern['shape']}，{kern.get('device')}，按自身时间）\n")
-        md.append(_table(kern["top"], [("name", "内核", ""), ("ms", "ms", ".3f"), ("count", "次数", "")]))
+    for run in (kern or {}).get("runs", []):
+        md.append(f"## 运行器一次运行的内核 / 算子（{run['shape']}，{run.get('device')}，按自身时间）\n")
+        md.append(f"一次 run {run['wall_ms']:.3f} ms；内核自身时间合计 {run['busy_ms']:.3f} ms，{run['launches']} 个内核"
+                  f"（{kern.get('note', '')}）\n")
+        md.append(_table(run["top"], [("name", "内核", ""), ("ms", "ms", ".3f"), ("count", "次数", "")]))
     if data.get("skipped"):
         md.append("## 跳过\n" + "".join(f"- {k}：{v}\n" for k, v in data["skipped"].items()))
     if data.get("errors"):
@@ -815,36 +817,55 @@ def run_profile(args) -> Dict[str, Any]:
     rep.section("throughput", throughput, need_s=20 if on_gpu else 0)
 
     def kernels_compiled():
-        # GPU：一次 CUDA Graph 重放里的内核（按 GPU 时间）；CPU（--quick 检查同一段代码）：运行器的 CPU 算子
+        # GPU：一次 CUDA Graph 重放里的内核（按 GPU 时间）；CPU（--quick 检查同一段代码）：运行器的 CPU 算子。
+        # 最小与最大 batch 各一次：服务时每次 execute 只有几个请求，小 batch 的一次运行约 2 ms 里多少是内核、多少是内核之间的
+        # 空隙（内核个数 × 每个的最短时间），决定该去减内核数还是加大 batch
         runner = state["runner"]
-        b = max(batches)
         L = 128 if 128 in meta["seq_buckets"] else (meta["seq_buckets"] or [64])[0]
-        feeds = hist.encode(hist.sample(b, seed=5), pad_to=L)
-        feeds = {k: v[:, :L] for k, v in feeds.items()}
-        runner.run(feeds)
-        acts = [torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU]
-        with torch.profiler.profile(activities=acts) as prof:
+        runs = []
+        for b in sorted({min(batches), max(batches)}):
+            feeds = hist.encode(hist.sample(b, seed=5), pad_to=L)
+            feeds = {k: v[:, :L] for k, v in feeds.items()}
             runner.run(feeds)
-            clock.sync()
-        return {"shape": f"b{b}xL{L}", "device": device.type, "top": _top_ops(prof, 25, device=on_gpu)}
+            walls = []
+            for _ in range(repeats):
+                a = clock.mark()
+                runner.run(feeds)
+                walls.append(clock.seconds(a, clock.mark()))
+            acts = [torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU]
+            with torch.profiler.profile(activities=acts) as prof:
+                runner.run(feeds)
+                clock.sync()
+            every = _top_ops(prof, 10 ** 6, device=on_gpu)
+            runs.append({"shape": f"b{b}xL{L}", "device": device.type, "wall_ms": float(np.median(walls)) * 1e3,
+                         "busy_ms": sum(r["ms"] for r in every), "launches": sum(r["count"] for r in every),
+                         "top": every[:25]})
+        return {"runs": runs, "note": "wall = 运行器一次 run 的时间（中位数，含拷入拷出）；busy = 各内核（CPU 上是算子）"
+                                      "自身时间之和；launches = 内核（算子）次数"}
     if "runner" in state:
         rep.section("kernels_compiled", kernels_compiled, need_s=5)
 
-    def throughput_planned():
-        runner = state["runner"]
-        planned = state.get("planned") or plan_seq_buckets(
-            default_lengths(meta["length_median"], meta["length_sigma"], meta["max_seq_length"], 100_000, 0),
-            4, meta["max_seq_length"])
-        # 同一个运行器（已编译，dynamic=True）：只换长度桶，新的桶在首次运行时惰性捕获
-        runner.seq_buckets = type(runner.seq_buckets)(sorted(planned))
-        try:
-            res = offline(runner, planned, f"规划的 4 个桶 {planned}（同一运行器，只换桶）", peak)
-        finally:
-            runner.seq_buckets = type(runner.seq_buckets)(meta["seq_buckets"])
-        res["note"] = "与“仓库的 TorchRunner”同一运行器、同一批历史，只把 seq 桶换成 bucket_plan 的结果。"
-        return res
+    def planned_throughput(n: int):
+        def run():
+            runner = state["runner"]
+            if n == 4 and state.get("planned"):
+                planned = state["planned"]
+            else:
+                planned = plan_seq_buckets(default_lengths(meta["length_median"], meta["length_sigma"],
+                                                           meta["max_seq_length"], 100_000, 0), n, meta["max_seq_length"])
+            # 同一个运行器（已编译，dynamic=True）：只换长度桶，新的桶在首次运行时惰性捕获
+            runner.seq_buckets = type(runner.seq_buckets)(sorted(planned))
+            try:
+                res = offline(runner, planned, f"规划的 {n} 个桶 {planned}（同一运行器，只换桶）", peak)
+            finally:
+                runner.seq_buckets = type(runner.seq_buckets)(meta["seq_buckets"])
+            res["note"] = "与“仓库的 TorchRunner”同一运行器、同一批历史，只把 seq 桶换成 bucket_plan 的结果。"
+            return res
+        return run
     if "runner" in state:
-        rep.section("throughput_planned", throughput_planned, need_s=20 if on_gpu else 0)
+        rep.section("throughput_planned", planned_throughput(4), need_s=20 if on_gpu else 0)
+        # 8 个桶：填充从约 36 % 降到约 20 %（padding 一节），但每个长度组更小、启动更多；测出来才知道哪边赢
+        rep.section("throughput_planned_8", planned_throughput(8), need_s=30 if on_gpu else 0)
 
     def int8_base() -> Tuple[str, str]:
         """int8 的底本 .pt2 与它的精度：与构建相同（engines/torch.int8_base_precision：GPU 上 bf16，因为 fp16 在 torchao

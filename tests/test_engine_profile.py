@@ -53,7 +53,11 @@ def test_engine_profile_quick_on_cpu(torch_repo, tmp_path):
     assert s["throughput"]["gates"]["overlap"] == 1.0  # 同一 fp32 程序
     assert all(r["req_per_s"] > 0 for r in s["throughput"]["rows"])
     assert s["throughput_planned"]["seq_buckets"] == s["padding"]["planned_4"]
-    assert s["kernels_compiled"]["top"]
+    assert s["throughput_planned_8"]["seq_buckets"] == [r for r in s["padding"]["rows"] if r["name"] == "规划 8 桶"][0]["buckets"]
+    runs = s["kernels_compiled"]["runs"]
+    tb = [r["batch"] for r in s["throughput"]["rows"]]
+    assert [r["shape"].split("x")[0] for r in runs] == [f"b{min(tb)}", f"b{max(tb)}"], runs
+    assert all(r["top"] and r["launches"] >= len(r["top"]) and 0 < r["busy_ms"] for r in runs)
     try:
         import torchao  # noqa: F401
     except ImportError:

@@ -68,6 +68,7 @@ def test_bad_input_battery_is_refused_clearly_and_service_is_unchanged(server, b
         ("错误秩", model, {HISTORY_INPUT: h.reshape(1, 1, -1)}, None, [HISTORY_INPUT, "shape"]),
         ("缺少输入", model, {BEHAVIOR_INPUT: np.zeros_like(h)}, None, [HISTORY_INPUT]),
         ("没有输入", model, {}, None, ["0 inputs"]),  # Triton 自己拒绝
+        ("错名的输入", model, {"history": h}, None, ["'history'"]),  # Triton 自己拒绝：写出错名，不列期望的输入
         ("batch 超过上限", model, {HISTORY_INPUT: np.repeat(h, cfg.export.max_batch_size + 1, 0)}, None, ["batch"]),
         ("超长请求体", model, {HISTORY_INPUT: np.ones((1, cfg.triton.max_history_items + 1), np.int64)}, None,
          [HISTORY_INPUT, "上限"]),
@@ -94,6 +95,7 @@ def test_bad_input_battery_is_refused_clearly_and_service_is_unchanged(server, b
         with pytest.raises(InferenceServerException) as e:
             infer_raw(url, target, arrays, dtypes)
         msg = str(e.value)
+        print(f"{what}: {msg}")
         assert all(w in msg for w in words), (what, msg)
         assert server.is_ready(), what
     # 超过 max_seq_length 的历史按规则截断（保留最近的），不是错误
