@@ -138,11 +138,12 @@ class EngineConfig:
     # 更便宜时合并（runtime/batching.plan_groups）。只对有 CUDA Graph 计时的 torch 引擎起作用
     plan_groups: bool = True
     # torch 引擎的 int8（torchao，服务时在加载的模块上量化，见 runtime/engines/torch_int8.py）：
-    # dynamic = 按行动态 int8 激活 + 按通道 int8 权重；weight_only = 只量化权重。打分头与嵌入不量化
-    int8_mode: str = "dynamic"
-    # GPU 上的 torch int8 在 H100（torch 2.11 + torchao 0.18）上没有通过门禁：eager 的输出 top-50 重合 0、分数 inf，
-    # 编译 240 s 内没有结束（benchmarks/h100-2026-11-27/machine2）。默认在构建开头就拒绝；true = 照样试（门禁照常把关）
-    allow_unverified_gpu_int8: bool = False
+    # dynamic = 按行动态 int8 激活 + 按通道 int8 权重；weight_only = 只量化权重。打分头与嵌入不量化。
+    # auto：GPU 上 weight_only（H100 上 dynamic 在 CUDA Graph 捕获时失败），CPU 上 dynamic（engines/torch.int8_modes）
+    int8_mode: str = "auto"
+    # GPU 上 int8 的编译方式（代替 compile_mode）：none = eager + CUDA Graph。H100 上 torch.compile 量化后的模块
+    # 240 s 内没有编译完（benchmarks/h100-2026-11-27/machine2），测过、能用的是 none
+    gpu_int8_compile_mode: str = "none"
     # 长度桶的规划：0 = 按 seq_buckets 原样；N > 0 = 构建时按压测的长度分布（benchmark.length_*）规划至多 N 个桶，
     # 使期望的填充后计算量最小（bucket_plan.plan_seq_buckets，最后一个桶为 export.max_seq_length），代替 seq_buckets
     seq_bucket_plan: int = 0
@@ -173,7 +174,9 @@ class EngineConfig:
         splits = list(self.trt_seq_splits)
         if splits != sorted(set(splits)) or (splits and splits[0] < 1):
             raise ConfigError(f"engine.trt_seq_splits 应为严格递增的正整数列表（可为空），得到 {splits}")
-        _choice("engine", "int8_mode", self.int8_mode, ("dynamic", "weight_only"))
+        _choice("engine", "int8_mode", self.int8_mode, ("auto", "dynamic", "weight_only"))
+        _choice("engine", "gpu_int8_compile_mode", self.gpu_int8_compile_mode,
+                ("none", "default", "max-autotune-no-cudagraphs", "max-autotune"))
         _positive("engine", "seq_bucket_plan", self.seq_bucket_plan, allow_zero=True)
         _positive("engine", "seq_bucket_align", self.seq_bucket_align)
         _positive("engine", "opt_batch_size", self.opt_batch_size)

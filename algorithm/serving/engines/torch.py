@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Callable
+from typing import Callable, Tuple
 
 import numpy as np
 
@@ -36,14 +36,15 @@ def build(config: ServingConfig, model, catalog: Catalog, onnx_path: str, engine
     e = config.engine
     int8 = config.export.precision == "int8"
     device = resolve_device(e.device)
-    check_gpu_int8(config, device)
+    check_gpu_int8(config, device, log)
+    int8_mode, compile_mode = int8_modes(config, device)
     artifact = export_torch_program(model, os.path.join(engine_dir, f"{config.model.name}.pt2"), config)
-    runner = TorchRunner(artifact, config.contract(), device, 0, e.compile_mode, e.cuda_graphs,
+    runner = TorchRunner(artifact, config.contract(), device, 0, compile_mode, e.cuda_graphs,
                          e.batch_buckets, config.seq_buckets(), compile_cache_dir(config),
-                         transform=int8_transform(e.int8_mode) if int8 else None)
+                         transform=int8_transform(int8_mode) if int8 else None)
     return BuiltEngine(artifact, runner, reports={"torch_engine": {
         "load_seconds": runner.load_seconds, "capture_seconds": runner.capture_seconds,
-        "cuda_graphs": len(runner.slots), "compile_mode": e.compile_mode,
+        "cuda_graphs": len(runner.slots), "compile_mode": compile_mode, "int8_mode": int8_mode if int8 else None,
         "bucket_seconds": runner.bucket_seconds()}})
 
 
@@ -57,16 +58,31 @@ def int8_base_precision(device: str) -> str:
     return "bf16" if device == "cuda" else "fp32"
 
 
-def check_gpu_int8(config: ServingConfig, device: str) -> None:
-    """GPU 上的 torch int8 在 H100 上测过、不能用：在导出与编译之前就说清楚，而不是几分钟后在门禁或编译里失败。"""
-    if config.export.precision != "int8" or device != "cuda" or config.engine.allow_unverified_gpu_int8:
+def int8_modes(config: ServingConfig, device: str) -> Tuple[str, str]:
+    """(int8 的量化方式, 编译方式)，按设备定；构建与服务进程（triton_config.runtime_spec）都用这里的结果。
+    不是 int8 时原样返回配置。GPU 上：auto -> weight_only（H100 上 dynamic 的 CUDA Graph 捕获失败），编译用
+    engine.gpu_int8_compile_mode（默认 none：torch.compile 量化后的模块在 H100 上 240 s 内没有编译完）；CPU 上 auto -> dynamic。"""
+    e = config.engine
+    if config.export.precision != "int8":
+        return e.int8_mode, e.compile_mode
+    on_gpu = device == "cuda"
+    mode = e.int8_mode if e.int8_mode != "auto" else ("weight_only" if on_gpu else "dynamic")
+    return mode, (e.gpu_int8_compile_mode if on_gpu else e.compile_mode)
+
+
+def check_gpu_int8(config: ServingConfig, device: str, log: Log = lambda s: None) -> None:
+    """GPU 上的 torch int8：H100 上测不通的组合在导出之前就拒绝并说明原因，能用的组合写明测得的速度（比 fp16 慢）。"""
+    if config.export.precision != "int8" or device != "cuda":
         return
-    raise ConfigError(
-        "engine=torch precision=int8 在 GPU 上还没有验证过的实现：H100 上（torch 2.11、torchao 0.18）以 fp16 为底本时 torchao 的 "
-        "int8 输出错误（top-50 重合 0、分数 inf：缩放之前就超出了 fp16 的范围），torch.compile 240 s 内没有编译完"
-        "（benchmarks/h100-2026-11-27/machine2/int8_eager、profile_int8_*）。底本现在改为 bf16（见 int8_base_precision），"
-        "但还没有在 GPU 上测过。GPU 上请用 precision=fp16；要 int8 可用 engine=onnxruntime（CPU）或能装 TensorRT 的环境里的 "
-        "engine=tensorrt；要在 GPU 上试 bf16 底本的 int8，加 engine.allow_unverified_gpu_int8=true（构建时的门禁照常把关）。")
+    mode, compile_mode = int8_modes(config, device)
+    if mode == "dynamic" and config.engine.cuda_graphs:
+        raise ConfigError(
+            "engine.int8_mode=dynamic 在 GPU 上不能捕获 CUDA Graph：H100 上（torch 2.11、torchao 0.18）捕获时报 "
+            "cudaErrorStreamCaptureInvalidated，不用图时 b16 / b64 只有 20 / 120 req/s（benchmarks/h100-2026-11-27/machine4/"
+            "profile_int8_dynamic_none）。用 engine.int8_mode=weight_only（或 auto），或 engine.cuda_graphs=false 接受这个速度。")
+    log(f"GPU 上的 torch int8：{mode}，编译 {compile_mode}，bf16 底本。H100 上（ugt_base，1 次）门禁通过（对 fp32 的 top-50 "
+        f"重合 0.977、top-1 0.984），但速度只有同样 eager + CUDA Graph 的 fp16 的 0.58–0.61 倍（b16 / b64 2010 / 2817 对 "
+        f"3447 / 4606 req/s，benchmarks/h100-2026-11-27/machine4/）：要速度请用 precision=fp16")
 
 
 def export_torch_program(model, path: str, config: ServingConfig) -> str:

@@ -152,21 +152,34 @@ def test_unknown_mode_is_refused():
         quantize_int8(build_model(UGTConfig(max_seq_length=32)), "int4")
 
 
-def test_gpu_int8_is_refused_before_export_unless_allowed():
-    """GPU 上的 torch int8 在 H100 上没过门禁：构建开头就给出写明原因与替代的错误；显式允许时放行；CPU 上不受影响。"""
+def test_gpu_int8_settings_follow_the_h100_measurement():
+    """GPU 上的 torch int8 按 H100 上测过的组合走：auto -> weight_only + eager（compile none）+ CUDA Graph，构建日志写明
+    测得的速度（比 fp16 慢）；dynamic + CUDA Graph（捕获失败）在导出之前被拒、错误写明替代；CPU 与非 int8 不受影响。"""
     import dataclasses
 
     from algorithm.errors import ConfigError
     from algorithm.serving.config import EngineConfig, ExportConfig
-    from algorithm.serving.engines.torch import check_gpu_int8
+    from algorithm.serving.engines.torch import check_gpu_int8, int8_modes
+    from algorithm.serving.triton_config import runtime_spec
     from conftest import tiny_config
 
     cfg = tiny_config("b", engine=EngineConfig(kind="torch"), export=ExportConfig(precision="int8"))
-    with pytest.raises(ConfigError, match="precision=fp16"):
-        check_gpu_int8(cfg, "cuda")
-    check_gpu_int8(cfg, "cpu")
-    check_gpu_int8(dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, allow_unverified_gpu_int8=True)), "cuda")
-    check_gpu_int8(dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, precision="fp16")), "cuda")
+    assert int8_modes(cfg, "cuda") == ("weight_only", "none")
+    assert int8_modes(cfg, "cpu") == ("dynamic", cfg.engine.compile_mode)
+    spec = runtime_spec(cfg, on_gpu=True)  # 服务进程拿到的是同样的结果
+    assert (spec.int8_mode, spec.compile_mode) == ("weight_only", "none")
+    assert (runtime_spec(cfg).int8_mode, runtime_spec(cfg).compile_mode) == ("dynamic", cfg.engine.compile_mode)
+    said = []
+    check_gpu_int8(cfg, "cuda", said.append)
+    assert len(said) == 1 and "weight_only" in said[0] and "precision=fp16" in said[0]
+    dyn = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, int8_mode="dynamic"))
+    with pytest.raises(ConfigError, match="int8_mode=weight_only"):
+        check_gpu_int8(dyn, "cuda")
+    check_gpu_int8(dataclasses.replace(dyn, engine=dataclasses.replace(dyn.engine, cuda_graphs=False)), "cuda")
+    check_gpu_int8(dyn, "cpu")
+    fp16 = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, precision="fp16"))
+    check_gpu_int8(fp16, "cuda")
+    assert int8_modes(fp16, "cuda") == (cfg.engine.int8_mode, cfg.engine.compile_mode)
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
