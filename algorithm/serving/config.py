@@ -328,7 +328,8 @@ class BenchmarkConfig:
     # 算 MFU 用的设备峰值（TFLOP/s，按引擎精度的稠密峰值）；0 = 不算。H100 SXM 的 fp16/bf16 稠密峰值为 989
     peak_tflops: float = 0.0
     # 浸泡（issue #15）：soak_s 秒的开环负载，按 soak_window_s 分窗报告每窗的 P99、错误、服务器 RSS 与 GPU 显存；
-    # 速率 soak_rate，0 = soak_fraction x 本次测得的 SLA 速率（各次重复的中位数）。0 秒 = 不做
+    # 速率 soak_rate，0 = soak_fraction x 本次测得的 SLA 速率（各次重复的中位数；没有确认过的点时用搜索得到的速率并写明
+    # 未确认，bench/app.soak_sla_rate）。0 秒 = 不做
     soak_s: float = 0.0
     soak_rate: float = 0.0
     soak_fraction: float = 0.7

@@ -43,6 +43,23 @@ def test_sweep_summary_is_one_table(tmp_path):
     assert json.load(open(os.path.join(sweep, "summary.json")))[0]["overrides"].startswith("model=ugt_tiny")
 
 
+def test_soak_rate_falls_back_to_the_unconfirmed_search_rate(built):
+    """浸泡的依据：确认过的 SLA 速率 > soak_rate 反推 > 搜索得到但没确认的速率（写明未确认）> 不做（写明原因）。"""
+    cfg, _ = built
+    b = cfg.benchmark
+    runs = [{"sla": {"search_rate": 562.5, "max_rate": None}}, {"sla": {"search_rate": 500.0, "max_rate": None}},
+            {"sla": {"search_rate": None, "max_rate": None}}]
+    confirmed = {"headline": {"sla_rate": {"median": 1125.0}}, "runs": runs}
+    assert app.soak_sla_rate(confirmed, b) == (1125.0, "")
+    none = {"headline": {"sla_rate": {"median": None}}, "runs": runs}
+    sla, note = app.soak_sla_rate(none, b)
+    assert sla == 531.25 and "未确认" in note
+    fixed = dataclasses.replace(b, soak_rate=350.0, soak_fraction=0.7)
+    assert app.soak_sla_rate(none, fixed) == (500.0, "")
+    sla, note = app.soak_sla_rate({"headline": {"sla_rate": {}}, "runs": runs[2:]}, b)
+    assert sla == 0.0 and "没有做浸泡" in note
+
+
 def test_soak_and_overload_run_from_the_benchmark_config(built, tmp_path, capsys):
     """benchmark.soak_s / overload_s 从压测入口跑（GPU 上是 10 分钟与 60 s）：报告里有每窗的数字与判定，摘要里有两行。"""
     cfg, _ = built
