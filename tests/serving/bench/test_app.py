@@ -43,10 +43,11 @@ def test_sweep_summary_is_one_table(tmp_path):
     assert json.load(open(os.path.join(sweep, "summary.json")))[0]["overrides"].startswith("model=ugt_tiny")
 
 
-def test_soak_rate_falls_back_to_the_unconfirmed_search_rate(built):
+def test_soak_rate_falls_back_to_the_unconfirmed_search_rate():
     """浸泡的依据：确认过的 SLA 速率 > soak_rate 反推 > 搜索得到但没确认的速率（写明未确认）> 不做（写明原因）。"""
-    cfg, _ = built
-    b = cfg.benchmark
+    from algorithm.serving.config import BenchmarkConfig
+
+    b = BenchmarkConfig()
     runs = [{"sla": {"search_rate": 562.5, "max_rate": None}}, {"sla": {"search_rate": 500.0, "max_rate": None}},
             {"sla": {"search_rate": None, "max_rate": None}}]
     confirmed = {"headline": {"sla_rate": {"median": 1125.0}}, "runs": runs}
@@ -55,7 +56,8 @@ def test_soak_rate_falls_back_to_the_unconfirmed_search_rate(built):
     sla, note = app.soak_sla_rate(none, b)
     assert sla == 531.25 and "未确认" in note
     fixed = dataclasses.replace(b, soak_rate=350.0, soak_fraction=0.7)
-    assert app.soak_sla_rate(none, fixed) == (500.0, "")
+    sla, note = app.soak_sla_rate(none, fixed)
+    assert sla == pytest.approx(500.0) and note == ""
     sla, note = app.soak_sla_rate({"headline": {"sla_rate": {}}, "runs": runs[2:]}, b)
     assert sla == 0.0 and "没有做浸泡" in note
 
