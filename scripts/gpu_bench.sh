@@ -9,7 +9,7 @@
 #   bash scripts/gpu_bench.sh bench_old  # 旧路径的服务器 + 新的压测工具（benchmark.url），3 次重复
 #   bash scripts/gpu_bench.sh bench_new  # 新路径，同样的 Triton 设置与压测，3 次重复，含地板、追踪、离线吞吐
 #   bash scripts/gpu_bench.sh floor      # ../shared/probes/python-backend-floor（拷在 .carry/probe）的 4/2 实例配置
-#   bash scripts/gpu_bench.sh sweep      # Triton 设置的 multirun（SWEEP 覆盖；每组 1 次、较短的压测），一张汇总表
+#   bash scripts/gpu_bench.sh sweep      # Triton 设置的 multirun（SWEEP 覆盖；每组 SWEEP_REPEATS 次，默认 1），一张汇总表
 #   bash scripts/gpu_bench.sh soak       # 生产设置：SLA 搜索 1 次，再以其 70% 浸泡 10 分钟，再 2 倍过载 60 s（issue #15）
 #   bash scripts/gpu_bench.sh overload   # 只有 SLA 搜索与 2 倍过载（OVERLOAD_QT_US：引擎的排队超时，默认 15000 = 配置默认）
 # 一整轮超过 device 工具单次调用的 10 分钟：用 scripts/gpu_campaign.sh 在后台按序运行多个阶段。
@@ -143,10 +143,11 @@ PYEOF
         ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile_old.log" || true
     ;;
   sweep)
-    # 每组：重启服务器、SLA 搜索 1 次、轻负载点、c=64；不测地板与离线（主测量里有）
+    # 每组：重启服务器、SLA 搜索、轻负载点、c=64，SWEEP_REPEATS 次（默认 1；比较设置要 3 次：同一设置重复间的 SLA 范围约 ±10–18 %）；
+    # 不测地板与离线（主测量里有）。例：SWEEP='triton.max_queue_delay_us=500,3000' SWEEP_REPEATS=3
     # 固定设置里不放要扫的键（引擎实例、等待），免得同一个键既固定又扫描：固定的只有前/后处理实例与 preferred batch
     $PY scripts/benchmark.py -m "${COMMON[@]}" triton.preprocess_instance_count=4 triton.postprocess_instance_count=4 \
-        "triton.preferred_batch_sizes=[8,16,32,64]" build_dir=$G/new "${BENCH[@]}" benchmark.repeats=1 "benchmark.concurrency=[64]" \
+        "triton.preferred_batch_sizes=[8,16,32,64]" build_dir=$G/new "${BENCH[@]}" benchmark.repeats=${SWEEP_REPEATS:-1} "benchmark.concurrency=[64]" \
         benchmark.floor=false benchmark.offline_samples=0 benchmark.trace_rate=0 \
         hydra.sweep.dir=$G/sweep ${SWEEP:-triton.instance_count=1,2 triton.max_queue_delay_us=500,2000} \
         ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/sweep.log"
