@@ -11,6 +11,8 @@
   e. 仓库里的 TorchRunner（编译 + CUDA Graph）按长度组成批的离线吞吐与 MFU；规划的 4 个、8 个桶下的同一测量；
      torchao 可用时 int8（服务时量化加载后的模块，再同样编译；--int8-modes 的每种方式一节，编译失败时退到
      eager + CUDA Graph、再退到 eager）的吞吐与对 fp32 的门禁数字（不过 INT8_GATE 时报告写“不通过”）。
+  f. 最小与最大 batch 各一张内核表（一次运行的时间、内核自身时间合计、内核个数）；GPU 上再测一个进程里 1 / 2 / 4 张图
+     在不同 CUDA 流上同时重放的吞吐（小 batch 的内核占不满 SM 时，几批同时跑能多出多少）。
 每一节独立：失败只记进报告（error），预算（--budget-s）不够时跳过并写明原因；每节开始与结束都重写报告
 （被外部超时杀掉时，报告里写着停在哪一节）。--only 只跑点名的节（例如 GPU 上单独测 int8：--only throughput,int8）。
 """
@@ -360,7 +362,7 @@ class Histories:
 # ---------------------------------------------------------------- 报告
 # --only 可点的节（"int8" 代表各个 throughput_int8_*）
 SECTIONS = ("environment", "load", "stage_check", "stages", "sdpa", "self_attention", "padding", "throughput",
-            "kernels_compiled", "throughput_planned", "throughput_planned_8", "int8")
+            "kernels_compiled", "concurrency", "throughput_planned", "throughput_planned_8", "int8")
 # int8 的门禁（issue #12）：对 fp32 的 top-50 重合与 top-1 一致
 INT8_GATE = {"overlap": 0.95, "top1": 0.97}
 
@@ -508,6 +510,13 @@ def render_markdown(data: Dict[str, Any]) -> str:
         md.append(f"一次 run {run['wall_ms']:.3f} ms；内核自身时间合计 {run['busy_ms']:.3f} ms，{run['launches']} 个内核"
                   f"（{kern.get('note', '')}）\n")
         md.append(_table(run["top"], [("name", "内核", ""), ("ms", "ms", ".3f"), ("count", "次数", "")]))
+    conc = s.get("concurrency")
+    if conc:
+        md.append(f"## 一个进程里几批同时跑（CUDA 流，L{conc['length']}）\n")
+        md.append(conc.get("note", "") + "\n")
+        md.append(_table(conc["rows"], [("batch", "batch", ""), ("k1_req_per_s", "1 条流 req/s", ".0f"),
+                                        ("k2_req_per_s", "2 条 req/s", ".0f"), ("k4_req_per_s", "4 条 req/s", ".0f"),
+                                        ("speedup_k2", "2 条倍数", ".2f"), ("speedup_k4", "4 条倍数", ".2f")]))
     if data.get("skipped"):
         md.append("## 跳过\n" + "".join(f"- {k}：{v}\n" for k, v in data["skipped"].items()))
     if data.get("errors"):
@@ -844,6 +853,56 @@ def run_profile(args) -> Dict[str, Any]:
                                       "自身时间之和；launches = 内核（算子）次数"}
     if "runner" in state:
         rep.section("kernels_compiled", kernels_compiled, need_s=5)
+
+    def concurrency():
+        # 一个进程里几张 CUDA Graph 同时在不同的流上重放（同一形状、各自的静态输入与内存池）：小 batch 时每个内核只有几微秒、
+        # 占不满 SM，NVML 的“忙”不等于算力用满。k 条流的吞吐对 1 条流的倍数，就是“一个进程里同时跑几批”（解耦的引擎模型、
+        # 或多实例 + MPS）最多能拿到多少——决定 #11 值不值得换托管方式
+        runner = state["runner"]
+        fn = runner.fn
+        L = 128 if 128 in meta["seq_buckets"] else meta["seq_buckets"][0]
+        out = {"length": L, "rows": []}
+        for b in sorted({min(batches), 16 if 16 in batches else min(batches)}):
+            feeds = hist.encode(hist.sample(b, seed=6), pad_to=L)
+            feeds = {k: v[:, :L] for k, v in feeds.items()}
+            graphs, keep = [], []
+            for _ in range(4):
+                static = _to_device(feeds, device)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), torch.no_grad():
+                    fn(*static)
+                torch.cuda.current_stream().wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g), torch.no_grad():
+                    fn(*static)
+                # 静态输入要活到重放结束：释放后内存被别的张量复用，重放读到的 id 可能越界（设备端断言会毁掉整个 CUDA 上下文）
+                keep.append(static)
+                graphs.append(g)
+            streams = [torch.cuda.Stream() for _ in graphs]
+            rounds = 30
+            row = {"batch": b}
+            for k in (1, 2, 4):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(rounds):
+                    for g, st in zip(graphs[:k], streams[:k]):
+                        with torch.cuda.stream(st):
+                            g.replay()
+                torch.cuda.synchronize()
+                sec = time.perf_counter() - t
+                row[f"k{k}_req_per_s"] = rounds * k * b / sec
+                row[f"k{k}_ms_per_round"] = sec / rounds * 1e3
+            row["speedup_k2"] = row["k2_req_per_s"] / row["k1_req_per_s"]
+            row["speedup_k4"] = row["k4_req_per_s"] / row["k1_req_per_s"]
+            out["rows"].append(row)
+            del graphs, keep
+        out["note"] = (f"同一编译函数、b x L{L}，每条流一张各自的图；k 条流各重放 {rounds} 轮。k=1 是现在一个实例的串行重放")
+        return out
+    if "runner" in state and on_gpu:
+        rep.section("concurrency", concurrency, need_s=10)
+    elif "runner" in state:
+        rep.data["skipped"]["concurrency"] = "要 CUDA：几张图在不同流上同时重放"
 
     def planned_throughput(n: int):
         def run():

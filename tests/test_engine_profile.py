@@ -54,6 +54,7 @@ def test_engine_profile_quick_on_cpu(torch_repo, tmp_path):
     assert all(r["req_per_s"] > 0 for r in s["throughput"]["rows"])
     assert s["throughput_planned"]["seq_buckets"] == s["padding"]["planned_4"]
     assert s["throughput_planned_8"]["seq_buckets"] == [r for r in s["padding"]["rows"] if r["name"] == "规划 8 桶"][0]["buckets"]
+    assert data["skipped"]["concurrency"].startswith("要 CUDA")  # 几张图在不同流上同时重放：只在 GPU 上
     runs = s["kernels_compiled"]["runs"]
     tb = [r["batch"] for r in s["throughput"]["rows"]]
     assert [r["shape"].split("x")[0] for r in runs] == [f"b{min(tb)}", f"b{max(tb)}"], runs
