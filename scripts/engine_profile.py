@@ -345,6 +345,11 @@ class Histories:
         return [data.sample(1, int(k), random_lengths=False)[0][0]
                 for k in default_lengths(self.median, self.sigma, self.max_len, n, seed)]
 
+    def batch(self, b: int, length: int, seed: int) -> Dict[str, np.ndarray]:
+        """b 条按默认分布抽的历史，编码成正好 [b, length]（短的补齐、长的截断）：按形状计时、捕获图用。"""
+        feeds = self.encode(self.sample(b, seed)[:b], pad_to=length)
+        return {k: v[:, :length] for k, v in feeds.items()}
+
     def encode(self, histories: Sequence[np.ndarray], pad_to: int = 0) -> Dict[str, np.ndarray]:
         length = max(pad_to, max(len(h) for h in histories))
         b = len(histories)
@@ -622,9 +627,7 @@ def run_profile(args) -> Dict[str, Any]:
         lengths = [16, 64] if args.quick else [L for L in meta["seq_buckets"] if L <= meta["max_seq_length"]]
         wbytes = torch.finfo(state["dtype"]).bits // 8
         for L in lengths:
-            feeds = hist.encode(hist.sample(b, seed=11)[:b], pad_to=L)
-            feeds = {k: v[:, :L] for k, v in feeds.items()}
-            x = _to_device(feeds, device)
+            x = _to_device(hist.batch(b, L, seed=11), device)
             runs = []
             with torch.no_grad():
                 for r in range(repeats + 1):
@@ -695,8 +698,7 @@ def run_profile(args) -> Dict[str, Any]:
         out = {}
         for b in batches:
             L = 16 if args.quick else 128
-            feeds = hist.encode(hist.sample(b, seed=21)[:b], pad_to=L)
-            x = _to_device({k: v[:, :L] for k, v in feeds.items()}, device)
+            x = _to_device(hist.batch(b, L, seed=21), device)
             row, results = {"batch": b, "length": L}, {}
             try:
                 for name, explicit in (("sdpa", False), ("explicit", True)):
@@ -720,21 +722,31 @@ def run_profile(args) -> Dict[str, Any]:
         return out
     rep.section("self_attention", self_attention, need_s=5)
 
+    def length_dist() -> np.ndarray:
+        if "lengths" not in state:  # 默认长度分布的 10 万个样本（填充一节与规划桶的吞吐共用）
+            state["lengths"] = default_lengths(meta["length_median"], meta["length_sigma"], meta["max_seq_length"],
+                                               100_000, seed=0)
+        return state["lengths"]
+
+    def planned(n: int) -> List[int]:
+        """bucket_plan 在默认分布下规划的 n 个长度桶（算一次）。"""
+        if f"planned_{n}" not in state:
+            state[f"planned_{n}"] = plan_seq_buckets(length_dist(), n, meta["max_seq_length"])
+        return state[f"planned_{n}"]
+
     def padding():
         max_len = meta["max_seq_length"]
-        lengths = default_lengths(meta["length_median"], meta["length_sigma"], max_len, 100_000, seed=0)
+        lengths = length_dist()
         flops = model_cost(cfg)
         rows = []
-        planned = plan_seq_buckets(lengths, 4, max_len)
-        state["planned"] = planned
-        for name, buckets in (("仓库", meta["seq_buckets"] or [max_len]), ("规划 4 桶", planned),
-                              ("规划 8 桶", plan_seq_buckets(lengths, 8, max_len))):
+        for name, buckets in (("仓库", meta["seq_buckets"] or [max_len]), ("规划 4 桶", planned(4)),
+                              ("规划 8 桶", planned(8))):
             r = padding_report(lengths, buckets)
             r["flops_ratio"] = padding_report(lengths, buckets, flops)["cost_ratio"]
             r["name"] = name
             r["request_share"] = {k: round(v, 3) for k, v in r["request_share"].items()}
             rows.append(r)
-        return {"rows": rows, "mean_flops_unpadded": float(np.mean(flops(lengths))), "planned_4": planned}
+        return {"rows": rows, "mean_flops_unpadded": float(np.mean(flops(lengths))), "planned_4": planned(4)}
     rep.section("padding", padding)
 
     # ---- 离线吞吐 ----
@@ -833,8 +845,7 @@ def run_profile(args) -> Dict[str, Any]:
         L = 128 if 128 in meta["seq_buckets"] else (meta["seq_buckets"] or [64])[0]
         runs = []
         for b in sorted({min(batches), max(batches)}):
-            feeds = hist.encode(hist.sample(b, seed=5), pad_to=L)
-            feeds = {k: v[:, :L] for k, v in feeds.items()}
+            feeds = hist.batch(b, L, seed=5)
             runner.run(feeds)
             walls = []
             for _ in range(repeats):
@@ -862,9 +873,8 @@ def run_profile(args) -> Dict[str, Any]:
         fn = runner.fn
         L = 128 if 128 in meta["seq_buckets"] else meta["seq_buckets"][0]
         out = {"length": L, "rows": []}
-        for b in sorted({min(batches), 16 if 16 in batches else min(batches)}):
-            feeds = hist.encode(hist.sample(b, seed=6), pad_to=L)
-            feeds = {k: v[:, :L] for k, v in feeds.items()}
+        for b in [b for b in batches if b <= 16] or [min(batches)]:  # 服务时的小批
+            feeds = hist.batch(b, L, seed=6)
             graphs, keep = [], []
             for _ in range(4):
                 static = _to_device(feeds, device)
@@ -906,16 +916,11 @@ def run_profile(args) -> Dict[str, Any]:
 
     def planned_throughput(n: int):
         def run():
-            runner = state["runner"]
-            if n == 4 and state.get("planned"):
-                planned = state["planned"]
-            else:
-                planned = plan_seq_buckets(default_lengths(meta["length_median"], meta["length_sigma"],
-                                                           meta["max_seq_length"], 100_000, 0), n, meta["max_seq_length"])
+            runner, buckets = state["runner"], planned(n)
             # 同一个运行器（已编译，dynamic=True）：只换长度桶，新的桶在首次运行时惰性捕获
-            runner.seq_buckets = type(runner.seq_buckets)(sorted(planned))
+            runner.seq_buckets = type(runner.seq_buckets)(sorted(buckets))
             try:
-                res = offline(runner, planned, f"规划的 {n} 个桶 {planned}（同一运行器，只换桶）", peak)
+                res = offline(runner, buckets, f"规划的 {n} 个桶 {buckets}（同一运行器，只换桶）", peak)
             finally:
                 runner.seq_buckets = type(runner.seq_buckets)(meta["seq_buckets"])
             res["note"] = "与“仓库的 TorchRunner”同一运行器、同一批历史，只把 seq 桶换成 bucket_plan 的结果。"

@@ -43,6 +43,14 @@ BENCH=(benchmark.processes=4 "benchmark.concurrency=[1,8,64]" benchmark.duration
        benchmark.light_rate=50 benchmark.light_duration_s=10 benchmark.repeats=${REPEATS:-3} benchmark.peak_tflops=989
        benchmark.trace_rate=10)
 
+# 浸泡与过载共用：生产设置、1 次 SLA 搜索（不测闭环、地板与离线），再 overload_s 秒的 2 倍过载；报告在 $G/bench_<名字>
+reliability() {
+  local name=$1; shift
+  $PY scripts/benchmark.py "${COMMON[@]}" "${TRITON[@]}" build_dir=$G/new "${BENCH[@]}" benchmark.repeats=1 \
+      "benchmark.concurrency=[]" benchmark.floor=false benchmark.offline_samples=0 benchmark.trace_rate=0 \
+      benchmark.overload_s=${OVERLOAD_S:-60} benchmark.output_dir=$G/bench_$name "$@" ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/$name.log"
+}
+
 case "$STAGE" in
   setup)
     # .carry/ 由 scripts/make_carry.sh 生成：site312.tar.xz（numpy<2、tritonclient[grpc]、hydra、torchao 等解开的 wheel）、
@@ -153,19 +161,12 @@ PYEOF
         ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/sweep.log"
     ;;
   soak)
-    $PY scripts/benchmark.py "${COMMON[@]}" "${TRITON[@]}" build_dir=$G/new "${BENCH[@]}" benchmark.repeats=1 \
-        "benchmark.concurrency=[]" benchmark.floor=false benchmark.offline_samples=0 benchmark.trace_rate=0 \
-        benchmark.soak_s=${SOAK_S:-600} benchmark.overload_s=${OVERLOAD_S:-60} benchmark.output_dir=$G/bench_soak \
-        benchmark.soak_trace_rate=${SOAK_TRACE_RATE:-100} \
-        ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/soak.log"
+    reliability soak benchmark.soak_s=${SOAK_S:-600} benchmark.soak_trace_rate=${SOAK_TRACE_RATE:-100}
     ;;
   overload)
     # 过载时被接受请求的 P99 由排队超时决定（超时 + 一次 execute）：不浸泡、只测 SLA 与 2 倍过载，OVERLOAD_QT_US 可换超时
     # 对照（默认 15000 = 现在配置的默认；2026-11-27 用它与 2026-11-25 的 30 ms 对照，之后默认改为 15 ms）
-    $PY scripts/benchmark.py "${COMMON[@]}" "${TRITON[@]}" triton.queue_timeout_us=${OVERLOAD_QT_US:-15000} build_dir=$G/new \
-        "${BENCH[@]}" benchmark.repeats=1 "benchmark.concurrency=[]" benchmark.floor=false benchmark.offline_samples=0 \
-        benchmark.trace_rate=0 benchmark.soak_s=0 benchmark.overload_s=${OVERLOAD_S:-60} \
-        benchmark.output_dir=$G/bench_overload ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/overload.log"
+    reliability overload benchmark.soak_s=0 triton.queue_timeout_us=${OVERLOAD_QT_US:-15000}
     ;;
   bench_old)
     # 旧代码的服务器（同样的 Triton 设置），新的压测工具经 benchmark.url 测它（旧仓库没有地板模型与自定义指标）
