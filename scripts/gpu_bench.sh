@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU 机器上的测量（本项目在 H100 上用它得到 benchmarks/ 下的结果）。分阶段运行，结果写到 $OUT（device 工具带回）：
 #   bash scripts/gpu_bench.sh setup      # 用 .carry/（scripts/make_carry.sh 生成）建环境（numpy<2，见 server.check_numpy）
+#   bash scripts/gpu_bench.sh gputest    # pytest -m gpu（.carry/test 的 pytest wheel）：CUDA Graph、各长度组同时重放等与参考一致
 #   bash scripts/gpu_bench.sh build      # ugt_base / torch 引擎 / fp16：训练、torch.export、编译 + CUDA Graph、门禁
 #   bash scripts/gpu_bench.sh oldbuild   # 旧的服务路径（.carry/old.tar.xz = make_carry.sh 的 UGT_OLD_COMMIT）用同一检查点构建
 #   bash scripts/gpu_bench.sh profile    # 引擎剖析（scripts/engine_profile.py，不含 int8）；PROFILE_ARGS 追加参数
@@ -16,7 +17,7 @@
 # 构建产物在 /tmp/gpubuild（不在带来的目录里，同一台机器热着时各阶段复用）。
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?用法：gpu_bench.sh setup|build|oldbuild|profile|int8|profile_old|bench_old|bench_new|floor|sweep|soak|overload}
+STAGE=${1:?用法：gpu_bench.sh setup|gputest|build|oldbuild|profile|int8|profile_old|bench_old|bench_new|floor|sweep|soak|overload}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 VENV=/tmp/ugtvenv
@@ -159,6 +160,13 @@ PYEOF
         benchmark.floor=false benchmark.offline_samples=0 benchmark.trace_rate=0 \
         hydra.sweep.dir=$G/sweep ${SWEEP:-triton.instance_count=1,2 triton.max_queue_delay_us=500,2000} \
         ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/sweep.log"
+    ;;
+  gputest)
+    # 镜像里没有 pytest：解开 make_carry.sh 带来的 wheel 放到 PYTHONPATH（-p no:cacheprovider：不往工作树写缓存）
+    ls .carry/test/pytest-*.whl >/dev/null 2>&1 || { echo "缺少 .carry/test/pytest-*.whl：重新运行 scripts/make_carry.sh" >&2; exit 1; }
+    rm -rf /tmp/ugttest && mkdir -p /tmp/ugttest
+    for w in .carry/test/*.whl; do $PY -m zipfile -e "$w" /tmp/ugttest; done
+    PYTHONPATH=/tmp/ugttest $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/serving/runtime/engines 2>&1 | tee "$OUT/gputest.log"
     ;;
   soak)
     reliability soak benchmark.soak_s=${SOAK_S:-600} benchmark.soak_trace_rate=${SOAK_TRACE_RATE:-100}

@@ -269,6 +269,13 @@ OLD_COMMIT=${UGT_OLD_COMMIT:-28b27eb}
 if git rev-parse -q --verify "$OLD_COMMIT^{commit}" >/dev/null; then
   git archive "$OLD_COMMIT" | xz -9 > "$CARRY/old.tar.xz"
 fi
+# gpu_bench.sh 的 gputest 阶段（GPU 上跑 pytest -m gpu）：镜像里没有 pytest；纯 Python 的 wheel，版本同本机 .venv
+mkdir -p "$CARRY/test"
+for spec in "pytest==$(venv_version pytest 9.2.0)" "pluggy==$(venv_version pluggy 1.7.0)" \
+            "iniconfig==$(venv_version iniconfig 2.3.1)"; do
+  ls "$CARRY/test/${spec%%==*}-${spec##*==}-"*.whl >/dev/null 2>&1 || \
+    "$HOSTPY" -m pip download -q --no-deps --only-binary=:all: -d "$CARRY/test" "$spec"
+done
 if [ -d ../shared/probes/python-backend-floor ]; then
   rm -rf "$CARRY/probe" && cp -r ../shared/probes/python-backend-floor "$CARRY/probe"
 fi
@@ -278,7 +285,7 @@ fi
 for f in "$CARRY"/* "$CARRY"/.[!.]*; do
   [ -e "$f" ] || continue
   case "$(basename "$f")" in
-    site312.tar.xz|site312.tar.xz.fp|triton312.tar.xz|triton312.tar.xz.fp|MANIFEST.txt|old.tar.xz|probe) ;;
+    site312.tar.xz|site312.tar.xz.fp|triton312.tar.xz|triton312.tar.xz.fp|MANIFEST.txt|old.tar.xz|probe|test) ;;
     *) echo "删除 .carry 中的旧文件 $(basename "$f")"; rm -rf "$f" ;;
   esac
 done

@@ -157,7 +157,7 @@ def runtime_spec(config: ServingConfig, on_gpu: bool = False) -> params.RuntimeS
         pad_in_preprocess=not hosting.python_runner, catalog_file="catalog.npz", compile_cache_dir=cache,
         num_threads=config.engine.num_threads, compile_mode=compile_mode,
         cuda_graphs=config.engine.cuda_graphs, plan_groups=config.engine.plan_groups,
-        precision=config.export.precision, int8_mode=int8_mode)
+        group_streams=config.engine.group_streams, precision=config.export.precision, int8_mode=int8_mode)
 
 
 def _set_runtime(mc, config: ServingConfig, on_gpu: bool = False) -> None:

@@ -29,6 +29,7 @@ class RuntimeSpec:
     compile_mode: str
     cuda_graphs: bool
     plan_groups: bool  # 引擎按各桶实测耗时合并长度组
+    group_streams: bool  # 各长度组在各自的 CUDA 流上同时重放
     precision: str  # int8 时 torch 运行器在加载后用 torchao 量化（int8_mode）
     int8_mode: str
 
