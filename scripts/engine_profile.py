@@ -884,7 +884,9 @@ def run_profile(args) -> Dict[str, Any]:
                     fn(*static)
                 torch.cuda.current_stream().wait_stream(side)
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g), torch.no_grad():
+                # 各自的捕获流：cuBLAS 工作区按 (句柄, 流) 缓存，同一个捕获流上的图共用它，同时重放会互相踩
+                # （pytorch/pytorch#193402；H100 上服务器因此卡死过，见 runtime/engines/torch.py）
+                with torch.cuda.graph(g, stream=torch.cuda.Stream()), torch.no_grad():
                     fn(*static)
                 # 静态输入要活到重放结束：释放后内存被别的张量复用，重放读到的 id 可能越界（设备端断言会毁掉整个 CUDA 上下文）
                 keep.append(static)

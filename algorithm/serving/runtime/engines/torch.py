@@ -99,10 +99,14 @@ class TorchRunner:
         self.seq_buckets = tuple(sorted(seq_buckets))
         self.slots: Dict[Tuple[int, int], _Slot] = {}
         self._slot_of_buffer: Dict[int, _Slot] = {}  # id(暂存区字典) -> 它所属的桶（run_many 据此找到图）
-        # 图内存池：同一个池里的图只能依次重放。group_streams 时每个长度桶一个池与一个流（一次 execute 里每个
-        # 长度桶至多一组，所以同时跑的图不共用池）；代价是显存约为各长度桶最大图之和，而不是全部图的最大者
+        # 同时重放的图不能共用任何工作区。group_streams 时每个长度桶（一次 execute 里每个长度桶至多一组）有自己的
+        # 图内存池、捕获流与重放流：cuBLAS 的工作区按 (句柄, 流) 缓存，在同一个流上捕获的图共用同一块工作区，即使
+        # 内存池不同（pytorch/pytorch#193402）。H100 上 c0f0373 只分了内存池、都在默认捕获流上捕获，同时重放时
+        # 服务器卡死（GPU 100 % 忙、请求全部失败）：sm90 的协作式矩阵乘内核在工作区里做块间同步，两个内核共用就可能互等。
+        # 代价：显存约为各长度桶最大图之和，而不是全部图的最大者
         self.group_streams = bool(group_streams and self.use_graphs)
         self._pools: Dict[int, object] = {}
+        self._capture_streams: Dict[int, object] = {}
         self._streams: Dict[int, object] = {}
         self.load_seconds = time.time() - t0
         self.capture_seconds = 0.0
@@ -129,10 +133,12 @@ class TorchRunner:
                 self.fn(*static)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        pool_key = length if self.group_streams else 0
-        if pool_key not in self._pools:
-            self._pools[pool_key] = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pools[pool_key]), torch.no_grad():
+        key = length if self.group_streams else 0
+        if key not in self._pools:
+            self._pools[key] = torch.cuda.graph_pool_handle()
+            # 不分长度桶时用 torch 默认的捕获流（None）：与以前的行为相同
+            self._capture_streams[key] = torch.cuda.Stream(self.device) if self.group_streams else None
+        with torch.cuda.graph(graph, pool=self._pools[key], stream=self._capture_streams[key]), torch.no_grad():
             out = self.fn(*static)
         # 页锁定的暂存区：numpy 视图给 batching.fill 写，张量给非阻塞 H2D；零初始化（填充处的 id 必须合法）
         host_t = {spec.name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)

@@ -74,16 +74,20 @@ def test_cuda_graph_buckets_match_eager_on_gpu(exported):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="需要 CUDA GPU")
 @pytest.mark.parametrize("group_streams", [False, True])
 def test_length_groups_of_one_execute_match_eager_on_gpu(exported, group_streams):
-    """一次 run_many 的几组（不同长度桶；group_streams 时在各自的流上同时重放）各自等于参考；连续几次
-    execute 不串数据（同一暂存区、同一流被下一次复用）。"""
+    """一次 run_many 的几组（不同长度桶；group_streams 时在各自的流上同时重放）各自等于参考；连续多次
+    execute 不串数据（同一暂存区、同一流被下一次复用）。group_streams 时各长度桶的图在各自的捕获流上捕获：
+    共用捕获流的图共用 cuBLAS 工作区，同时重放会互相踩（H100 上服务器因此卡死过）。"""
     cfg, model, path = exported
     contract = cfg.model.contract()
     runner = TorchRunner(path, contract, "cuda", compile_mode="none", cuda_graphs=True,
-                         batch_buckets=[2, 8], seq_buckets=[64, 256], group_streams=group_streams)
+                         batch_buckets=[2, 8, 32], seq_buckets=[64, 256], group_streams=group_streams)
     assert runner.group_streams == group_streams
+    if group_streams:
+        assert len({id(s) for s in runner._capture_streams.values()}) == 2
     rng = np.random.default_rng(5)
-    for _ in range(3):
-        feeds = [contract.random_inputs(b, n, rng) for b, n in ((5, 30), (2, 200))]
+    for i in range(8):  # 小组与大组交替：大组的矩阵乘更可能用到工作区
+        shapes = ((5, 30), (2, 200)) if i % 2 == 0 else ((30, 60), (25, 250))
+        feeds = [contract.random_inputs(b, n, rng) for b, n in shapes]
         staged = []
         for f in feeds:
             b, n = f["encoder_mask"].shape
