@@ -11,13 +11,14 @@
 #   bash scripts/gpu_bench.sh bench_new  # 新路径，同样的 Triton 设置与压测，3 次重复，含地板、追踪、离线吞吐
 #   bash scripts/gpu_bench.sh floor      # ../shared/probes/python-backend-floor（拷在 .carry/probe）的 4/2 实例配置
 #   bash scripts/gpu_bench.sh sweep      # Triton 设置的 multirun（SWEEP 覆盖；每组 SWEEP_REPEATS 次，默认 1），一张汇总表
+#   bash scripts/gpu_bench.sh sweep_mps  # 同一 multirun，开着 CUDA MPS（几个引擎实例的内核可以同时在 GPU 上跑），结果在 $G/sweep_mps
 #   bash scripts/gpu_bench.sh soak       # 生产设置：SLA 搜索 1 次，再以其 70% 浸泡 10 分钟，再 2 倍过载 60 s（issue #15）
 #   bash scripts/gpu_bench.sh overload   # 只有 SLA 搜索与 2 倍过载（OVERLOAD_QT_US：引擎的排队超时，默认 15000 = 配置默认）
 # 一整轮超过 device 工具单次调用的 10 分钟：用 scripts/gpu_campaign.sh 在后台按序运行多个阶段。
 # 构建产物在 /tmp/gpubuild（不在带来的目录里，同一台机器热着时各阶段复用）。
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?用法：gpu_bench.sh setup|gputest|build|oldbuild|profile|int8|profile_old|bench_old|bench_new|floor|sweep|soak|overload}
+STAGE=${1:?用法：gpu_bench.sh setup|gputest|build|oldbuild|profile|int8|profile_old|bench_old|bench_new|floor|sweep|sweep_mps|soak|overload}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 VENV=/tmp/ugtvenv
@@ -50,6 +51,27 @@ reliability() {
   $PY scripts/benchmark.py "${COMMON[@]}" "${TRITON[@]}" build_dir=$G/new "${BENCH[@]}" benchmark.repeats=1 \
       "benchmark.concurrency=[]" benchmark.floor=false benchmark.offline_samples=0 benchmark.trace_rate=0 \
       benchmark.overload_s=${OVERLOAD_S:-60} benchmark.output_dir=$G/bench_$name "$@" ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/$name.log"
+}
+
+# CUDA MPS：不开时几个引擎实例（各是一个进程）在 GPU 上分时，小 batch 的内核占不满 SM 也不能同时跑；MPS 让它们同时跑。
+# 只起一个用户态守护进程（管道与日志在 /tmp/ugt-mps），不改卡的任何设置（计算模式、时钟等都不动），阶段结束时退出。
+# 还没有在本项目的 GPU 机器上跑过：守护进程起不来或客户端 60 s 内连不上时本阶段失败并说明原因。
+mps_start() {
+  command -v nvidia-cuda-mps-control >/dev/null || { echo "没有 nvidia-cuda-mps-control：这台机器不能开 MPS" >&2; return 1; }
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/ugt-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/ugt-mps/log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d || { echo "MPS 守护进程起不来" >&2; return 1; }
+  trap mps_stop EXIT
+  if ! timeout 60 $PY -c 'import torch; x = torch.arange(4.0, device="cuda"); assert float((x * 2).sum()) == 12.0; print("MPS 客户端可用")'; then
+    echo "MPS 开着时 CUDA 客户端在 60 s 内不可用（日志 $CUDA_MPS_LOG_DIRECTORY）" >&2
+    tail -n 20 "$CUDA_MPS_LOG_DIRECTORY"/*.log >&2 2>/dev/null || true
+    return 1
+  fi
+  echo get_server_list | nvidia-cuda-mps-control || true
+}
+mps_stop() {
+  echo quit | nvidia-cuda-mps-control 2>/dev/null || true
+  trap - EXIT
 }
 
 case "$STAGE" in
@@ -151,15 +173,17 @@ PYEOF
     timeout 200 $PY scripts/engine_profile.py --repo $G/old/model_repository --out $G/profile_old --no-int8 \
         ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile_old.log" || true
     ;;
-  sweep)
+  sweep|sweep_mps)
+    SWEEP_DIR=$G/$STAGE
+    if [ "$STAGE" = sweep_mps ]; then mps_start || exit 1; fi
     # 每组：重启服务器、SLA 搜索、轻负载点、c=64，SWEEP_REPEATS 次（默认 1；比较设置要 3 次：同一设置重复间的 SLA 范围约 ±10–18 %）；
     # 不测地板与离线（主测量里有）。例：SWEEP='triton.max_queue_delay_us=500,3000' SWEEP_REPEATS=3
     # 固定设置里不放要扫的键（引擎实例、等待），免得同一个键既固定又扫描：固定的只有前/后处理实例与 preferred batch
     $PY scripts/benchmark.py -m "${COMMON[@]}" triton.preprocess_instance_count=4 triton.postprocess_instance_count=4 \
         "triton.preferred_batch_sizes=[8,16,32,64]" build_dir=$G/new "${BENCH[@]}" benchmark.repeats=${SWEEP_REPEATS:-1} "benchmark.concurrency=[64]" \
         benchmark.floor=false benchmark.offline_samples=0 benchmark.trace_rate=0 \
-        hydra.sweep.dir=$G/sweep ${SWEEP:-triton.instance_count=1,2 triton.max_queue_delay_us=500,2000} \
-        ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/sweep.log"
+        hydra.sweep.dir=$SWEEP_DIR ${SWEEP:-triton.instance_count=1,2 triton.max_queue_delay_us=500,2000} \
+        ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/$STAGE.log"
     ;;
   gputest)
     # 镜像里没有 pytest：解开 make_carry.sh 带来的 wheel 放到 PYTHONPATH（-p no:cacheprovider：不往工作树写缓存）
