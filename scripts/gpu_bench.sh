@@ -36,9 +36,12 @@ BASE=(model=ugt_base "export.validation_shapes=[[1,5],[7,37],[16,256]]" server.s
       engine=torch precision=fp16 "engine.seq_buckets=[128,256,512,1024]")
 COMMON=("${BASE[@]}" "engine.batch_buckets=$NEW_BUCKETS")
 COMMON_OLD=("${BASE[@]}" "engine.batch_buckets=$OLD_BUCKETS")
-# Triton 设置：新旧路径相同（引擎 2 实例、前/后处理各 4 实例），差别只在代码
-TRITON=(triton.instance_count=${ENGINE_INSTANCES:-2} triton.preprocess_instance_count=4 triton.postprocess_instance_count=4
-        "triton.preferred_batch_sizes=[8,16,32,64]" triton.max_queue_delay_us=${QUEUE_DELAY_US:-500})
+# Triton 设置：conf/triton/h100.yaml（引擎 2 实例、前/后处理各 4 实例、preferred [8,16,32,64]、500 µs），新旧路径相同，
+# 差别只在代码；ENGINE_INSTANCES / QUEUE_DELAY_US 覆盖其中两项
+TRITON=(triton=h100 ${ENGINE_INSTANCES:+triton.instance_count=$ENGINE_INSTANCES} ${QUEUE_DELAY_US:+triton.max_queue_delay_us=$QUEUE_DELAY_US})
+# 旧提交的代码（/tmp/old）没有 conf/triton/h100.yaml：同样的设置逐项给出
+TRITON_OLD=(triton.instance_count=${ENGINE_INSTANCES:-2} triton.preprocess_instance_count=4 triton.postprocess_instance_count=4
+            "triton.preferred_batch_sizes=[8,16,32,64]" triton.max_queue_delay_us=${QUEUE_DELAY_US:-500})
 # 压测：每点至少 10,000 个请求或 5 s（不足 10,000 时报告 P99 的置信区间），3 次重复
 BENCH=(benchmark.processes=4 "benchmark.concurrency=[1,8,64]" benchmark.duration_s=3 benchmark.min_requests=10000
        benchmark.max_point_s=5 benchmark.sla_start_rate=${SLA_START:-500} benchmark.sla_steps=3 benchmark.warmup_requests=200
@@ -144,7 +147,7 @@ PYEOF
     ;;
   oldbuild)
     rm -rf /tmp/old && mkdir -p /tmp/old && tar -xJf .carry/old.tar.xz -C /tmp/old
-    (cd /tmp/old && $PY scripts/build.py "${COMMON_OLD[@]}" "${TRITON[@]}" build_dir=$G/old \
+    (cd /tmp/old && $PY scripts/build.py "${COMMON_OLD[@]}" "${TRITON_OLD[@]}" build_dir=$G/old \
         checkpoint=$G/new/checkpoints/ugt_base.pt 2>&1 | tee "$OUT/build_old.log")
     ;;
   profile)
@@ -178,9 +181,8 @@ PYEOF
     if [ "$STAGE" = sweep_mps ]; then mps_start || exit 1; fi
     # 每组：重启服务器、SLA 搜索、轻负载点、c=64，SWEEP_REPEATS 次（默认 1；比较设置要 3 次：同一设置重复间的 SLA 范围约 ±10–18 %）；
     # 不测地板与离线（主测量里有）。例：SWEEP='triton.max_queue_delay_us=500,3000' SWEEP_REPEATS=3
-    # 固定设置里不放要扫的键（引擎实例、等待），免得同一个键既固定又扫描：固定的只有前/后处理实例与 preferred batch
-    $PY scripts/benchmark.py -m "${COMMON[@]}" triton.preprocess_instance_count=4 triton.postprocess_instance_count=4 \
-        "triton.preferred_batch_sizes=[8,16,32,64]" build_dir=$G/new "${BENCH[@]}" benchmark.repeats=${SWEEP_REPEATS:-1} "benchmark.concurrency=[64]" \
+    # 固定的是 triton=h100（conf/triton/h100.yaml）；SWEEP 里的键覆盖它（Hydra 的组先于单个键生效）
+    $PY scripts/benchmark.py -m "${COMMON[@]}" triton=h100 build_dir=$G/new "${BENCH[@]}" benchmark.repeats=${SWEEP_REPEATS:-1} "benchmark.concurrency=[64]" \
         benchmark.floor=false benchmark.offline_samples=0 benchmark.trace_rate=0 \
         hydra.sweep.dir=$SWEEP_DIR ${SWEEP:-triton.instance_count=1,2 triton.max_queue_delay_us=500,2000} \
         ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/$STAGE.log"
@@ -202,7 +204,7 @@ PYEOF
     ;;
   bench_old)
     # 旧代码的服务器（同样的 Triton 设置），新的压测工具经 benchmark.url 测它（旧仓库没有地板模型与自定义指标）
-    (cd /tmp/old && exec $PY scripts/serve.py "${COMMON_OLD[@]}" "${TRITON[@]}" build_dir=$G/old checkpoint=$G/new/checkpoints/ugt_base.pt \
+    (cd /tmp/old && exec $PY scripts/serve.py "${COMMON_OLD[@]}" "${TRITON_OLD[@]}" build_dir=$G/old checkpoint=$G/new/checkpoints/ugt_base.pt \
         server.http_port=18000 server.grpc_port=18001 server.metrics_port=18002 > "$OUT/serve_old.log" 2>&1) &
     SP=$!
     for i in $(seq 300); do curl -sf localhost:18000/v2/models/ugt_recommend/ready >/dev/null && break; sleep 1; done

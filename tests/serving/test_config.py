@@ -98,3 +98,14 @@ def test_presets_come_from_the_hydra_model_group(name):
     cfg = to_serving_config(_compose([f"model={name}"]))
     assert cfg.model == preset(name)
     assert preset_names() == ["ugt_base", "ugt_tiny"] and preset("ugt_tiny") == UGTConfig()  # dataclass 默认即 ugt_tiny
+
+
+def test_triton_presets_compose_and_keys_still_override_them():
+    """conf/triton 的每个预设都能组合成合法的 TritonConfig；命令行上的单个键覆盖预设（gpu_bench 的 sweep 靠这一点）。"""
+    names = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "triton")) if f.endswith(".yaml"))
+    assert {"default", "cpu_small", "h100"} <= set(names)
+    for name in names:
+        to_serving_config(_compose([f"triton={name}"]))
+    h100 = to_serving_config(_compose(["triton=h100"])).triton
+    assert (h100.instance_count, h100.preprocess_instance_count, h100.max_queue_delay_us) == (2, 4, 500)
+    assert to_serving_config(_compose(["triton=h100", "triton.instance_count=1"])).triton.instance_count == 1
