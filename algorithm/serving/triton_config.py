@@ -250,7 +250,10 @@ def ensemble_config(config: ServingConfig, contract: EngineContract):
     name = validate_model_name(config.export.model_name)
     mc = pb().ModelConfig(name=name, platform="ensemble", max_batch_size=config.export.max_batch_size)
     public = EnsembleContract(contract.top_k)
-    for spec in public.inputs:  # 都标为 optional：缺失时由前处理报错（见 preprocess_config）
+    # 都标为 optional：缺失时由前处理报错（见 preprocess_config）。试过把历史标为必需（2026-11-27，Triton 2.51）：完全没有
+    # 输入时 Triton 的错误会写明 "missing required input(s) ['history_item_ids']"，但只带行为类型的请求个数够（1 个），
+    # Triton 放行后 ensemble 的前处理一步永远凑不齐输入，得到 "unexpected deadlock"，反而看不出缺了什么
+    for spec in public.inputs:
         _add_input(mc, spec.name, spec.triton_dtype, [-1], optional=True)
     for spec in public.outputs:
         _add_output(mc, spec.name, spec.triton_dtype, spec.dims_without_batch)
