@@ -3,6 +3,9 @@
 # 20-30 分钟；用 setsid 起的进程在机器归还前一直运行），之后的每次调用等它一段时间并把结果打包带回。
 #   bash scripts/gpu_campaign.sh start setup build oldbuild bench_new ...   # 拷一份仓库与 .carry 到 /tmp/campaign/src，后台按序运行
 #   bash scripts/gpu_campaign.sh wait 540                                   # 最多等 540 s（跑完就提前返回），打包到 $OUT
+#   bash scripts/gpu_campaign.sh stop                                       # 停掉这一轮（含它起的 tritonserver 与存根），打包到 $OUT
+# 停的时候不要在 device 命令里写 pkill -f tritonserver 之类：-f 匹配整条命令行，device 工具执行的 bash -c 本身就含这个词，
+# 会把自己杀掉（2026-11-27 第 5 台上这样丢了一次调用的输出）；stop 按进程组与精确的进程名杀。
 # 拷一份源码再运行：之后的调用会重新同步工作树，bash 边读边执行的脚本不能在运行中被替换。
 # 某个阶段失败时记下来，继续下一个（各阶段互相独立的结果照样有用；依赖它的阶段自己会失败并说明原因）。
 # 结果：/tmp/campaign/out（各阶段的日志、status.txt）与 /tmp/gpubuild 下的报告，wait 把它们打成 $OUT/campaign.tar.gz。
@@ -10,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 C=/tmp/campaign
 G=/tmp/gpubuild
-CMD=${1:?用法：gpu_campaign.sh start 阶段... | wait 秒数}
+CMD=${1:?用法：gpu_campaign.sh start 阶段... | wait 秒数 | stop}
 shift
 case "$CMD" in
   start)
@@ -37,6 +40,18 @@ case "$CMD" in
     LIMIT=${1:-540}
     t=0
     while [ -f $C/running ] && [ $t -lt "$LIMIT" ]; do sleep 10; t=$((t + 10)); done
+    ;;
+  stop)
+    # setsid 起的是一个新的进程组（组号 = 记下的 pid）：压测、构建等都在组里；tritonserver 与存根按精确的进程名再清一次
+    if [ -f $C/running ]; then
+      kill -- -"$(cat $C/running)" 2>/dev/null || true
+      echo "$(date +%T) 手动停止" >> $C/out/status.txt
+      rm -f $C/running
+    fi
+    pkill -x tritonserver 2>/dev/null || true
+    pkill -x triton_python_b 2>/dev/null || true   # triton_python_backend_stub（进程名截到 15 个字符）
+    sleep 3
+    echo "剩下的相关进程：$(pgrep -c -x tritonserver || true) 个 tritonserver；显存 $(nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null)"
     ;;
   *) echo "未知命令 $CMD" >&2; exit 2 ;;
 esac
