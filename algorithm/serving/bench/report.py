@@ -34,7 +34,8 @@ def write_report(report: Dict[str, Any], out_dir: str) -> Dict[str, str]:
     points = all_points(clean)
     cols = ["repeat", "model", "mode", "offered_rate", "concurrency", "sent", "ok", "error_rate", "throughput", "p50",
             "p90", "p95", "p99", "p99.9", "p99_ci_low", "p99_ci_high", "lag_p99", "engine_avg_batch",
-            "engine_queue_ms", "engine_compute_ms", "exec_host_ms", "exec_device_ms", "gpu_util",
+            "engine_queue_ms", "engine_compute_ms", "engine_compute_per_execute_ms", "exec_host_ms", "exec_device_ms",
+            "gpu_util",
             "client_cpu_util_max"]
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
@@ -47,7 +48,8 @@ def write_report(report: Dict[str, Any], out_dir: str) -> Dict[str, str]:
                         p["sent"], p["ok"], f"{p['error_rate']:.5f}", f"{p['throughput']:.2f}",
                         *[_fmt(lat[f"p{q:g}"]) for q in PERCENTILES], _fmt(ci.get("low")), _fmt(ci.get("high")),
                         _fmt((p.get("schedule_lag_ms") or {}).get("p99")), _fmt(eng.get("avg_batch")),
-                        _fmt(eng.get("queue_ms")), _fmt(eng.get("compute_ms")), _fmt(ex.get("host_ms")),
+                        _fmt(eng.get("queue_ms")), _fmt(eng.get("compute_ms")),
+                        _fmt(eng.get("compute_per_execute_ms")), _fmt(ex.get("host_ms")),
                         _fmt(ex.get("device_ms")), _fmt(p["gpu"].get("util_mean")),
                         _fmt(max(p["client_cpu_util"]))])
     _plot(clean, points, paths["png"])

@@ -56,6 +56,22 @@ def test_closed_loop_p50_matches_known_service_time(sleepy, built):
     assert p["error_rate"] == 0 and p["ok"] > 30
     assert SLEEP_MS <= p["latency_ms"]["p50"] <= SLEEP_MS + 15, p["latency_ms"]
     assert p["server"]["sleepy"]["compute_ms"] == pytest.approx(SLEEP_MS, abs=8)
+    # 没有动态批处理：每次执行一个请求，两种平均相同（batch_stats 从真实的 Triton 统计里读到了）
+    assert p["server"]["sleepy"]["compute_per_execute_ms"] == pytest.approx(SLEEP_MS, abs=8)
+
+
+def test_server_stats_tell_request_weighted_from_per_execute_compute():
+    """Triton 给一批里的每个请求都记整批的时间：1 个请求的批 2 ms + 3 个请求的批 6 ms ->
+    每请求 (2 + 3 x 6) / 4 = 5 ms，每次执行 (2 + 6) / 2 = 4 ms。"""
+    from algorithm.serving.bench.stats import ServerStats
+
+    zero = {"inferences": 0, "executions": 0, "success": 0, "fail": 0, "queue_ns": 0, "compute_ns": 0, "requests": 0,
+            "batch_compute_ns": 0, "batch_executions": 0}
+    after = dict(zero, inferences=4, executions=2, success=4, requests=4, queue_ns=4_000_000,
+                 compute_ns=20_000_000, batch_compute_ns=8_000_000, batch_executions=2)
+    d = ServerStats.delta({"m": zero}, {"m": after})["m"]
+    assert d["avg_batch"] == 2 and d["queue_ms"] == 1.0
+    assert d["compute_ms"] == 5.0 and d["compute_per_execute_ms"] == 4.0
 
 
 @pytest.mark.server
