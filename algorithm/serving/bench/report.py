@@ -134,10 +134,13 @@ def summary_table(report: Dict[str, Any]) -> str:
                      f"P99 {fmt_spread(h.get('floor_light_p99_ms'))} ms；SLA 速率下 P50 "
                      f"{fmt_spread(h.get('floor_sla_rate_p50_ms'))} / P99 {fmt_spread(h.get('floor_sla_rate_p99_ms'))} ms")
     if h.get("closed_loop"):
-        lines.append("  闭环：并发  吞吐/s                 P99 ms               GPU %            平均 batch")
+        lines.append("  闭环：并发  吞吐/s（成功的）       P99 ms               GPU %            平均 batch         失败 %")
         for c, v in h["closed_loop"].items():
+            err = v.get("error_rate") or {}
+            err_pct = {k: (x * 100 if isinstance(x, (int, float)) else x) for k, x in err.items() if k != "values"}
             lines.append(f"        c={c:<4} {fmt_spread(v['throughput']):<22} {fmt_spread(v['p99_ms']):<20} "
-                         f"{fmt_spread(v['gpu_util']):<16} {fmt_spread(v['avg_batch'], 2)}")
+                         f"{fmt_spread(v['gpu_util']):<16} {fmt_spread(v['avg_batch'], 2):<18} "
+                         f"{fmt_spread(err_pct, 2)}")
     for i, run in enumerate(report.get("runs", [])):
         sla = run.get("sla") or {}
         if not sla.get("max_rate"):

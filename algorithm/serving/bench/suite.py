@@ -361,5 +361,7 @@ def headline(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
             "throughput": spread(p["throughput"] if p else None for p in pts),
             "p99_ms": spread(p["latency_ms"]["p99"] if p else None for p in pts),
             "gpu_util": spread(p["gpu"].get("util_mean") if p else None for p in pts),
-            "avg_batch": spread((engine_stats(p["server"]) or {}).get("avg_batch") if p else None for p in pts)}
+            "avg_batch": spread((engine_stats(p["server"]) or {}).get("avg_batch") if p else None for p in pts),
+            # 闭环的吞吐只数成功的请求：被排队超时拒绝的客户端马上重发，拒绝比例要与吞吐一起看
+            "error_rate": spread(p["error_rate"] if p else None for p in pts)}
     return h

@@ -129,3 +129,19 @@ def test_user_run_benchmark_is_one_sequential_client(sleepy, built):
     more = run_benchmark(sleepy.grpc_url, "sleepy", 40, concurrency=4, catalog_path=built[1].catalog,
                          max_seq_length=256, config=BenchmarkConfig(warmup_requests=2, length_median=20))
     assert more["concurrency"] == 4 and more["latency_p50"] > 2 * SLEEP_MS  # 4 个在途、单实例：排队算进延迟
+
+
+def test_closed_loop_headline_reports_the_refused_share():
+    """闭环的吞吐只数成功的请求（被拒的客户端马上重发）：头条与摘要里要有失败比例，否则 8 % 被拒的点看起来与全成功的一样。"""
+    from algorithm.serving.bench.report import summary_table
+
+    def point(thr, err):
+        return {"concurrency": 64, "throughput": thr, "error_rate": err, "latency_ms": {"p99": 50.0},
+                "gpu": {"util_mean": 50.0}, "server": {}}
+
+    runs = [{"closed_loop": [point(1900.0, 0.084)]}, {"closed_loop": [point(1950.0, 0.080)]},
+            {"closed_loop": [point(2000.0, 0.090)]}]
+    report = {"model": "m", "slo_ms": 30.0, "runs": runs, "headline": headline(runs)}
+    err = report["headline"]["closed_loop"]["64"]["error_rate"]
+    assert err["median"] == pytest.approx(0.084) and err["min"] == pytest.approx(0.080)
+    assert "8.40 [8.00–9.00]" in summary_table(report)
