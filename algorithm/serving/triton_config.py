@@ -96,7 +96,7 @@ def _set_batching(mc, config: ServingConfig, engine: bool = True) -> None:
     t = config.triton
     db = mc.dynamic_batching
     # 只读子消息不会让它出现在配置里：前/后处理什么字段都不设，以前 config.pbtxt 里就没有 dynamic_batching，Triton 对它们
-    # 逐个请求调用 execute（H100 上 c=64 时后处理平均 batch 1.0、排队 2.9 ms，引擎一次吐出 16 个响应）
+    # 逐个请求调用 execute（H100 上 c=64 时后处理平均 batch 1.0、排队约 3 ms，引擎一次吐出约 16 个响应）
     db.SetInParent()
     if engine:
         db.preferred_batch_size.extend(sorted(t.preferred_batch_sizes))
