@@ -79,11 +79,14 @@ def check_gpu_int8(config: ServingConfig, device: str, log: Log = lambda s: None
         raise ConfigError(
             "engine.int8_mode=dynamic 在 GPU 上不能捕获 CUDA Graph：H100 上（torch 2.11、torchao 0.18）捕获时报 "
             "cudaErrorStreamCaptureInvalidated，不用图时 b16 / b64 只有 20 / 120 req/s（benchmarks/h100-2026-11-27/machine4/"
-            "profile_int8_dynamic_none）。用 engine.int8_mode=weight_only（或 auto），或 engine.cuda_graphs=false 接受这个速度。")
+            "profile_int8_dynamic_none）。原因已找到并绕开（torchao 的 safe_int_mm 每次矩阵乘都格式化激活张量，"
+            "runtime/engines/torch_int8.capture_safe_int_mm），但绕开之后还没有在 GPU 上测过，所以仍然拒绝。"
+            "用 engine.int8_mode=weight_only（或 auto），或 engine.cuda_graphs=false。")
     measured = {
         "weight_only": "门禁通过（对 fp32 的 top-50 重合 0.977、top-1 0.984），速度只有同样 eager + CUDA Graph 的 fp16 的 "
                        "0.58–0.61 倍（b16 / b64 2010 / 2817 对 3447 / 4606 req/s）",
-        "dynamic": "门禁通过（重合 0.976、top-1 0.984），不用 CUDA Graph 时 b16 / b64 只有 20 / 120 req/s"}[mode]
+        "dynamic": "门禁通过（重合 0.976、top-1 0.984），不用 CUDA Graph 时 b16 / b64 只有 20 / 120 req/s"
+                   "（那时 torchao 每次矩阵乘都格式化激活张量；绕开之后没有测）"}[mode]
     compiled = "" if compile_mode == "none" else (
         f"；编译 {compile_mode} 没有测过能否编译完（fp16 底本时 240 s 内没有编译完），服务启动可能很慢")
     log(f"GPU 上的 torch int8：{mode}，编译 {compile_mode}，bf16 底本。H100 上（ugt_base，1 次，benchmarks/h100-2026-11-27/"

@@ -38,10 +38,53 @@ def _torchao_config(mode: str):
             "torch 引擎的 int8 需要 torchao（pip install torchao，版本须与 PyTorch 匹配）；"
             f"导入失败：{type(e).__name__}: {e}") from e
     if mode == "dynamic":
+        install_capture_safe_int_mm()
         return quantize_, Int8DynamicActivationInt8WeightConfig()
     if mode == "weight_only":
         return quantize_, Int8WeightOnlyConfig()
     raise ConfigError(f"int8 量化模式 {mode!r} 不合法；可选 {list(MODES)}")
+
+
+def capture_safe_int_mm(input, mat2):
+    """torchao.kernel.intmm.safe_int_mm 的替身：同样的三条路（编译、cuBLAS、回退），但不调用 input.__repr__()。
+
+    为什么：torchao 0.18 的 safe_int_mm 第一行用 `"FakeTensor" in input.__repr__()` 判断是否在追踪；eager 下 CUDA 张量的
+    repr 要把数值拷回主机并格式化——每个 int8 矩阵乘一次同步。CUDA Graph 捕获中的同步使捕获失效，H100 上动态 int8 捕获时
+    正是 cudaErrorStreamCaptureInvalidated；不用图时每次前向几百次 repr，b16 / b64 只有 20 / 120 req/s
+    （benchmarks/h100-2026-11-27/machine4/profile_int8_dynamic_none）。动态 int8 的线性层经 int_scaled_matmul 调它
+    （torchao/quantization/quantize_/workflows/int8/int8_tensor.py），int_scaled_matmul 按模块全局名查找，所以替换模块属性即可。
+    """
+    import torch
+    from torch._higher_order_ops.out_dtype import out_dtype
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if torch.compiler.is_compiling() or isinstance(input, FakeTensor):  # 编译路径：与 torchao 相同
+        if input.device.type == "cpu":
+            return out_dtype(torch.ops.aten.mm.default, torch.int32, input.float(), mat2.float())
+        return out_dtype(torch.ops.aten.mm.default, torch.int32, input, mat2)
+    assert mat2.device == input.device, f"两个张量应在同一设备上，得到 {mat2.device} 与 {input.device}"
+    dims_ok = input.shape[1] > 0 and input.shape[1] % 8 == 0 and mat2.shape[1] > 0 and mat2.shape[1] % 8 == 0
+    if input.device.type != "cuda" or not dims_ok:  # 回退：与 torchao 相同（在 CPU 上用 int32 乘）
+        return torch.matmul(input.cpu().to(torch.int32), mat2.cpu().to(torch.int32)).to(input.device.type)
+    if not mat2.is_contiguous():  # torchao 的注释：不连续时 cuBLAS 静默给出错误结果
+        mat2 = mat2.contiguous()
+    if not input.is_contiguous() and input.shape[0] % 8 != 0:
+        input = input.contiguous()
+    return out_dtype(torch.ops.aten.mm.default, torch.int32, input, mat2)
+
+
+def install_capture_safe_int_mm() -> bool:
+    """把 torchao.kernel.intmm.safe_int_mm 换成 capture_safe_int_mm（幂等）；torchao 没有这个函数时不动，返回 False。"""
+    try:
+        from torchao.kernel import intmm
+    except ImportError:
+        return False
+    if not hasattr(intmm, "safe_int_mm"):
+        return False
+    if intmm.safe_int_mm is not capture_safe_int_mm:
+        intmm.ugt_original_safe_int_mm = intmm.safe_int_mm  # 留着原来的（测试拿它作对照）
+        intmm.safe_int_mm = capture_safe_int_mm
+    return True
 
 
 def _linear_min_rows(x, weight, bias=None):
@@ -147,5 +190,5 @@ def quantized_weight_names(model) -> Set[str]:
     return {n for n, p in model.named_parameters() if type(p) not in (torch.nn.Parameter, torch.Tensor)}
 
 
-__all__ = ["MODES", "linear_weight_names", "quantize_exported_module", "quantize_int8", "quantized_weight_names",
+__all__ = ["MODES", "capture_safe_int_mm", "install_capture_safe_int_mm", "linear_weight_names", "quantize_exported_module", "quantize_int8", "quantized_weight_names",
            "torchao_version"]

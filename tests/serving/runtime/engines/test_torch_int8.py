@@ -201,3 +201,52 @@ def test_bf16_base_int8_matches_fp32_topk(trained, mode):
     print(f"\nbf16 底本 int8 {mode}：top-50 重合 {cmp.overlap:.4f}，top-1 一致 {cmp.top1_agreement:.3f}，"
           f"分数 MAE {cmp.score_mae:.2e}")
     assert cmp.overlap >= 0.95 and cmp.top1_agreement >= 0.97 and cmp.score_mae <= 0.05
+
+
+def test_capture_safe_int_mm_never_formats_the_tensor_and_is_installed(trained):
+    """torchao 0.18 的 safe_int_mm 用 input.__repr__() 判断 FakeTensor：CUDA 上那是一次同步，CUDA Graph 捕获因此失效
+    （H100 上动态 int8 的 cudaErrorStreamCaptureInvalidated）。替身不格式化张量、结果与 int32 矩阵乘相同；
+    动态 int8 量化时装上（torchao 的 int_scaled_matmul 按模块全局名调用它）。"""
+    from torchao.kernel import intmm
+
+    from algorithm.serving.runtime.engines.torch_int8 import capture_safe_int_mm
+
+    class NoRepr(torch.Tensor):
+        def __repr__(self, *args, **kwargs):
+            raise AssertionError("不应格式化张量（CUDA 上是一次同步）")
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (24, 64), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (64, 32), dtype=torch.int8, generator=g)
+    want = a.to(torch.int32) @ b.to(torch.int32)
+    assert torch.equal(capture_safe_int_mm(a.as_subclass(NoRepr), b), want)
+    model, _ = trained
+    quantize_int8(copy.deepcopy(model), "dynamic")
+    assert intmm.safe_int_mm is capture_safe_int_mm
+    with pytest.raises(AssertionError, match="不应格式化"):  # 对照：torchao 原来的函数会格式化张量
+        intmm.ugt_original_safe_int_mm(a.as_subclass(NoRepr), b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="需要 CUDA GPU")
+def test_dynamic_int8_is_captured_as_cuda_graph_on_gpu(trained):
+    """GPU 上动态 int8（bf16 底本）能捕获 CUDA Graph，重放与 eager 给出同样的 top-50（以前捕获失败，见上一个测试）。"""
+    model, feeds = trained
+    q = quantize_int8(copy.deepcopy(model).to("cuda", torch.bfloat16), "dynamic")
+    names = ["encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "encoder_positions", "encoder_token_types",
+             "encoder_mask"]
+    static = [torch.from_numpy(feeds[0][n]).cuda() for n in names]
+    with torch.no_grad():
+        eager = q(*static)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            q(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = q(*static)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], eager[0])
+    assert torch.allclose(out[1].float(), eager[1].float(), atol=1e-3)
