@@ -190,5 +190,5 @@ def quantized_weight_names(model) -> Set[str]:
     return {n for n, p in model.named_parameters() if type(p) not in (torch.nn.Parameter, torch.Tensor)}
 
 
-__all__ = ["MODES", "capture_safe_int_mm", "install_capture_safe_int_mm", "linear_weight_names", "quantize_exported_module", "quantize_int8", "quantized_weight_names",
-           "torchao_version"]
+__all__ = ["MODES", "capture_safe_int_mm", "install_capture_safe_int_mm", "linear_weight_names",
+           "quantize_exported_module", "quantize_int8", "quantized_weight_names", "torchao_version"]
