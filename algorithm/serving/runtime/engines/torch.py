@@ -100,14 +100,13 @@ class TorchRunner:
         self.slots: Dict[Tuple[int, int], _Slot] = {}
         self._slot_of_buffer: Dict[int, _Slot] = {}  # id(暂存区字典) -> 它所属的桶（run_many 据此找到图）
         # 同时重放的图不能共用任何工作区。group_streams 时每个长度桶（一次 execute 里每个长度桶至多一组）有自己的
-        # 图内存池、捕获流与重放流：cuBLAS 的工作区按 (句柄, 流) 缓存，在同一个流上捕获的图共用同一块工作区，即使
-        # 内存池不同（pytorch/pytorch#193402）。H100 上 c0f0373 只分了内存池、都在默认捕获流上捕获，同时重放时
+        # 图内存池与流（在它上面捕获，之后也在它上面重放）：cuBLAS 的工作区按 (句柄, 流) 缓存，在同一个流上捕获的图
+        # 共用同一块工作区，即使内存池不同（pytorch/pytorch#193402）。H100 上 c0f0373 只分了内存池、都在默认捕获流上捕获，同时重放时
         # 服务器卡死（GPU 100 % 忙、请求全部失败）：sm90 的协作式矩阵乘内核在工作区里做块间同步，两个内核共用就可能互等。
         # 代价：显存约为各长度桶最大图之和，而不是全部图的最大者
         self.group_streams = bool(group_streams and self.use_graphs)
         self._pools: Dict[int, object] = {}
         self._capture_streams: Dict[int, object] = {}
-        self._streams: Dict[int, object] = {}
         self.load_seconds = time.time() - t0
         self.capture_seconds = 0.0
         if warmup and self.use_graphs:
@@ -147,10 +146,8 @@ class TorchRunner:
                     torch.empty(out[1].shape, dtype=torch.float32, pin_memory=True))
         slot = _Slot(graph, static, out, {n: t.numpy() for n, t in host_t.items()}, host_out)
         slot.host_tensors = host_t
-        if self.group_streams:
-            if length not in self._streams:
-                self._streams[length] = torch.cuda.Stream(self.device)
-            slot.stream = self._streams[length]
+        if self.group_streams:  # 同一长度桶的图共用池与流：一次 execute 里每个长度桶至多一组，它们从不同时跑
+            slot.stream = self._capture_streams[key]
             slot.computed, slot.copied = torch.cuda.Event(), torch.cuda.Event()
         self._slot_of_buffer[id(slot.host_in)] = slot
         self.slots[(b, length)] = slot
