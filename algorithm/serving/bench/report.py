@@ -35,8 +35,7 @@ def write_report(report: Dict[str, Any], out_dir: str) -> Dict[str, str]:
     cols = ["repeat", "model", "mode", "offered_rate", "concurrency", "sent", "ok", "error_rate", "throughput", "p50",
             "p90", "p95", "p99", "p99.9", "p99_ci_low", "p99_ci_high", "lag_p99", "engine_avg_batch",
             "engine_queue_ms", "engine_compute_ms", "engine_compute_per_execute_ms", "exec_host_ms", "exec_device_ms",
-            "gpu_util",
-            "client_cpu_util_max"]
+            "gpu_util", "client_cpu_util_max"]
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -136,11 +135,9 @@ def summary_table(report: Dict[str, Any]) -> str:
     if h.get("closed_loop"):
         lines.append("  闭环：并发  吞吐/s（成功的）       P99 ms               GPU %            平均 batch         失败 %")
         for c, v in h["closed_loop"].items():
-            err = v.get("error_rate") or {}
-            err_pct = {k: (x * 100 if isinstance(x, (int, float)) else x) for k, x in err.items() if k != "values"}
             lines.append(f"        c={c:<4} {fmt_spread(v['throughput']):<22} {fmt_spread(v['p99_ms']):<20} "
                          f"{fmt_spread(v['gpu_util']):<16} {fmt_spread(v['avg_batch'], 2):<18} "
-                         f"{fmt_spread(err_pct, 2)}")
+                         f"{fmt_spread(v.get('error_rate'), 2, scale=100)}")
     for i, run in enumerate(report.get("runs", [])):
         sla = run.get("sla") or {}
         if not sla.get("max_rate"):

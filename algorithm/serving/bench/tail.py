@@ -62,12 +62,13 @@ def spread(values: Iterable[Optional[float]]) -> Dict[str, Any]:
     return {"median": float(np.median(real)), "min": min(real), "max": max(real), "values": vals}
 
 
-def fmt_spread(s: Dict[str, Any], digits: int = 1) -> str:
+def fmt_spread(s: Dict[str, Any], digits: int = 1, scale: float = 1.0) -> str:
+    """“中位数 [最小–最大]”；scale 乘在每个数上（例如比例 -> 百分数）。"""
     if not s or s.get("median") is None:
         return "-"
     if s["min"] == s["max"]:
-        return f"{s['median']:.{digits}f}"
-    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}–{s['max']:.{digits}f}]"
+        return f"{s['median'] * scale:.{digits}f}"
+    return f"{s['median'] * scale:.{digits}f} [{s['min'] * scale:.{digits}f}–{s['max'] * scale:.{digits}f}]"
 
 
 __all__ = ["PERCENTILES", "percentiles", "quantile_ci", "min_samples_for_upper_bound", "spread", "fmt_spread"]
