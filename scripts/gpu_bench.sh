@@ -11,7 +11,7 @@
 #   bash scripts/gpu_bench.sh bench_new  # 新路径，同样的 Triton 设置与压测，3 次重复，含地板、追踪、离线吞吐
 #   bash scripts/gpu_bench.sh floor      # ../shared/probes/python-backend-floor（拷在 .carry/probe）的 4/2 实例配置
 #   bash scripts/gpu_bench.sh sweep      # Triton 设置的 multirun（SWEEP 覆盖；每组 SWEEP_REPEATS 次，默认 1），一张汇总表
-#   bash scripts/gpu_bench.sh sweep_mps  # 同一 multirun，开着 CUDA MPS（几个引擎实例的内核可以同时在 GPU 上跑），结果在 $G/sweep_mps
+#   bash scripts/gpu_bench.sh sweep_mps  # 同一 multirun（SWEEP_MPS 覆盖，默认同 SWEEP），开着 CUDA MPS（几个引擎实例的内核可以同时在 GPU 上跑），结果在 $G/sweep_mps
 #   bash scripts/gpu_bench.sh soak       # 生产设置：SLA 搜索 1 次，再以其 70% 浸泡 10 分钟，再 2 倍过载 60 s（issue #15）
 #   bash scripts/gpu_bench.sh overload   # 只有 SLA 搜索与 2 倍过载（OVERLOAD_QT_US：引擎的排队超时，默认 15000 = 配置默认）
 # 一整轮超过 device 工具单次调用的 10 分钟：用 scripts/gpu_campaign.sh 在后台按序运行多个阶段。
@@ -73,6 +73,9 @@ mps_start() {
   echo get_server_list | nvidia-cuda-mps-control || true
 }
 mps_stop() {
+  # 守护进程的日志（server.log 记下每个连上的客户端进程）带回：据此确认引擎实例的存根确实经 MPS 运行
+  echo get_server_list | nvidia-cuda-mps-control 2>/dev/null || true
+  mkdir -p "$OUT/mps_log" && cp "$CUDA_MPS_LOG_DIRECTORY"/*.log "$OUT/mps_log/" 2>/dev/null || true
   echo quit | nvidia-cuda-mps-control 2>/dev/null || true
   trap - EXIT
 }
@@ -178,13 +181,15 @@ PYEOF
     ;;
   sweep|sweep_mps)
     SWEEP_DIR=$G/$STAGE
-    if [ "$STAGE" = sweep_mps ]; then mps_start || exit 1; fi
+    SWEEP_ARGS=${SWEEP:-triton.instance_count=1,2 triton.max_queue_delay_us=500,2000}
+    # SWEEP_MPS：开着 MPS 时另扫的设置（同一轮里 sweep 与 sweep_mps 可以扫不同的键），默认同 SWEEP
+    if [ "$STAGE" = sweep_mps ]; then mps_start || exit 1; SWEEP_ARGS=${SWEEP_MPS:-$SWEEP_ARGS}; fi
     # 每组：重启服务器、SLA 搜索、轻负载点、c=64，SWEEP_REPEATS 次（默认 1；比较设置要 3 次：同一设置重复间的 SLA 范围约 ±10–18 %）；
     # 不测地板与离线（主测量里有）。例：SWEEP='triton.max_queue_delay_us=500,3000' SWEEP_REPEATS=3
     # 固定的是 triton=h100（conf/triton/h100.yaml）；SWEEP 里的键覆盖它（Hydra 的组先于单个键生效）
     $PY scripts/benchmark.py -m "${COMMON[@]}" triton=h100 build_dir=$G/new "${BENCH[@]}" benchmark.repeats=${SWEEP_REPEATS:-1} "benchmark.concurrency=[64]" \
         benchmark.floor=false benchmark.offline_samples=0 benchmark.trace_rate=0 \
-        hydra.sweep.dir=$SWEEP_DIR ${SWEEP:-triton.instance_count=1,2 triton.max_queue_delay_us=500,2000} \
+        hydra.sweep.dir=$SWEEP_DIR $SWEEP_ARGS \
         ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/$STAGE.log"
     ;;
   gputest)

@@ -92,6 +92,9 @@ class TritonConfig:
     gpus: List[int] = field(default_factory=list)  # 空 = 由机器决定（全部可见 GPU）
     preprocess_instance_count: int = 2
     postprocess_instance_count: int = 2
+    # 前/后处理的动态批处理（不等待：执行时队列里有几个就一起处理几个）。false = d057690 之前的行为（配置里没有
+    # dynamic_batching，Triton 逐个请求调用它们），只为在同一次运行里对照，不建议用
+    prepost_batching: bool = True
     warmup: bool = True
     # 单个请求历史的最大物品数，超过由前处理拒绝（截断前的原始长度）
     max_history_items: int = 100_000

@@ -94,6 +94,8 @@ def _set_batching(mc, config: ServingConfig, engine: bool = True) -> None:
     WaitForPayloadSlotAvailable；max_queue_size 满时被拒的请求不算，所以只用排队超时）。过载时请求堆在引擎（最慢的一步）前，所以丢弃放在那里就够了；前/后处理不要策略，
     保留预取。"""
     t = config.triton
+    if not engine and not t.prepost_batching:
+        return  # 只为对照旧行为（config.TritonConfig.prepost_batching）
     db = mc.dynamic_batching
     # 只读子消息不会让它出现在配置里：前/后处理什么字段都不设，以前 config.pbtxt 里就没有 dynamic_batching，Triton 对它们
     # 逐个请求调用 execute（H100 上 c=64 时后处理平均 batch 1.0、排队约 3 ms，引擎一次吐出约 16 个响应）

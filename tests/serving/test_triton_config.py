@@ -50,6 +50,15 @@ def test_queue_policy_and_batching_from_config():
     assert not build_model_configs(off, gpus=[])["ugt_engine"].dynamic_batching.HasField("default_queue_policy")
 
 
+def test_prepost_batching_can_be_turned_off_for_comparison():
+    """默认前/后处理有动态批处理；关掉时（只为对照旧行为）它们的配置里没有 dynamic_batching，引擎不受影响。"""
+    on = build_model_configs(tiny_config("b", triton=TritonConfig(preferred_batch_sizes=[4])), gpus=[])
+    off = build_model_configs(tiny_config("b", triton=TritonConfig(preferred_batch_sizes=[4], prepost_batching=False)), gpus=[])
+    for name in ("ugt_preprocess", "ugt_postprocess"):
+        assert on[name].HasField("dynamic_batching") and not off[name].HasField("dynamic_batching")
+    assert off["ugt_engine"].dynamic_batching == on["ugt_engine"].dynamic_batching
+
+
 @pytest.mark.parametrize("name", ["a/b", "..", "../x", "", "a b", "x" * 200, "/abs"])
 def test_model_names_are_validated(name):
     with pytest.raises(ConfigError):
