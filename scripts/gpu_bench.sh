@@ -197,7 +197,8 @@ PYEOF
     ls .carry/test/pytest-*.whl >/dev/null 2>&1 || { echo "缺少 .carry/test/pytest-*.whl：重新运行 scripts/make_carry.sh" >&2; exit 1; }
     rm -rf /tmp/ugttest && mkdir -p /tmp/ugttest
     for w in .carry/test/*.whl; do $PY -m zipfile -e "$w" /tmp/ugttest; done
-    PYTHONPATH=/tmp/ugttest $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/serving/runtime/engines 2>&1 | tee "$OUT/gputest.log"
+    # 限时：卡住的 GPU 测试（例如同时重放的图互相等待）不能拖住后面的阶段
+    PYTHONPATH=/tmp/ugttest timeout -k 10 ${GPUTEST_TIMEOUT:-240} $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/serving/runtime/engines 2>&1 | tee "$OUT/gputest.log"
     ;;
   soak)
     reliability soak benchmark.soak_s=${SOAK_S:-600} benchmark.soak_trace_rate=${SOAK_TRACE_RATE:-100}
