@@ -424,6 +424,12 @@ class ServingConfig:
                                                      self.engine.seq_bucket_align, cost=model_cost(self.model))]
         return sorted({b for b in self.engine.seq_buckets if b < limit} | {limit})
 
+    def batch_buckets(self) -> List[int]:
+        """有效的 batch 桶：小于 export.max_batch_size 的 engine.batch_buckets，再加上 max_batch_size 本身。
+        导出的程序只接受 batch <= max_batch_size：更大的桶在捕获 CUDA Graph 时只会得到 torch.export 的守卫错误。"""
+        limit = self.export.max_batch_size
+        return sorted({b for b in self.engine.batch_buckets if b < limit} | {limit})
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 

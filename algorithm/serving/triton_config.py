@@ -158,7 +158,7 @@ def runtime_spec(config: ServingConfig, on_gpu: bool = False) -> params.RuntimeS
         engine_kind=config.engine.kind, engine_file=hosting.filename, device="cuda" if on_gpu else "cpu",
         # 只有 torch 引擎（CUDA Graph 按桶捕获）与原生后端需要按桶填充；onnxruntime 运行器按实际最长填充
         seq_buckets=tuple(config.seq_buckets()) if (torch_kind or not hosting.python_runner) else (),
-        batch_buckets=tuple(config.engine.batch_buckets),
+        batch_buckets=tuple(config.batch_buckets()),
         pad_in_preprocess=not hosting.python_runner, catalog_file="catalog.npz", compile_cache_dir=cache,
         num_threads=config.engine.num_threads, compile_mode=compile_mode,
         cuda_graphs=config.engine.cuda_graphs, plan_groups=config.engine.plan_groups,

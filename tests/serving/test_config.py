@@ -66,6 +66,16 @@ def test_gate_and_cross_section_errors():
     assert buckets != cfg.engine.seq_buckets, "seq_bucket_plan 被忽略了：得到的是固定的桶"
 
 
+def test_batch_buckets_end_at_export_max_batch():
+    """大于导出 batch 上限的桶去掉、上限本身补上：否则捕获那个桶的 CUDA Graph 时只得到 torch.export 的守卫错误。"""
+    from algorithm.serving.config import EngineConfig
+
+    cfg = ServingConfig(export=ExportConfig(max_batch_size=16), engine=EngineConfig(batch_buckets=[2, 4, 8, 32, 64]),
+                        triton=TritonConfig(preferred_batch_sizes=[8, 16]))
+    assert cfg.batch_buckets() == [2, 4, 8, 16]
+    assert ServingConfig(export=ExportConfig(max_batch_size=64)).batch_buckets() == [2, 4, 8, 16, 32, 64]
+
+
 def _compose(overrides):
     from hydra import compose, initialize_config_dir
 

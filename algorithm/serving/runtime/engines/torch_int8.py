@@ -24,8 +24,11 @@ from algorithm.errors import ConfigError, MissingDependencyError
 
 MODES = ("dynamic", "weight_only")
 # torch._int_mm（CUDA 上 cuBLAS 的 int8 矩阵乘，torchao 动态 int8 与 Inductor 都用它）要求行数 > 16：
-# 解码第 1 步的行数就是 batch（桶 2 / 8 / 16 都不够），所以动态 int8 在 CUDA 上把行数补到 17 再算、再切回
-MIN_INT_MM_ROWS = 17
+# 解码第 1 步的行数就是 batch（桶 2 / 8 / 16 都不够），所以动态 int8 在 CUDA 上补零行再算、再切回。
+# 只补到 17 不够：H100（torch 2.11 + CUDA 13）上 17 行 x k=64 时 cublasLtMatmul 返回 CUBLAS_STATUS_NOT_SUPPORTED
+# （2026-11-27 第 6 台的 GPU 测试，ugt_tiny）；int8 的 cuBLASLt 内核按 8 对齐，所以补到 8 的倍数、至少 24
+MIN_INT_MM_ROWS = 24
+INT_MM_ROW_MULTIPLE = 8
 # 保持原精度的模块名前缀：打分头（嵌入不是线性层，本就不会被量化）
 KEEP_PREFIXES = ("heads",)
 
@@ -87,15 +90,22 @@ def install_capture_safe_int_mm() -> bool:
     return True
 
 
-def _linear_min_rows(x, weight, bias=None):
-    """F.linear，但先把输入的行数（除最后一维外的元素数）用零补到至少 MIN_INT_MM_ROWS，结果再切回。
-    动态 int8 的激活按行量化，补的零行不影响其它行；行数足够时补 0 行（形状是符号的，编译时不分支）。"""
+def int_mm_rows(n):
+    """n 行的输入补到几行：INT_MM_ROW_MULTIPLE 的倍数、至少 MIN_INT_MM_ROWS（n 可以是符号整数）。"""
     import torch
+
+    m = INT_MM_ROW_MULTIPLE
+    return torch.sym_max(MIN_INT_MM_ROWS, (n + m - 1) // m * m)
+
+
+def _linear_min_rows(x, weight, bias=None):
+    """F.linear，但先把输入的行数（除最后一维外的元素数）用零补到 int_mm_rows(行数)，结果再切回。
+    动态 int8 的激活按行量化，补的零行不影响其它行；已对齐时补 0 行（形状是符号的，编译时不分支）。"""
     import torch.nn.functional as F
 
     flat = x.reshape(-1, x.shape[-1])
     n = flat.shape[0]
-    flat = F.pad(flat, (0, 0, 0, torch.sym_max(MIN_INT_MM_ROWS - n, 0)))
+    flat = F.pad(flat, (0, 0, 0, int_mm_rows(n) - n))
     y = F.linear(flat, weight, bias)[:n]
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -136,7 +146,7 @@ def linear_weight_names(gm) -> Set[str]:
 
 def quantize_exported_module(gm, mode: str = "dynamic", pad_rows: Optional[bool] = None):
     """原地量化 torch.export.load(...).module() 得到的 GraphModule；返回它。应在 gm.to(device) 之后调用。
-    pad_rows：None = 动态 int8 且在 CUDA 上时把小行数补到 MIN_INT_MM_ROWS（见 _linear_min_rows）。"""
+    pad_rows：None = 动态 int8 且在 CUDA 上时把行数补齐（int_mm_rows，见 _linear_min_rows）。"""
     import torch
 
     quantize_, config = _torchao_config(mode)
@@ -162,7 +172,7 @@ def quantize_int8(model, mode: str = "dynamic", filter_fn: Optional[Callable] = 
     计算密集的大 batch 用 int8 张量核）；"weight_only" = 只有权重 int8（Int8WeightOnlyConfig，省带宽，小 batch）。
     model 可以是 eager 的 UGTModel，也可以是 torch.export.load(...).module()（见模块文档）。
     先 model.to(device, dtype) 再量化：torchao 按张量所在设备选择实现。
-    pad_rows：None = 动态 int8 且在 CUDA 上时，被量化的线性层把小行数补到 MIN_INT_MM_ROWS（torch._int_mm 的限制）。
+    pad_rows：None = 动态 int8 且在 CUDA 上时，被量化的线性层把行数补齐（int_mm_rows：torch._int_mm 与 cuBLASLt 的限制）。
     """
     import types
 
@@ -190,5 +200,5 @@ def quantized_weight_names(model) -> Set[str]:
     return {n for n, p in model.named_parameters() if type(p) not in (torch.nn.Parameter, torch.Tensor)}
 
 
-__all__ = ["MODES", "capture_safe_int_mm", "install_capture_safe_int_mm", "linear_weight_names",
+__all__ = ["MODES", "capture_safe_int_mm", "install_capture_safe_int_mm", "int_mm_rows", "linear_weight_names",
            "quantize_exported_module", "quantize_int8", "quantized_weight_names", "torchao_version"]

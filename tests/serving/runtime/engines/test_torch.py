@@ -80,13 +80,13 @@ def test_length_groups_of_one_execute_match_eager_on_gpu(exported, group_streams
     cfg, model, path = exported
     contract = cfg.model.contract()
     runner = TorchRunner(path, contract, "cuda", compile_mode="none", cuda_graphs=True,
-                         batch_buckets=[2, 8, 32], seq_buckets=[64, 256], group_streams=group_streams)
+                         batch_buckets=[2, 8, 16], seq_buckets=[64, 256], group_streams=group_streams)
     assert runner.group_streams == group_streams
     if group_streams:
         assert len({id(s) for s in runner._capture_streams.values()}) == 2
     rng = np.random.default_rng(5)
     for i in range(8):  # 小组与大组交替：大组的矩阵乘更可能用到工作区
-        shapes = ((5, 30), (2, 200)) if i % 2 == 0 else ((30, 60), (25, 250))
+        shapes = ((5, 30), (2, 200)) if i % 2 == 0 else ((16, 60), (13, 250))  # 导出的 batch 上限是 16
         feeds = [contract.random_inputs(b, n, rng) for b, n in shapes]
         staged = []
         for f in feeds:
