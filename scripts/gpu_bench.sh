@@ -11,7 +11,7 @@
 #   bash scripts/gpu_bench.sh bench_new  # 新路径，同样的 Triton 设置与压测，3 次重复，含地板、追踪、离线吞吐
 #   bash scripts/gpu_bench.sh floor      # ../shared/probes/python-backend-floor（拷在 .carry/probe）的 4/2 实例配置
 #   bash scripts/gpu_bench.sh sweep      # Triton 设置的 multirun（SWEEP 覆盖；每组 SWEEP_REPEATS 次，默认 1），一张汇总表
-#   bash scripts/gpu_bench.sh sweep_mps  # 同一 multirun（SWEEP_MPS 覆盖，默认同 SWEEP），开着 CUDA MPS（几个引擎实例的内核可以同时在 GPU 上跑），结果在 $G/sweep_mps
+#   bash scripts/gpu_bench.sh sweep_mps  # 同一 multirun（SWEEP_MPS 覆盖，默认同 SWEEP），加 server.mps=true（CUDA MPS：几个引擎实例的内核同时在 GPU 上跑），结果在 $G/sweep_mps
 #   bash scripts/gpu_bench.sh soak       # 生产设置：SLA 搜索 1 次，再以其 70% 浸泡 10 分钟，再 2 倍过载 60 s（issue #15）
 #   bash scripts/gpu_bench.sh overload   # 只有 SLA 搜索与 2 倍过载（OVERLOAD_QT_US：引擎的排队超时，默认 15000 = 配置默认）
 # 一整轮超过 device 工具单次调用的 10 分钟：用 scripts/gpu_campaign.sh 在后台按序运行多个阶段。
@@ -54,30 +54,6 @@ reliability() {
   $PY scripts/benchmark.py "${COMMON[@]}" "${TRITON[@]}" build_dir=$G/new "${BENCH[@]}" benchmark.repeats=1 \
       "benchmark.concurrency=[]" benchmark.floor=false benchmark.offline_samples=0 benchmark.trace_rate=0 \
       benchmark.overload_s=${OVERLOAD_S:-60} benchmark.output_dir=$G/bench_$name "$@" ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/$name.log"
-}
-
-# CUDA MPS：不开时几个引擎实例（各是一个进程）在 GPU 上分时，小 batch 的内核占不满 SM 也不能同时跑；MPS 让它们同时跑。
-# 只起一个用户态守护进程（管道与日志在 /tmp/ugt-mps），不改卡的任何设置（计算模式、时钟等都不动），阶段结束时退出。
-# 还没有在本项目的 GPU 机器上跑过：守护进程起不来或客户端 60 s 内连不上时本阶段失败并说明原因。
-mps_start() {
-  command -v nvidia-cuda-mps-control >/dev/null || { echo "没有 nvidia-cuda-mps-control：这台机器不能开 MPS" >&2; return 1; }
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/ugt-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/ugt-mps/log
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  nvidia-cuda-mps-control -d || { echo "MPS 守护进程起不来" >&2; return 1; }
-  trap mps_stop EXIT
-  if ! timeout 60 $PY -c 'import torch; x = torch.arange(4.0, device="cuda"); assert float((x * 2).sum()) == 12.0; print("MPS 客户端可用")'; then
-    echo "MPS 开着时 CUDA 客户端在 60 s 内不可用（日志 $CUDA_MPS_LOG_DIRECTORY）" >&2
-    tail -n 20 "$CUDA_MPS_LOG_DIRECTORY"/*.log >&2 2>/dev/null || true
-    return 1
-  fi
-  echo get_server_list | nvidia-cuda-mps-control || true
-}
-mps_stop() {
-  # 守护进程的日志（server.log 记下每个连上的客户端进程）带回：据此确认引擎实例的存根确实经 MPS 运行
-  echo get_server_list | nvidia-cuda-mps-control 2>/dev/null || true
-  mkdir -p "$OUT/mps_log" && cp "$CUDA_MPS_LOG_DIRECTORY"/*.log "$OUT/mps_log/" 2>/dev/null || true
-  echo quit | nvidia-cuda-mps-control 2>/dev/null || true
-  trap - EXIT
 }
 
 case "$STAGE" in
@@ -182,8 +158,10 @@ PYEOF
   sweep|sweep_mps)
     SWEEP_DIR=$G/$STAGE
     SWEEP_ARGS=${SWEEP:-triton.instance_count=1,2 triton.max_queue_delay_us=500,2000}
-    # SWEEP_MPS：开着 MPS 时另扫的设置（同一轮里 sweep 与 sweep_mps 可以扫不同的键），默认同 SWEEP
-    if [ "$STAGE" = sweep_mps ]; then mps_start || exit 1; SWEEP_ARGS=${SWEEP_MPS:-$SWEEP_ARGS}; fi
+    # sweep_mps：每组都开 server.mps（服务器自己起停 CUDA MPS 守护进程，日志在各组目录的 mps_log/）；SWEEP_MPS 是
+    # 开着 MPS 时另扫的设置（同一轮里 sweep 与 sweep_mps 可以扫不同的键），默认同 SWEEP。
+    # 同一个 multirun 里对照有无 MPS：SWEEP='server.mps=false,true' bash scripts/gpu_bench.sh sweep
+    if [ "$STAGE" = sweep_mps ]; then SWEEP_ARGS="${SWEEP_MPS:-$SWEEP_ARGS} server.mps=true"; fi
     # 每组：重启服务器、SLA 搜索、轻负载点、c=64，SWEEP_REPEATS 次（默认 1；比较设置要 3 次：同一设置重复间的 SLA 范围约 ±10–18 %）；
     # 不测地板与离线（主测量里有）。例：SWEEP='triton.max_queue_delay_us=500,3000' SWEEP_REPEATS=3
     # 固定的是 triton=h100（conf/triton/h100.yaml）；SWEEP 里的键覆盖它（Hydra 的组先于单个键生效）

@@ -63,3 +63,14 @@ def server(built):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def sleep_repo(tmp_path):
+    """fixtures/sleep_repo 的私有副本（一个 python 模型、启动快）：锁按仓库目录，别的测试或会话用原件不受影响。"""
+    import shutil
+
+    repo = str(tmp_path / "repo")
+    shutil.copytree(os.path.join(TESTS_DIR, "fixtures", "sleep_repo"), repo,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return repo

@@ -272,6 +272,10 @@ class ServerConfig:
     supervise_interval_s: float = 0.5
     # 停止时等在途请求的上限（--exit-timeout-secs）：请求打到已死的存根时旧版本模型一直算“在用”，停止要等满这么久
     exit_timeout_s: float = 30.0
+    # CUDA MPS：服务器自己起一个私有的 MPS 守护进程，引擎的几个实例（各是一个进程）的内核可以同时在 GPU 上跑
+    # （algorithm/serving/mps.py）。需要 nvidia-cuda-mps-control；GPU 已由别的 MPS 守护进程管着时不要开。
+    # H100 上引擎 2 实例：SLA 1000 -> 1237.5 req/s（各 3 次，benchmarks/h100-2026-11-27/machine6）；默认关：只在一台机器上测过
+    mps: bool = False
 
     def __post_init__(self) -> None:
         for f in ("http_port", "grpc_port", "metrics_port"):

@@ -35,6 +35,7 @@ from typing import Dict, List, Optional
 
 from algorithm.serving.config import ServerConfig
 from algorithm.errors import MissingDependencyError, ServerError
+from algorithm.serving.mps import MpsDaemon
 
 log = logging.getLogger(__name__)
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -116,6 +117,7 @@ class EmbeddedTritonServer:
         self._lock_fd: Optional[int] = None
         self.restarts: Dict[str, int] = {}  # 监护线程重新加载各模型的次数
         self.removed_shm_regions: List[str] = []  # 本服务器删掉的（死存根留下的）共享内存区
+        self.mps: Optional[MpsDaemon] = None  # server.mps 时本服务器起的 MPS 守护进程
 
     # ---- 地址 ----
     @property
@@ -246,11 +248,23 @@ class EmbeddedTritonServer:
         env["UGT_PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("UGT_PYTHONPATH", "")]))
         log_path = self.log_path or os.path.join(self._tmp, "tritonserver.log")
         self.log_path = log_path
+        if c.mps:
+            # 管道放在短的临时目录里（unix 套接字路径有长度上限）；日志放在服务器日志旁边，停止后还在
+            self.mps = MpsDaemon(os.path.join(self._tmp, "mps"), os.path.join(os.path.dirname(log_path), "mps_log"))
+            self.mps.start()
+            env.update(self.mps.env())  # 存根由 tritonserver 起，继承这两个变量
         self._log_file = open(log_path, "ab")
         self.process = subprocess.Popen(self._command(binary, backend_dir), stdout=self._log_file,
                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self._wait_ready()
         log.info("Triton 就绪：HTTP %s  gRPC %s  metrics %s", self.http_url, self.grpc_url, self.metrics_url)
+        if self.mps is not None:
+            # MPS 服务器在第一个 CUDA 客户端连上时才起：引擎在 GPU 上时，就绪时它应该已在
+            servers = self.mps.servers()
+            if servers:
+                log.info("CUDA MPS：服务器进程 %s（客户端记录在 %s/server.log）", servers, self.mps.log_dir)
+            else:
+                log.warning("server.mps=true，但没有 CUDA 进程经 MPS 运行（引擎不在 GPU 上？）；日志 %s", self.mps.log_dir)
         self._stubs = self._by_model(self._scan_stubs())
         if self.config.supervise:
             self._stop_event = threading.Event()
@@ -436,6 +450,9 @@ class EmbeddedTritonServer:
                 pass
         # 正常退出时 Triton 自己删共享内存区；被杀（或超时被 SIGKILL）时没人删，存根也可能还活着
         self._kill_orphan_stubs()
+        if self.mps is not None:  # 它的客户端（tritonserver 与存根）都已退出
+            self.mps.stop()
+            self.mps = None
         self._remove_shm_regions(list(self._known_stubs.values()))
         self._known_stubs.clear()
         self._stubs = {}

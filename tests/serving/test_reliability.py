@@ -14,7 +14,6 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from algorithm.models.train import SyntheticSequences
-from conftest import TESTS_DIR
 from algorithm.serving.bench.soak import overload, process_tree_rss_mb, soak
 from algorithm.serving.benchmark import Benchmark
 from algorithm.serving.client import RecommendClient
@@ -235,7 +234,6 @@ def test_soak_no_errors_and_bounded_memory(server, built):
 
 # ---------------------------------------------------------------- 共享内存区与仓库锁（issue #15）
 
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -243,7 +241,6 @@ from algorithm.errors import ServerError  # noqa: E402
 from algorithm.serving.server import repository_lock_path  # noqa: E402
 
 SHM = "/dev/shm"
-SLEEP_REPO = os.path.join(TESTS_DIR, "fixtures", "sleep_repo")
 
 
 def stub_regions(server):
@@ -288,14 +285,6 @@ def test_killed_stub_region_is_removed_and_model_reloads_every_time(fragile_serv
         assert all(os.path.exists(os.path.join(SHM, r)) for r in others), others  # 活存根的区还在
         print(f"第 {round_ + 1} 次：{time.perf_counter() - t:.1f} s 恢复，删掉 {sorted(dead)}")
     client.close()
-
-
-@pytest.fixture
-def sleep_repo(tmp_path):
-    """sleep_repo 的私有副本（一个 python 模型、启动快）：锁按仓库目录，别的测试或会话用原件不受影响。"""
-    repo = str(tmp_path / "repo")
-    shutil.copytree(SLEEP_REPO, repo, ignore=shutil.ignore_patterns("__pycache__"))
-    return repo
 
 
 def test_second_server_on_the_same_repository_is_refused(sleep_repo, tmp_path):

@@ -1,0 +1,93 @@
+"""server.mps：服务器自己起停的 CUDA MPS 守护进程。本机没有 GPU，用一个假的 nvidia-cuda-mps-control
+（记下每次调用的参数、标准输入与 MPS 环境变量）检查：起停的命令、tritonserver 与存根进程拿到的环境、出错时的说明。"""
+
+import os
+import stat
+
+import pytest
+
+from algorithm.errors import MissingDependencyError, ServerError
+from algorithm.serving.config import ServerConfig
+from algorithm.serving.mps import CONTROL, MpsDaemon
+from algorithm.serving.server import EmbeddedTritonServer
+
+FAKE = """#!/bin/sh
+# 假的 nvidia-cuda-mps-control：一行一次调用：参数|标准输入|管道目录
+input=""
+[ "$#" -eq 0 ] && input=$(cat)
+echo "$*|$input|$CUDA_MPS_PIPE_DIRECTORY" >> "{record}"
+[ "$1" = "-d" ] && [ -n "{fail}" ] && {{ echo "{fail}" >&2; exit 3; }}
+[ "$input" = "get_server_list" ] && echo 4242
+exit 0
+"""
+
+
+def fake_control(tmp_path, fail: str = "") -> str:
+    """PATH 里放一个假的控制程序，返回它的调用记录文件。"""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    record = tmp_path / "calls.txt"
+    exe = bindir / CONTROL
+    exe.write_text(FAKE.format(record=record, fail=fail))
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return str(bindir), str(record)
+
+
+def calls(record: str):
+    with open(record) as f:
+        return [line.rstrip("\n").split("|") for line in f]
+
+
+def test_daemon_starts_queries_and_quits_with_its_own_pipe(tmp_path, monkeypatch):
+    bindir, record = fake_control(tmp_path)
+    monkeypatch.setenv("PATH", bindir + os.pathsep + os.environ["PATH"])
+    d = MpsDaemon(str(tmp_path / "pipe"), str(tmp_path / "log"))
+    assert d.env() == {"CUDA_MPS_PIPE_DIRECTORY": d.pipe_dir, "CUDA_MPS_LOG_DIRECTORY": d.log_dir}
+    d.start()
+    assert os.path.isdir(d.pipe_dir) and os.path.isdir(d.log_dir)
+    assert d.servers() == [4242]
+    d.stop()
+    d.stop()  # 第二次什么也不做
+    assert calls(record) == [["-d", "", d.pipe_dir], ["", "get_server_list", d.pipe_dir], ["", "quit", d.pipe_dir]]
+
+
+def test_daemon_failure_and_missing_binary_say_what_to_do(tmp_path, monkeypatch):
+    bindir, _ = fake_control(tmp_path, fail="An instance of this daemon is already running")
+    monkeypatch.setenv("PATH", bindir + os.pathsep + os.environ["PATH"])
+    with pytest.raises(ServerError, match="already running") as e:
+        MpsDaemon(str(tmp_path / "p"), str(tmp_path / "l")).start()
+    assert "退出码 3" in str(e.value)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(MissingDependencyError, match="server.mps=false"):
+        MpsDaemon(str(tmp_path / "p"), str(tmp_path / "l")).start()
+
+
+def test_server_without_mps_control_refuses_before_starting_triton(sleep_repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty") + os.pathsep + "/usr/bin:/bin")
+    monkeypatch.setattr("shutil.which", lambda name, *a, **k: None)
+    s = EmbeddedTritonServer(sleep_repo, ServerConfig(mps=True), ready_models=["sleepy"])
+    with pytest.raises(MissingDependencyError, match=CONTROL):
+        s.start()
+    assert s.process is None and s.mps is None
+
+
+def _environ(pid: int) -> dict:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        items = [x.decode(errors="replace") for x in f.read().split(b"\0") if b"=" in x]
+    return dict(x.split("=", 1) for x in items)
+
+
+def test_server_with_mps_passes_the_pipe_to_tritonserver_and_stubs(sleep_repo, tmp_path, monkeypatch):
+    """tritonserver 与它起的存根进程（引擎实例，真正的 CUDA 客户端）都拿到守护进程的管道目录；停止时守护进程退出。"""
+    bindir, record = fake_control(tmp_path)
+    monkeypatch.setenv("PATH", bindir + os.pathsep + os.environ["PATH"])
+    log_path = str(tmp_path / "out" / "tritonserver.log")
+    os.makedirs(os.path.dirname(log_path))
+    with EmbeddedTritonServer(sleep_repo, ServerConfig(mps=True), ready_models=["sleepy"], log_path=log_path) as s:
+        pipe = s.mps.pipe_dir
+        assert s.mps.log_dir == str(tmp_path / "out" / "mps_log")
+        assert _environ(s.process.pid)["CUDA_MPS_PIPE_DIRECTORY"] == pipe
+        stubs = [p for pids in s.stub_processes().values() for p in pids]
+        assert stubs and all(_environ(p).get("CUDA_MPS_PIPE_DIRECTORY") == pipe for p in stubs)
+    assert s.mps is None
+    assert [c[:2] for c in calls(record)] == [["-d", ""], ["", "get_server_list"], ["", "quit"]]
