@@ -157,10 +157,9 @@ def test_unknown_mode_is_refused():
 
 def test_gpu_int8_settings_follow_the_h100_measurement():
     """GPU 上的 torch int8 按 H100 上测过的组合走：auto -> weight_only + eager（compile none）+ CUDA Graph，构建日志写明
-    测得的速度（比 fp16 慢）；dynamic + CUDA Graph（捕获失败）在导出之前被拒、错误写明替代；CPU 与非 int8 不受影响。"""
+    测得的速度（比 fp16 慢）；dynamic + CUDA Graph（以前捕获失败，绕开之后在 H100 上捕获成功）也写明速度；CPU 与非 int8 不受影响。"""
     import dataclasses
 
-    from algorithm.errors import ConfigError
     from algorithm.serving.config import EngineConfig, ExportConfig
     from algorithm.serving.engines.torch import check_gpu_int8, int8_modes
     from algorithm.serving.triton_config import runtime_spec
@@ -176,12 +175,13 @@ def test_gpu_int8_settings_follow_the_h100_measurement():
     check_gpu_int8(cfg, "cuda", said.append)
     assert len(said) == 1 and "weight_only" in said[0] and "precision=fp16" in said[0]
     dyn = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, int8_mode="dynamic"))
-    with pytest.raises(ConfigError, match="int8_mode=weight_only"):
-        check_gpu_int8(dyn, "cuda")
+    said = []
+    check_gpu_int8(dyn, "cuda", said.append)  # 捕获问题绕开之后不再拒绝：只写明测得的速度
+    assert "捕获成功" in said[0] and "0.15 倍" in said[0] and "machine6" in said[0]
     said = []
     check_gpu_int8(dataclasses.replace(dyn, engine=dataclasses.replace(dyn.engine, cuda_graphs=False,
                                                                        gpu_int8_compile_mode="default")), "cuda", said.append)
-    assert "120 req/s" in said[0] and "没有测过能否编译完" in said[0]
+    assert "不用 CUDA Graph 时没有测过" in said[0] and "没有测过能否编译完" in said[0]
     check_gpu_int8(dyn, "cpu")
     fp16 = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, precision="fp16"))
     check_gpu_int8(fp16, "cuda")
