@@ -124,6 +124,9 @@ def summary_table(report: Dict[str, Any]) -> str:
                      f"回拷 {fmt_spread(h.get('sla_engine_copy_back_ms'), 2)} ms，整个 execute "
                      f"{fmt_spread(h.get('sla_engine_execute_ms'), 2)} ms，填充占 "
                      f"{fmt_spread(h.get('sla_engine_padding_share'), 2)}")
+        if (h.get("sla_engine_outside_execute_ms") or {}).get("median") is not None:
+            lines.append(f"       Triton 记的每次 execute {fmt_spread(h.get('sla_engine_triton_execute_ms'), 2)} ms，其中在 execute 之外 "
+                         f"{fmt_spread(h.get('sla_engine_outside_execute_ms'), 2)} ms（python backend 交接输入与响应）")
     if (h.get("light_p50_ms") or {}).get("median") is not None:
         lines.append(f"  轻负载 {report.get('benchmark', {}).get('light_rate')}/s：P50 {fmt_spread(h['light_p50_ms'])} ms，"
                      f"P99 {fmt_spread(h['light_p99_ms'])} ms，P99/P50 {fmt_spread(h['light_p99_over_p50'], 2)}")
@@ -133,11 +136,13 @@ def summary_table(report: Dict[str, Any]) -> str:
                      f"P99 {fmt_spread(h.get('floor_light_p99_ms'))} ms；SLA 速率下 P50 "
                      f"{fmt_spread(h.get('floor_sla_rate_p50_ms'))} / P99 {fmt_spread(h.get('floor_sla_rate_p99_ms'))} ms")
     if h.get("closed_loop"):
-        lines.append("  闭环：并发  吞吐/s（成功的）       P99 ms               GPU %            平均 batch         失败 %")
+        lines.append("  闭环：并发  吞吐/s（成功的）       P99 ms               GPU %            平均 batch         失败 %"
+                     "              引擎 execute 之外 ms")
         for c, v in h["closed_loop"].items():
             lines.append(f"        c={c:<4} {fmt_spread(v['throughput']):<22} {fmt_spread(v['p99_ms']):<20} "
                          f"{fmt_spread(v['gpu_util']):<16} {fmt_spread(v['avg_batch'], 2):<18} "
-                         f"{fmt_spread(v.get('error_rate'), 2, scale=100)}")
+                         f"{fmt_spread(v.get('error_rate'), 2, scale=100):<18} "
+                         f"{fmt_spread(v.get('engine_outside_execute_ms'), 2)}")
     for i, run in enumerate(report.get("runs", [])):
         sla = run.get("sla") or {}
         if not sla.get("max_rate"):

@@ -145,3 +145,22 @@ def test_closed_loop_headline_reports_the_refused_share():
     err = report["headline"]["closed_loop"]["64"]["error_rate"]
     assert err["median"] == pytest.approx(0.084) and err["min"] == pytest.approx(0.080)
     assert "8.40 [8.00–9.00]" in summary_table(report)
+
+
+def test_time_outside_the_engine_execute_is_reported():
+    """Triton 记的每次 execute 减去引擎自己量的 execute = python backend 交接输入与响应的时间（H100 上 c=64 时 3.7 ms）：
+    闭环每点与 SLA 点都报告；任一边缺（例如 onnxruntime 原生后端没有自定义指标）时是空的，不是 0。"""
+    from algorithm.serving.bench.report import summary_table
+    from algorithm.serving.bench.suite import outside_execute_ms
+
+    def point(triton_ms, ours_ms):
+        return {"concurrency": 64, "throughput": 1800.0, "error_rate": 0.0, "latency_ms": {"p99": 50.0},
+                "gpu": {"util_mean": 50.0}, "engine_execute": {"execute_ms": ours_ms} if ours_ms else {},
+                "server": {"ugt_engine": {"avg_batch": 15.0, "compute_per_execute_ms": triton_ms}}}
+
+    assert outside_execute_ms(point(14.7, 11.0)) == pytest.approx(3.7)
+    assert outside_execute_ms(point(14.7, None)) is None
+    runs = [{"closed_loop": [point(t, o)]} for t, o in ((14.7, 11.0), (15.1, 11.4), (14.9, 10.9))]
+    h = headline(runs)
+    assert h["closed_loop"]["64"]["engine_outside_execute_ms"]["median"] == pytest.approx(3.7)
+    assert "3.70 [3.70–4.00]" in summary_table({"model": "m", "slo_ms": 30.0, "runs": runs, "headline": h})
