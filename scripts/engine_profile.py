@@ -36,6 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from algorithm.serving.config import GateConfig  # noqa: E402  （不拉进 torch）
+
 # H100 SXM 规格书的稠密峰值（与 benchmarks/README.md 一致）
 PEAK_FP16_TFLOPS = 989.0
 PEAK_INT8_TOPS = 1979.0
@@ -368,8 +370,8 @@ class Histories:
 # --only 可点的节（"int8" 代表各个 throughput_int8_*）
 SECTIONS = ("environment", "load", "stage_check", "stages", "sdpa", "self_attention", "padding", "throughput",
             "kernels_compiled", "concurrency", "throughput_planned", "throughput_planned_8", "int8")
-# int8 的门禁（issue #12）：对 fp32 的 top-50 重合与 top-1 一致
-INT8_GATE = {"overlap": 0.95, "top1": 0.97}
+# int8 的门禁（issue #12）：对 fp32 的 top-50 重合与 top-1 一致，与构建的门禁同一组阈值（GateConfig.int8_*）
+INT8_GATE = {"overlap": GateConfig().int8_min_overlap, "top1": GateConfig().int8_min_top1_agreement}
 
 
 class Report:

@@ -59,8 +59,10 @@ def run_gates(config: ServingConfig, catalog: Catalog, model, runner, gates: Gat
     if precision == "fp32":
         checks = {"overlap": (cmp.overlap, ">=", gates.fp32_min_overlap)}
     else:
-        checks = {"overlap": (cmp.overlap, ">=", gates.min_overlap),
-                  "top1_agreement": (cmp.top1_agreement, ">=", gates.min_top1_agreement),
+        int8 = precision == "int8"
+        checks = {"overlap": (cmp.overlap, ">=", gates.int8_min_overlap if int8 else gates.min_overlap),
+                  "top1_agreement": (cmp.top1_agreement, ">=",
+                                     gates.int8_min_top1_agreement if int8 else gates.min_top1_agreement),
                   "score_mae": (cmp.score_mae, "<=", gates.max_score_mae)}
     failed = [f"{k} {v:.4f}（要求 {op} {th}）" for k, (v, op, th) in checks.items()
               if (v < th if op == ">=" else v > th)]
