@@ -974,7 +974,7 @@ def run_profile(args) -> Dict[str, Any]:
                 res.update(attempts=attempts, seconds_incl_compile=time.time() - t, peak_int8_tops=PEAK_INT8_TOPS, base=base,
                            int8_mode=qmode, compile_mode=mode, cuda_graphs=bool(graphs and on_gpu))
                 res["note"] = (f"服务时量化：{base} 底本的 .pt2 加载、移到 {device.type} 后 quantize_int8(mode={qmode!r})"
-                               f"{'（CUDA 上把行数补到 8 的倍数、至少 24：torch._int_mm 与 cuBLASLt 的限制）' if on_gpu and qmode == 'dynamic' else ''}，"
+                               f"{'（CUDA 上把小行数补到 17：torch._int_mm 的限制）' if on_gpu and qmode == 'dynamic' else ''}，"
                                f"再 torch.compile（{mode}）。MFU 仍以 {peak:g} TFLOP/s 为分母（H100 int8 稠密峰值 "
                                f"{PEAK_INT8_TOPS:g} TOPS）。")
                 return res

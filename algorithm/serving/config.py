@@ -142,7 +142,8 @@ class EngineConfig:
     plan_groups: bool = True
     # true：一次 execute 的几组（不同长度桶）各在自己的 CUDA 流上重放，在 GPU 上同时跑（小 batch 的图只占一部分 SM）；
     # 每个长度桶有自己的图内存池与捕获流。默认 false（背靠背在同一个流上）：H100 上第一版（只分了内存池）让服务器卡死，
-    # 改正后（各自的捕获流，见 runtime/engines/torch.py）还没有在 GPU 上测过（benchmarks/h100-2026-11-27/machine5）
+    # 改正后（各自的捕获流，见 runtime/engines/torch.py）GPU 测试通过（同时重放与 eager 一致，machine7），
+    # 但还没有在服务上测过速度（benchmarks/h100-2026-11-27/machine5、machine7）
     group_streams: bool = False
     # torch 引擎的 int8（torchao，服务时在加载的模块上量化，见 runtime/engines/torch_int8.py）：
     # dynamic = 按行动态 int8 激活 + 按通道 int8 权重；weight_only = 只量化权重。打分头与嵌入不量化。

@@ -81,7 +81,7 @@ def check_gpu_int8(config: ServingConfig, device: str, log: Log = lambda s: None
                                     "fp16 的 0.58–0.61 倍（b16 / b64 2010 / 2817 对 3447 / 4606 req/s）"),
         # 以前捕获失败（torchao 0.18 的 safe_int_mm 每次矩阵乘都格式化激活张量），绕开之后（torch_int8.capture_safe_int_mm）捕获成功
         "dynamic": ("machine6", "门禁通过（重合 0.976、top-1 0.984），CUDA Graph 捕获成功，但 b16 / b64 只有 512 / 698 req/s，"
-                                "同一进程里 eager + 图的 fp16 是 3516 / 4720（0.15 倍；那时小行数补到 17，现在补到 24）"
+                                "同一进程里 eager + 图的 fp16 是 3516 / 4720（0.15 倍）"
                     if graphs else "不用 CUDA Graph 时没有测过（以前每次矩阵乘一次同步时 b16 / b64 只有 20 / 120 req/s）"),
     }
     where, text = measured[mode]

@@ -24,11 +24,8 @@ from algorithm.errors import ConfigError, MissingDependencyError
 
 MODES = ("dynamic", "weight_only")
 # torch._int_mm（CUDA 上 cuBLAS 的 int8 矩阵乘，torchao 动态 int8 与 Inductor 都用它）要求行数 > 16：
-# 解码第 1 步的行数就是 batch（桶 2 / 8 / 16 都不够），所以动态 int8 在 CUDA 上补零行再算、再切回。
-# 只补到 17 不够：H100（torch 2.11 + CUDA 13）上 17 行 x k=64 时 cublasLtMatmul 返回 CUBLAS_STATUS_NOT_SUPPORTED
-# （2026-11-27 第 6 台的 GPU 测试，ugt_tiny）；int8 的 cuBLASLt 内核按 8 对齐，所以补到 8 的倍数、至少 24
-MIN_INT_MM_ROWS = 24
-INT_MM_ROW_MULTIPLE = 8
+# 解码第 1 步的行数就是 batch（桶 2 / 8 / 16 都不够），所以动态 int8 在 CUDA 上把行数补到 17 再算、再切回
+MIN_INT_MM_ROWS = 17
 # 保持原精度的模块名前缀：打分头（嵌入不是线性层，本就不会被量化）
 KEEP_PREFIXES = ("heads",)
 
@@ -49,7 +46,7 @@ def _torchao_config(mode: str):
 
 
 def capture_safe_int_mm(input, mat2):
-    """torchao.kernel.intmm.safe_int_mm 的替身：同样的三条路（编译、cuBLAS、回退），但不调用 input.__repr__()。
+    """torchao.kernel.intmm.safe_int_mm 的替身：同样的几条路（编译、cuBLAS、两种回退），但不调用 input.__repr__()。
 
     为什么：torchao 0.18 的 safe_int_mm 第一行用 `"FakeTensor" in input.__repr__()` 判断是否在追踪；eager 下 CUDA 张量的
     repr 要把数值拷回主机并格式化——每个 int8 矩阵乘一次同步。CUDA Graph 捕获中的同步使捕获失效，H100 上动态 int8 捕获时
@@ -73,7 +70,12 @@ def capture_safe_int_mm(input, mat2):
         mat2 = mat2.contiguous()
     if not input.is_contiguous() and input.shape[0] % 8 != 0:
         input = input.contiguous()
-    return out_dtype(torch.ops.aten.mm.default, torch.int32, input, mat2)
+    try:
+        return out_dtype(torch.ops.aten.mm.default, torch.int32, input, mat2)
+    except RuntimeError:
+        # 与 torchao 相同的回退：cuBLASLt 不支持的形状用 fp32 乘（H100 上 ugt_tiny 的 “24 行 x k 64”（不连续的权重拷成
+        # 连续之后是 NN 布局）得到 CUBLAS_STATUS_NOT_SUPPORTED，2026-11-27 第 6 台；出错发生在启动内核之前，捕获不失效）
+        return torch.matmul(input.to(torch.float32), mat2.to(torch.float32)).to(torch.int32)
 
 
 def install_capture_safe_int_mm() -> bool:
@@ -91,16 +93,15 @@ def install_capture_safe_int_mm() -> bool:
 
 
 def int_mm_rows(n):
-    """n 行的输入补到几行：INT_MM_ROW_MULTIPLE 的倍数、至少 MIN_INT_MM_ROWS（n 可以是符号整数）。"""
+    """n 行的输入补到几行：至少 MIN_INT_MM_ROWS（n 可以是符号整数）。"""
     import torch
 
-    m = INT_MM_ROW_MULTIPLE
-    return torch.sym_max(MIN_INT_MM_ROWS, (n + m - 1) // m * m)
+    return torch.sym_max(MIN_INT_MM_ROWS, n)
 
 
 def _linear_min_rows(x, weight, bias=None):
-    """F.linear，但先把输入的行数（除最后一维外的元素数）用零补到 int_mm_rows(行数)，结果再切回。
-    动态 int8 的激活按行量化，补的零行不影响其它行；已对齐时补 0 行（形状是符号的，编译时不分支）。"""
+    """F.linear，但先把输入的行数（除最后一维外的元素数）用零补到至少 MIN_INT_MM_ROWS，结果再切回。
+    动态 int8 的激活按行量化，补的零行不影响其它行；行数足够时补 0 行（形状是符号的，编译时不分支）。"""
     import torch.nn.functional as F
 
     flat = x.reshape(-1, x.shape[-1])
@@ -146,7 +147,7 @@ def linear_weight_names(gm) -> Set[str]:
 
 def quantize_exported_module(gm, mode: str = "dynamic", pad_rows: Optional[bool] = None):
     """原地量化 torch.export.load(...).module() 得到的 GraphModule；返回它。应在 gm.to(device) 之后调用。
-    pad_rows：None = 动态 int8 且在 CUDA 上时把行数补齐（int_mm_rows，见 _linear_min_rows）。"""
+    pad_rows：None = 动态 int8 且在 CUDA 上时把小行数补到 MIN_INT_MM_ROWS（见 _linear_min_rows）。"""
     import torch
 
     quantize_, config = _torchao_config(mode)
@@ -172,7 +173,7 @@ def quantize_int8(model, mode: str = "dynamic", filter_fn: Optional[Callable] = 
     计算密集的大 batch 用 int8 张量核）；"weight_only" = 只有权重 int8（Int8WeightOnlyConfig，省带宽，小 batch）。
     model 可以是 eager 的 UGTModel，也可以是 torch.export.load(...).module()（见模块文档）。
     先 model.to(device, dtype) 再量化：torchao 按张量所在设备选择实现。
-    pad_rows：None = 动态 int8 且在 CUDA 上时，被量化的线性层把行数补齐（int_mm_rows：torch._int_mm 与 cuBLASLt 的限制）。
+    pad_rows：None = 动态 int8 且在 CUDA 上时，被量化的线性层把小行数补到 MIN_INT_MM_ROWS（torch._int_mm 的限制）。
     """
     import types
 
