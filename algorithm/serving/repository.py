@@ -63,7 +63,7 @@ def build_repository(config: ServingConfig, out_dir: str, engine_artifact: str, 
             _copy_file(catalog_path, os.path.join(tmp, name, "1", "catalog.npz"))
         if configs[ENGINE].model_warmup:
             os.makedirs(os.path.join(tmp, ENGINE, "warmup"))
-            for fname, data in warmup_files().items():
+            for fname, data in warmup_files(config.contract()).items():
                 with open(os.path.join(tmp, ENGINE, "warmup", fname), "wb") as f:
                     f.write(data)
         if include_floor:

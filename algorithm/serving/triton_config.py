@@ -19,7 +19,7 @@ from algorithm.interfaces import (BEHAVIOR_INPUT, POST_IN_REC, POST_IN_SCORES, U
                                   EngineContract, EnsembleContract, TensorSpec)
 from algorithm.serving.config import ServingConfig
 from algorithm.serving.engines import engine_module, hosting as engine_hosting, resolve_auto
-from algorithm.serving.runtime import params
+from algorithm.serving.runtime import packed, params
 
 PREPROCESS = "ugt_preprocess"
 ENGINE = "ugt_engine"
@@ -121,20 +121,30 @@ def _set_instance_group(mc, count: int, kind: str, gpus: Sequence[int] = ()) -> 
 WARMUP_SEQ_LEN = 8
 # 预热样本里 mask 的数据文件（全 1）：放在 <模型>/warmup/ 下（repository.build_repository 写出）
 WARMUP_MASK_FILE = "mask_ones"
+WARMUP_PACKED_FILE = "packed_zeros_mask_ones"
 
 
-def warmup_files() -> Dict[str, bytes]:
+def warmup_files(contract: Optional[EngineContract] = None) -> Dict[str, bytes]:
     import numpy as np
 
-    return {WARMUP_MASK_FILE: np.ones(WARMUP_SEQ_LEN, dtype=np.float32).tobytes()}
+    files = {WARMUP_MASK_FILE: np.ones(WARMUP_SEQ_LEN, dtype=np.float32).tobytes()}
+    if contract is not None:  # 打包的引擎输入的预热样本（runtime/packed.py）
+        files[WARMUP_PACKED_FILE] = packed.warmup_bytes(contract, WARMUP_SEQ_LEN)
+    return files
 
 
-def _set_warmup(mc, contract: EngineContract, seq_len: int = WARMUP_SEQ_LEN) -> None:
+def _set_warmup(mc, contract: EngineContract, seq_len: int = WARMUP_SEQ_LEN, packed_inputs: bool = False) -> None:
     """引擎加载后先跑一个 batch=1 的样本（id 全 0、mask 全 1：引擎拒绝没有有效位置的行），
     避免首个请求承担初始化。"""
     w = mc.model_warmup.add()
     w.name = "warmup_b1"
     w.batch_size = 1
+    if packed_inputs:
+        inp = w.inputs[packed.PACKED_INPUT]
+        inp.data_type = pb().DataType.Value("TYPE_INT64")
+        inp.dims.extend([len(contract.inputs) * seq_len])
+        inp.input_data_file = WARMUP_PACKED_FILE
+        return
     for spec in contract.inputs:
         inp = w.inputs[spec.name]
         inp.data_type = _dtype(spec)
@@ -162,7 +172,13 @@ def runtime_spec(config: ServingConfig, on_gpu: bool = False) -> params.RuntimeS
         pad_in_preprocess=not hosting.python_runner, catalog_file="catalog.npz", compile_cache_dir=cache,
         num_threads=config.engine.num_threads, compile_mode=compile_mode,
         cuda_graphs=config.engine.cuda_graphs, plan_groups=config.engine.plan_groups,
-        group_streams=config.engine.group_streams, precision=config.export.precision, int8_mode=int8_mode)
+        group_streams=config.engine.group_streams, precision=config.export.precision, int8_mode=int8_mode,
+        pack_inputs=packs_engine_inputs(config))
+
+
+def packs_engine_inputs(config: ServingConfig) -> bool:
+    """前处理 -> 引擎是否走打包的 1 个张量（runtime/packed.py）：只在 python 运行器托管引擎时。"""
+    return engine_hosting(config).python_runner and config.triton.pack_engine_inputs
 
 
 def _set_runtime(mc, config: ServingConfig, on_gpu: bool = False) -> None:
@@ -177,8 +193,11 @@ def preprocess_config(config: ServingConfig, contract: EngineContract):
     # 若它是必需的，ensemble 会因该步永远凑不齐输入而报 “unexpected deadlock”，看不出缺了什么
     for spec in EnsembleContract(contract.top_k).inputs:
         _add_input(mc, spec.name, spec.triton_dtype, [-1], optional=True, ragged=True)
-    for spec in contract.inputs:
-        _add_output(mc, spec.name, spec.triton_dtype, spec.dims_without_batch)
+    if packs_engine_inputs(config):
+        _add_output(mc, packed.PACKED_INPUT, "TYPE_INT64", [-1])
+    else:
+        for spec in contract.inputs:
+            _add_output(mc, spec.name, spec.triton_dtype, spec.dims_without_batch)
     _add_output(mc, UNKNOWN_COUNT, "TYPE_INT64", [1])
     _set_batching(mc, config, engine=False)
     _set_instance_group(mc, config.triton.preprocess_instance_count, "KIND_CPU")
@@ -194,9 +213,12 @@ def engine_config(config: ServingConfig, contract: EngineContract, gpus: Sequenc
     else:
         mc.platform = hosting.platform
         mc.default_model_filename = hosting.filename
-    for spec in contract.inputs:
-        # python 运行器自己把不同长度的请求填充成一批，所以允许 ragged；原生后端要求同形状（前处理按桶填充）
-        _add_input(mc, spec.name, spec.triton_dtype, spec.dims_without_batch, ragged=hosting.python_runner)
+    if packs_engine_inputs(config):
+        _add_input(mc, packed.PACKED_INPUT, "TYPE_INT64", [-1], ragged=True)
+    else:
+        for spec in contract.inputs:
+            # python 运行器自己把不同长度的请求填充成一批，所以允许 ragged；原生后端要求同形状（前处理按桶填充）
+            _add_input(mc, spec.name, spec.triton_dtype, spec.dims_without_batch, ragged=hosting.python_runner)
     for spec in contract.outputs:
         _add_output(mc, spec.name, spec.triton_dtype, spec.dims_without_batch)
     _set_batching(mc, config)
@@ -210,7 +232,7 @@ def engine_config(config: ServingConfig, contract: EngineContract, gpus: Sequenc
     else:
         _set_instance_group(mc, config.triton.instance_count, "KIND_CPU")
     if config.triton.warmup:
-        _set_warmup(mc, contract)
+        _set_warmup(mc, contract, packed_inputs=packs_engine_inputs(config))
     if hosting.python_runner:
         _set_runtime(mc, config, on_gpu)
     return mc
@@ -266,11 +288,12 @@ def ensemble_config(config: ServingConfig, contract: EngineContract):
     pre = steps.step.add(model_name=PREPROCESS, model_version=-1)
     for spec in public.inputs:
         pre.input_map[spec.name] = spec.name
-    for n in contract.input_names:
+    engine_inputs = [packed.PACKED_INPUT] if packs_engine_inputs(config) else list(contract.input_names)
+    for n in engine_inputs:
         pre.output_map[n] = n
     pre.output_map[UNKNOWN_COUNT] = UNKNOWN_COUNT
     eng = steps.step.add(model_name=ENGINE, model_version=-1)
-    for n in contract.input_names:
+    for n in engine_inputs:
         eng.input_map[n] = n
     rec, scores = contract.output_names
     eng.output_map[rec] = POST_IN_REC

@@ -21,6 +21,7 @@ from algorithm.serving.config import BenchmarkConfig
 from algorithm.serving.repository import build_repository
 from algorithm.serving.server import EmbeddedTritonServer
 from algorithm.interfaces import BEHAVIOR_INPUT, HISTORY_INPUT
+from algorithm.serving.runtime.packed import PACKED_INPUT, pack
 
 pytestmark = pytest.mark.server
 
@@ -46,9 +47,10 @@ def infer_raw(url, model, arrays, dtypes=None):
 
 
 def engine_feeds(contract, rng, **override):
+    """直接发给引擎的输入：默认配置下引擎收打包的 1 个张量（runtime/packed.py），拆回后照常逐项校验。"""
     f = contract.random_inputs(2, 12, rng)
     f.update(override)
-    return f
+    return {PACKED_INPUT: pack(f, contract)}
 
 
 def test_bad_input_battery_is_refused_clearly_and_service_is_unchanged(server, built, history, rng):
@@ -83,10 +85,11 @@ def test_bad_input_battery_is_refused_clearly_and_service_is_unchanged(server, b
          None, ["encoder_positions"]),
         ("引擎：行为类型越界", "ugt_engine",
          engine_feeds(contract, rng, encoder_token_types=np.full((2, 12), 8, np.int64)), None, ["encoder_token_types"]),
-        ("引擎：NaN 掩码", "ugt_engine", engine_feeds(contract, rng, encoder_mask=np.full((2, 12), np.nan, np.float32)),
+        # 打包后掩码是整数（NaN / inf 写不进去）：不是 0 / 1 的值照样被拒
+        ("引擎：掩码为 2", "ugt_engine", engine_feeds(contract, rng, encoder_mask=np.full((2, 12), 2.0, np.float32)),
          None, ["encoder_mask"]),
-        ("引擎：inf 掩码", "ugt_engine", engine_feeds(contract, rng, encoder_mask=np.full((2, 12), np.inf, np.float32)),
-         None, ["encoder_mask"]),
+        ("引擎：打包的宽度不是 6 的倍数", "ugt_engine", {PACKED_INPUT: np.ones((2, 13), np.int64)}, None,
+         [PACKED_INPUT, "encoder_l1_ids"]),
         ("引擎：一行没有有效位置", "ugt_engine", engine_feeds(contract, rng, encoder_mask=np.zeros((2, 12), np.float32)),
          None, ["encoder_mask", "有效位置"]),
     ]

@@ -19,6 +19,7 @@ import numpy as np
 
 from algorithm.errors import MissingDependencyError
 from algorithm.interfaces import HISTORY_INPUT, EngineContract
+from algorithm.serving.runtime import packed
 
 
 def client_module(protocol: str, aio: bool):
@@ -32,6 +33,16 @@ def client_module(protocol: str, aio: bool):
     except ImportError as e:
         raise MissingDependencyError("压测需要 tritonclient[grpc,http]") from e
     return aio_mod if aio else sync_mod
+
+
+def engine_takes_packed_input(url: str, model: str, protocol: str) -> bool:
+    """服务器上的引擎模型收的是打包的 1 个输入（runtime/packed.py）还是 6 个：看模型元数据里的输入名。"""
+    client = client_module(protocol, aio=False).InferenceServerClient(url=url)
+    try:
+        meta = client.get_model_metadata(model, as_json=True) if protocol == "grpc" else client.get_model_metadata(model)
+    finally:
+        client.close()
+    return any(i.get("name") == packed.PACKED_INPUT for i in meta.get("inputs", []))
 
 
 def build_requests(spec: Dict[str, Any]) -> List[list]:
@@ -59,6 +70,12 @@ def build_requests(spec: Dict[str, Any]) -> List[list]:
     pre = Preprocessor(load_catalog(spec["catalog"]), contract)
     for h in histories:
         feeds, _ = pre.encode_one(h)
+        if spec.get("packed"):  # 与前处理交给引擎的相同：6 个输入拼成 1 个
+            x = packed.pack(feeds, contract)
+            inp = mod.InferInput(packed.PACKED_INPUT, list(x.shape), "INT64")
+            inp.set_data_from_numpy(x)
+            requests.append([inp])
+            continue
         inputs = []
         for s in contract.inputs:
             inp = mod.InferInput(s.name, list(feeds[s.name].shape), s.triton_dtype[len("TYPE_"):])

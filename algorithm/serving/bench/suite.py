@@ -73,12 +73,14 @@ class Benchmark:
         self.gpu = GpuSampler()
         self._seed = cfg.seed
         self.on_point: Optional[Callable[[Dict[str, Any]], None]] = None
+        # 直接压引擎时按服务器上引擎的输入决定发 6 个张量还是打包的 1 个（runtime/packed.py）
+        self.packed_inputs = kind == "engine" and loadgen.engine_takes_packed_input(url, model_name, cfg.protocol)
 
     def _request_spec(self, count: int, kind: Optional[str] = None) -> Dict[str, Any]:
         self._seed += 1
         return {"benchmark": asdict(self.cfg), "catalog": self.catalog_path, "count": count,
                 "max_seq_length": self.max_seq_length, "seed": self._seed, "contract": self.contract_kwargs,
-                "kind": kind or self.kind}
+                "kind": kind or self.kind, "packed": self.packed_inputs}
 
     def _run_workers(self, specs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         if len(specs) == 1:

@@ -15,10 +15,10 @@ import numpy as np
 
 from algorithm.errors import InternalError
 from algorithm.interfaces import (ITEM_IDS_OUTPUT, POST_IN_REC, POST_IN_SCORES, SCORES_OUTPUT, SEMANTIC_IDS_OUTPUT,
-                                  ContractError)
+                                  UNKNOWN_COUNT_OUTPUT, ContractError)
 from algorithm.models.catalog import load_catalog
 from algorithm.serving.config import ServingConfig
-from algorithm.serving.runtime import batching
+from algorithm.serving.runtime import batching, packed
 from algorithm.serving.runtime.params import RuntimeSpec
 from algorithm.serving.runtime.postprocess import Postprocessor
 from algorithm.serving.runtime.preprocess import Preprocessor
@@ -29,12 +29,19 @@ Result = Union[Dict[str, np.ndarray], Exception]
 class PreprocessModel:
     def __init__(self, model_dir: str, config: ServingConfig, spec: RuntimeSpec):
         catalog = load_catalog(os.path.join(model_dir, spec.catalog_file))
-        self.pre = Preprocessor(catalog, config.contract(), config.catalog.unknown_item_policy,
+        self.contract = config.contract()
+        self.pre = Preprocessor(catalog, self.contract, config.catalog.unknown_item_policy,
                                 config.triton.max_history_items,
                                 spec.seq_buckets if spec.pad_in_preprocess else ())
+        self.pack_inputs = spec.pack_inputs
 
     def execute(self, requests: Sequence[Mapping[str, Optional[np.ndarray]]]) -> List[Result]:
-        return self.pre.encode_requests(requests)
+        results = self.pre.encode_requests(requests)
+        if self.pack_inputs:  # 引擎的 6 个输入拼成 1 个张量再交出（runtime/packed.py）
+            results = [r if isinstance(r, Exception) else
+                       {packed.PACKED_INPUT: packed.pack(r, self.contract), UNKNOWN_COUNT_OUTPUT: r[UNKNOWN_COUNT_OUTPUT]}
+                       for r in results]
+        return results
 
 
 class PostprocessModel:
@@ -97,10 +104,32 @@ class EngineModel:
         self.runner = runner or load_runner(os.path.join(model_dir, spec.engine_file), self.contract, spec, device_id)
         self.stats = ExecuteStats()
 
+    def _unpack(self, requests: Sequence[Mapping[str, np.ndarray]], results: List[Result]) -> list:
+        """打包的请求拆回 6 个输入；拆不开的请求（形状不对）只让它自己失败，交给 collect 的是空字典以保持下标。"""
+        out = []
+        for i, req in enumerate(requests):
+            x = req.get(packed.PACKED_INPUT)
+            try:
+                if x is None:
+                    raise ContractError(f"缺少输入 {packed.PACKED_INPUT}；请求中的输入：{sorted(req) or '无'}")
+                out.append(packed.unpack(x, self.contract))
+            except ContractError as e:
+                results[i] = e
+                out.append(None)
+        return out
+
     def execute(self, requests: Sequence[Mapping[str, np.ndarray]]) -> List[Result]:
         t0 = time.perf_counter()
         results: List[Result] = [None] * len(requests)  # type: ignore[list-item]
-        batch, errors = batching.collect(requests, self.contract)
+        if self.spec.pack_inputs:
+            unpacked = self._unpack(requests, results)
+            keep = [i for i, r in enumerate(unpacked) if r is not None]
+            batch, errors = batching.collect([unpacked[i] for i in keep], self.contract)
+            errors = {keep[j]: e for j, e in errors.items()}
+            if batch is not None:
+                batch.index = np.asarray([keep[int(j)] for j in batch.index], dtype=np.int64)
+        else:
+            batch, errors = batching.collect(requests, self.contract)
         for i, e in errors.items():
             results[i] = e
         if batch is None:

@@ -32,6 +32,7 @@ class RuntimeSpec:
     group_streams: bool  # 各长度组在各自的 CUDA 流上同时重放
     precision: str  # int8 时 torch 运行器在加载后用 torchao 量化（int8_mode）
     int8_mode: str
+    pack_inputs: bool = False  # 前处理 -> 引擎的 6 个输入拼成一个张量（runtime/packed.py）
 
 
 def encode(config: ServingConfig, spec: RuntimeSpec) -> str:

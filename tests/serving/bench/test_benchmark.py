@@ -164,3 +164,18 @@ def test_time_outside_the_engine_execute_is_reported():
     h = headline(runs)
     assert h["closed_loop"]["64"]["engine_outside_execute_ms"]["median"] == pytest.approx(3.7)
     assert "3.70 [3.70–4.00]" in summary_table({"model": "m", "slo_ms": 30.0, "runs": runs, "headline": h})
+
+
+@pytest.mark.server
+def test_engine_target_sends_what_the_served_engine_takes(server, built):
+    """直接压引擎（benchmark.target=engine）：按服务器上引擎的输入发打包的 1 个张量（默认）或 6 个，请求都成功。"""
+    cfg, result = built
+    bc = BenchmarkConfig(duration_s=1.0, min_requests=10, concurrency=[1], warmup_requests=2, length_median=20)
+    c = cfg.contract()
+    contract = {"max_seq_length": c.max_seq_length, "codebook_sizes": list(c.codebook_sizes),
+                "num_token_types": c.num_token_types, "top_k": c.top_k}
+    bench = Benchmark(server.grpc_url, "ugt_engine", bc, result.catalog, cfg.export.max_seq_length,
+                      contract_kwargs=contract, progress=False, kind="engine")
+    assert bench.packed_inputs
+    p = bench.closed_loop(1, duration_s=1.0)
+    assert p["error_rate"] == 0 and p["ok"] > 5, p.get("error_samples")

@@ -5,6 +5,7 @@ import numpy as np
 from algorithm.interfaces import ContractError, EngineContract
 from algorithm.serving.runtime import batching
 from algorithm.serving.runtime.models import EngineModel
+from algorithm.serving.runtime.packed import PACKED_INPUT, pack, unpack
 
 C = EngineContract(max_seq_length=64, codebook_sizes=(16, 32, 64))
 
@@ -109,8 +110,10 @@ def test_batched_execute_equals_one_by_one(built, catalog):
     feeds = pipe.pre.execute([{"history_item_ids": h.reshape(1, -1)} for h in hs])
     for f in feeds:
         f.pop("num_unknown_items")
-    bad = dict(feeds[0])
-    bad["encoder_l1_ids"] = bad["encoder_l1_ids"] + 10 ** 6
+    assert eng.spec.pack_inputs and set(feeds[0]) == {PACKED_INPUT}  # 默认：前处理交给引擎的是打包的 1 个张量
+    raw = unpack(feeds[0][PACKED_INPUT], eng.contract)
+    raw["encoder_l1_ids"] = raw["encoder_l1_ids"] + 10 ** 6  # 拆回之后照样逐项校验、只让它自己失败
+    bad = {PACKED_INPUT: pack(raw, eng.contract)}
     mixed = feeds[:12] + [bad] + feeds[12:]
     eng.runner = CountingRunner(eng.runner)
     together = eng.execute(mixed)
@@ -123,6 +126,34 @@ def test_batched_execute_equals_one_by_one(built, catalog):
         np.testing.assert_allclose(one["scores"], t["scores"], atol=1e-5)
     s = eng.stats.totals
     assert s["executes"] >= 25 and s["requests"] >= 24 + 24 and s["host_ms"] > 0
+
+
+def test_packed_engine_inputs_give_the_same_answers(built, catalog):
+    """打包的 1 个张量（runtime/packed.py）与以前的 6 个张量：同一批请求的结果完全相同；拆不开的请求只让它自己失败。"""
+    import copy
+    import dataclasses
+
+    from algorithm.models.train import SyntheticSequences
+    from algorithm.serving.pipeline import InProcessPipeline
+
+    pipe = InProcessPipeline(built[1].repository)
+    eng: EngineModel = pipe.engine
+    six = copy.copy(eng)  # 同一个运行器，只是收 6 个张量
+    six.spec = dataclasses.replace(eng.spec, pack_inputs=False)
+    data = SyntheticSequences(catalog, seed=5)
+    hs = [data.sample(1, n, random_lengths=False)[0][0] for n in (3, 40, 200, 17, 1)]
+    packed_feeds = [{PACKED_INPUT: f[PACKED_INPUT]} for f in pipe.pre.execute([{"history_item_ids": h.reshape(1, -1)}
+                                                                              for h in hs])]
+    plain = [unpack(f[PACKED_INPUT], eng.contract) for f in packed_feeds]
+    assert plain[1]["encoder_mask"].dtype == np.float32 and plain[1]["encoder_l3_ids"].dtype == np.int64
+    bad = {PACKED_INPUT: np.ones((1, 13), np.int64)}  # 宽度不是 6 的倍数
+    got = eng.execute(packed_feeds[:2] + [bad, {}] + packed_feeds[2:])
+    assert isinstance(got[2], ContractError) and PACKED_INPUT in str(got[2]) and "encoder_l1_ids" in str(got[2])
+    assert isinstance(got[3], ContractError) and "缺少输入" in str(got[3])
+    want = six.execute(plain)
+    for g, w in zip(got[:2] + got[4:], want):
+        assert np.array_equal(g["recommendations"], w["recommendations"])
+        np.testing.assert_array_equal(g["scores"], w["scores"])
 
 
 def test_preprocess_vectorized_equals_per_request(built, catalog):
@@ -146,3 +177,20 @@ def test_preprocess_vectorized_equals_per_request(built, catalog):
         assert int(o["num_unknown_items"][0, 0]) == unknown
     assert isinstance(out[4], PreprocessError) and "都不在目录中" in str(out[4])
     assert isinstance(out[5], PreprocessError) and "history_item_ids" in str(out[5])
+
+
+def test_pack_round_trip_and_errors(rng):
+    f = req(rng, 7, b=2)
+    x = pack(f, C)
+    assert x.shape == (2, 6 * 7) and x.dtype == np.int64
+    back = unpack(x, C)
+    for s in C.inputs:
+        assert back[s.name].dtype == s.dtype
+        np.testing.assert_array_equal(back[s.name], f[s.name])
+    for wrong in (x.astype(np.float32), x[:, :-1], x.reshape(-1), np.zeros((1, 0), np.int64)):
+        try:
+            unpack(wrong, C)
+        except ContractError as e:
+            assert PACKED_INPUT in str(e)
+        else:
+            raise AssertionError(f"应拒绝 {wrong.dtype} {wrong.shape}")
