@@ -1,7 +1,8 @@
 """探针：python backend 每个请求的交接成本随输入张量个数怎样变（引擎一跳有 6 个输入张量）。
 
 两个不做计算的 python 模型，输出相同（[50,3] 与 [50]）：eng6 收引擎的 6 个输入（各 [1, L]），eng1 收把它们拼成的一个
-[1, 6L]。闭环 async gRPC 压它们，从 Triton 的统计算每次 execute 与每个请求在 Triton 里花的时间（compute_input + infer + output）。
+[1, 6L]。闭环 async gRPC 压它们，从 Triton 的统计（bench/stats.ServerStats，与压测同一种算法）算每次 execute 的时间
+（batch_stats 的 compute_input + infer + output）与每个请求占用实例的时间（每次 execute 的时间 x 执行数 / 请求数）。
 为什么要测：H100 上 c=64 时引擎每次 execute 有 3.7 ms 在我们的 execute 之外（benchmarks/README.md 第 6 台），
 如果大头是按张量算的，把 6 个输入打包成 1 个就能省下一部分。
 
@@ -20,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-NAMES = ["encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "encoder_positions", "encoder_token_types", "encoder_mask"]
+from algorithm.interfaces import EngineContract  # noqa: E402
+
 MODEL = """import numpy as np
 import triton_python_backend_utils as pb
 NAMES = {names!r}
@@ -44,7 +46,7 @@ output [
 dynamic_batching {{ max_queue_delay_microseconds: 1000 }}
 instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
 """
-MODELS = {"eng6": [(n, "TYPE_FP32" if n == "encoder_mask" else "TYPE_INT64") for n in NAMES],
+MODELS = {"eng6": [(s.name, s.triton_dtype) for s in EngineContract(max_seq_length=1024).inputs],
           "eng1": [("packed", "TYPE_INT64")]}
 
 
@@ -90,16 +92,6 @@ async def load(url: str, model: str, concurrency: int, seconds: float, lengths) 
     return sent[0]
 
 
-def stats(url: str, model: str) -> dict:
-    import tritonclient.grpc as g
-
-    s = g.InferenceServerClient(url).get_inference_statistics(model, as_json=True)["model_stats"][0]
-    inf = s["inference_stats"]
-    ns = sum(int(inf[k].get("ns", 0)) for k in ("compute_input", "compute_infer", "compute_output"))
-    return {"requests": int(inf["success"].get("count", 0)), "ns": ns,
-            "executes": sum(int(b["compute_infer"].get("count", 0)) for b in s.get("batch_stats", []))}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", type=int, default=16)
@@ -107,6 +99,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--instances", type=int, default=1)
     a = ap.parse_args()
+    from algorithm.serving.bench.stats import ServerStats
     from algorithm.serving.server import EmbeddedTritonServer
 
     # 与压测相同的长度分布：对数正态，中位数 100，sigma 1，截到 [1, 1024]
@@ -115,18 +108,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ugt-probe-") as root:
         write_repo(root, a.instances)
         with EmbeddedTritonServer(root, ready_models=list(MODELS)) as server:
+            stats = ServerStats(server.grpc_url)
             for rep in range(a.repeats):
                 for model in MODELS:  # 交替，机器状态的漂移两边都吃到
-                    before = stats(server.grpc_url, model)
+                    before = stats.snapshot()
                     asyncio.run(load(server.grpc_url, model, a.concurrency, a.seconds, lengths))
-                    after = stats(server.grpc_url, model)
-                    req = after["requests"] - before["requests"]
-                    ex = after["executes"] - before["executes"]
-                    # Triton 的 compute_* 按请求累计（每个请求记它所在 execute 的整段），除以请求数 = 每次 execute 的时间
-                    per_exec = (after["ns"] - before["ns"]) / max(req, 1) / 1e6
-                    row = {"repeat": rep, "model": model, "requests": req, "req_per_s": round(req / a.seconds),
-                           "batch": round(req / max(ex, 1), 2), "per_execute_ms": round(per_exec, 3),
-                           "per_request_ms": round(per_exec * ex / max(req, 1), 4)}
+                    d = ServerStats.delta(before, stats.snapshot())[model]
+                    # 每个请求占用实例的时间 = 每次 execute 的时间（batch_stats）x 执行数 / 请求数
+                    per_req = d["compute_per_execute_ms"] * d["executions"] / d["requests"]
+                    row = {"repeat": rep, "model": model, "requests": d["requests"],
+                           "req_per_s": round(d["requests"] / a.seconds), "batch": round(d["avg_batch"], 2),
+                           "per_execute_ms": round(d["compute_per_execute_ms"], 3), "per_request_ms": round(per_req, 4)}
                     rows[model].append(row)
                     print(json.dumps(row), flush=True)
     for model, rs in rows.items():

@@ -96,7 +96,7 @@ class TritonConfig:
     # dynamic_batching，Triton 逐个请求调用它们），只为在同一次运行里对照，不建议用
     prepost_batching: bool = True
     # python 运行器托管引擎时，前处理把引擎的 6 个输入拼成 1 个张量交给引擎（runtime/packed.py）：python backend 每个请求的
-    # 交接成本随张量个数涨（本机探针 0.222 -> 0.127 ms）。原生后端不受影响（6 个输入是它的契约）。false = 以前的 6 个张量
+    # 交接成本随张量个数涨（本机探针 0.138 -> 0.088 ms）。原生后端不受影响（6 个输入是它的契约）。false = 以前的 6 个张量
     pack_engine_inputs: bool = True
     warmup: bool = True
     # 单个请求历史的最大物品数，超过由前处理拒绝（截断前的原始长度）
@@ -150,7 +150,7 @@ class EngineConfig:
     group_streams: bool = False
     # torch 引擎的 int8（torchao，服务时在加载的模块上量化，见 runtime/engines/torch_int8.py）：
     # dynamic = 按行动态 int8 激活 + 按通道 int8 权重；weight_only = 只量化权重。打分头与嵌入不量化。
-    # auto：GPU 上 weight_only（H100 上 dynamic 在 CUDA Graph 捕获时失败），CPU 上 dynamic（engines/torch.int8_modes）
+    # auto：GPU 上 weight_only（H100 上两种都比 fp16 慢，weight_only 约 0.6 倍、dynamic 0.15 倍），CPU 上 dynamic（engines/torch.int8_modes）
     int8_mode: str = "auto"
     # GPU 上 int8 的编译方式（代替 compile_mode）：none = eager + CUDA Graph。H100 上 torch.compile 量化后的模块
     # 240 s 内没有编译完（benchmarks/h100-2026-11-27/machine2），测过、能用的是 none

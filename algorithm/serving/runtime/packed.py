@@ -1,6 +1,6 @@
 """引擎一跳的输入打包：python 运行器托管引擎时，前处理把引擎的 6 个输入拼成一个 int64 张量交给引擎，引擎再拆回。
 
-为什么：python backend 每个请求的交接成本随张量个数涨（本机探针：6 个输入张量每个请求 0.222 ms、1 个 0.127 ms，
+为什么：python backend 每个请求的交接成本随张量个数涨（本机探针：6 个输入张量每个请求 0.138 ms、1 个 0.088 ms，
 benchmarks/README.md 的 CPU 一节）；H100 上 c=64 时引擎每次 execute 有 3.7 ms 花在交接上（第 6 台）。
 原生后端（onnxruntime_onnx / tensorrt_plan）的 6 个输入是引擎本身的契约，那时不打包（triton_config.runtime_spec）。
 
