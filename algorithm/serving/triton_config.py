@@ -124,13 +124,12 @@ WARMUP_MASK_FILE = "mask_ones"
 WARMUP_PACKED_FILE = "packed_zeros_mask_ones"
 
 
-def warmup_files(contract: Optional[EngineContract] = None) -> Dict[str, bytes]:
+def warmup_files(contract: EngineContract) -> Dict[str, bytes]:
+    """引擎预热样本引用的数据文件：6 个输入时 mask 的全 1，打包时整个样本（runtime/packed.py）。"""
     import numpy as np
 
-    files = {WARMUP_MASK_FILE: np.ones(WARMUP_SEQ_LEN, dtype=np.float32).tobytes()}
-    if contract is not None:  # 打包的引擎输入的预热样本（runtime/packed.py）
-        files[WARMUP_PACKED_FILE] = packed.warmup_bytes(contract, WARMUP_SEQ_LEN)
-    return files
+    return {WARMUP_MASK_FILE: np.ones(WARMUP_SEQ_LEN, dtype=np.float32).tobytes(),
+            WARMUP_PACKED_FILE: packed.warmup_bytes(contract, WARMUP_SEQ_LEN)}
 
 
 def _set_warmup(mc, contract: EngineContract, seq_len: int = WARMUP_SEQ_LEN, packed_inputs: bool = False) -> None:

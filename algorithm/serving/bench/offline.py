@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Sequence
 import numpy as np
 
 from algorithm.serving.config import BenchmarkConfig
-from algorithm.serving.runtime.packed import PACKED_INPUT
+from algorithm.serving.runtime.packed import seq_length
 from algorithm.serving.workload import make_histories
 
 
@@ -39,9 +39,7 @@ def _grouped(eng, feeds, batch_sizes, repeats: int) -> Dict[str, Any]:
     limit = eng.contract.max_seq_length
     groups: Dict[int, list] = {}
     for f in feeds:
-        # 打包的输入（runtime/packed.py）是 [1, 6 x L]：长度按拆回的算
-        length = f[PACKED_INPUT].shape[1] // len(eng.contract.inputs) if PACKED_INPUT in f else f["encoder_mask"].shape[1]
-        groups.setdefault(length_class(length, eng.seq_buckets, limit), []).append(f)
+        groups.setdefault(length_class(seq_length(f, eng.contract), eng.seq_buckets, limit), []).append(f)
     share = {k: len(v) / len(feeds) for k, v in groups.items()}
     out: Dict[str, Any] = {"length_share": {str(k): v for k, v in sorted(share.items())}}
     for b in batch_sizes:

@@ -38,6 +38,13 @@ def unpack(x: np.ndarray, contract: EngineContract) -> Dict[str, np.ndarray]:
     return out
 
 
+def seq_length(feeds: Mapping[str, np.ndarray], contract: EngineContract) -> int:
+    """一个请求的引擎输入（打包的或 6 个）的历史长度 L。"""
+    if PACKED_INPUT in feeds:
+        return feeds[PACKED_INPUT].shape[1] // len(contract.inputs)
+    return feeds["encoder_mask"].shape[1]
+
+
 def warmup_bytes(contract: EngineContract, seq_len: int) -> bytes:
     """引擎预热样本的打包形式：id 全 0、mask 全 1（引擎拒绝没有有效位置的行）。"""
     feeds = {s.name: np.zeros((1, seq_len), np.int64) for s in contract.inputs}
@@ -45,4 +52,4 @@ def warmup_bytes(contract: EngineContract, seq_len: int) -> bytes:
     return pack(feeds, contract).tobytes()
 
 
-__all__ = ["PACKED_INPUT", "pack", "unpack", "warmup_bytes"]
+__all__ = ["PACKED_INPUT", "pack", "seq_length", "unpack", "warmup_bytes"]
