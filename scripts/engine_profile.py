@@ -108,6 +108,8 @@ def load_repository(repo: str) -> Dict[str, Any]:
             "compile_cache_dir": rt.get("compile_cache_dir", ""), "precision": rt.get("precision")
             or (config.get("export") or {}).get("precision"),
             "constrained": (config.get("catalog") or {}).get("constrained_decoding", True),
+            # 2026-11-28 之前的仓库没有这个键：那时的导出每步重算前缀
+            "decoder_kv_cache": bool((config.get("export") or {}).get("decoder_kv_cache", False)),
             "length_median": float((config.get("benchmark") or {}).get("length_median", 100.0)),
             "length_sigma": float((config.get("benchmark") or {}).get("length_sigma", 1.0)),
             "checkpoint": ckpt if os.path.isfile(ckpt) else None}
@@ -128,8 +130,8 @@ def _torch_runner_cls(spec: str = ""):
 
 
 # ---------------------------------------------------------------- 模型
-def eager_from_pt2(gm, cfg_dict: Dict[str, Any]):
-    """用 .pt2 的权重与缓冲区（含目录约束的前缀树）重建 eager 的 UGTModel（同 dtype、同设备）。"""
+def eager_from_pt2(gm, cfg_dict: Dict[str, Any], kv_cache: bool):
+    """用 .pt2 的权重与缓冲区（含目录约束的前缀树）重建 eager 的 UGTModel（同 dtype、同设备、同样的解码器缓存方式）。"""
     import torch
 
     from algorithm.models.config import UGTConfig
@@ -141,6 +143,7 @@ def eager_from_pt2(gm, cfg_dict: Dict[str, Any]):
     dtype = params["bos"].dtype
     device = params["bos"].device
     model = UGTModel(cfg).to(device=device, dtype=dtype).eval()
+    model.decoder_kv_cache = kv_cache
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(params[name])
@@ -207,11 +210,11 @@ class StageTimer:
 
 
 def staged_forward(model, args, st: StageTimer):
-    """UGTModel.forward 的分阶段重写：调用模型自己的子模块与函数，顺序与 forward 相同。
+    """UGTModel.forward 的分阶段版本：按 forward 的顺序调用模型自己的方法，每段包在一个计时区间里。
     任何与 forward 不同之处都会让 check_staged_forward 失败。"""
     import torch
 
-    from algorithm.models.ugt import _beam_topk, _mask_value
+    from algorithm.models.ugt import _mask_value, expand_beams, gather_beams
 
     l1, l2, l3, positions, token_types, mask = args
     with st("embed"):
@@ -226,58 +229,31 @@ def staged_forward(model, args, st: StageTimer):
         memory = model.enc_ln(x)
     with st("cross_kv"):
         memory_kv = [layer.cross_attn.project_kv(memory) for layer in model.decoder]
-    b, d = memory.shape[0], memory.shape[2]
-    width = model.cfg.beam_width
-    neg = _mask_value(torch.float32)
-
-    def decode(step: int, make_prefix: Callable, level: int):
-        with st(f"step{step}.decoder"):
-            prefix = make_prefix()
-            t = prefix.shape[2]
-            h = prefix + model.dec_pos.weight[:t].to(prefix.dtype)
-            for layer, kv in zip(model.decoder, memory_kv):
-                h = layer(h, kv, bias)
-        with st(f"step{step}.head"):
-            logits = model.heads[level](model.dec_ln(h[:, :, -1, :]))
-            return torch.log_softmax(logits.float(), dim=-1)
-
-    bos = model.bos.to(memory.dtype).view(1, 1, 1, d).expand(b, 1, 1, d)
-    logp = decode(1, lambda: bos, 0)
+    with st("step1.decoder"):
+        h, caches = model.decode_hidden(1, None, None, None, memory_kv, bias)
+    with st("step1.head"):
+        logp = model.head_logp(h, 0)
     with st("step1.select"):
-        logp = logp[:, 0, :]
-        if model.constrained:
-            logp = logp.masked_fill(~model.valid_l1, neg)
-        scores, c1 = torch.topk(logp, width, dim=-1)
-    logp = decode(2, lambda: torch.cat([bos.expand(b, width, 1, d), model.dec_l1(c1).unsqueeze(2)], dim=2), 1)
+        scores, c1 = model.select_l1(logp[:, 0, :])
+        caches = expand_beams(caches, c1.shape[1])
+    with st("step2.decoder"):
+        h, caches = model.decode_hidden(2, c1, None, caches, memory_kv, bias)
+    with st("step2.head"):
+        logp = model.head_logp(h, 1)
     with st("step2.select"):
-        if model.constrained:
-            logp = logp.masked_fill(~model.valid_l2[c1], neg)
-        scores, parent, c2 = _beam_topk(scores.unsqueeze(-1) + logp, width)
+        scores, parent, c2 = model.select_l2(scores, c1, logp)
         c1 = torch.gather(c1, 1, parent)
-    logp = decode(3, lambda: torch.cat([bos.expand(b, width, 1, d), model.dec_l1(c1).unsqueeze(2),
-                                        model.dec_l2(c2).unsqueeze(2)], dim=2), 2)
+        caches = gather_beams(caches, parent)
+    with st("step3.decoder"):
+        h, _ = model.decode_hidden(3, c1, c2, caches, memory_kv, bias)
+    with st("step3.head"):
+        logp = model.head_logp(h, 2)
     with st("step3.select"):
-        if model.constrained:
-            pidx = model.prefix_index[c1, c2].long()
-            has_prefix = pidx >= 0
-            pidx = pidx.clamp(min=0)
-            kids = model.l3_children[pidx]
-            ok = model.l3_children_ok[pidx] & has_prefix.unsqueeze(-1)
-            logp = torch.gather(logp, 2, kids).masked_fill(~ok, neg)
-        else:
-            kids = None
-        scores, parent, c3 = _beam_topk(scores.unsqueeze(-1) + logp, model.cfg.top_k)
-        if kids is not None:
-            c3 = torch.gather(torch.gather(kids, 1, parent.unsqueeze(-1).expand(-1, -1, kids.shape[-1])),
-                              2, c3.unsqueeze(-1)).squeeze(-1)
-        c1 = torch.gather(c1, 1, parent)
-        c2 = torch.gather(c2, 1, parent)
-        rec = torch.stack([c1, c2, c3], dim=-1).to(torch.int64)
-    return rec, scores.float()
+        return model.select_l3(scores, c1, c2, logp)
 
 
 # ---------------------------------------------------------------- FLOPs 与字节
-def stage_costs(cfg, batch: int, length: int, wbytes: int) -> Dict[str, Dict[str, float]]:
+def stage_costs(cfg, batch: int, length: int, wbytes: int, kv_cache: bool) -> Dict[str, Dict[str, float]]:
     """每个阶段（batch 个请求、填充到 length）的 FLOPs 与字节数。FLOPs 与 flops_per_request 同一套公式
     （各阶段之和 = batch * flops_per_request(cfg, length)，测试保证）；字节 = 权重读一次 + 每个中间张量写一次
     读一次（eager 不融合时的下限估计；不含注意力矩阵：高效注意力核不把它写回显存）。"""
@@ -294,7 +270,7 @@ def stage_costs(cfg, batch: int, length: int, wbytes: int) -> Dict[str, Dict[str
     out["encoder.norm"] = {"flops": 0.0, "bytes": float(2 * tok * d * s)}
     out["cross_kv"] = {"flops": float(nd * tok * 4 * d * d), "bytes": float(nd * (2 * d * d * s + 3 * tok * d * s))}
     for step, (t, rows) in enumerate(((1, 1), (2, k), (3, k)), start=1):
-        n = B * rows * t  # 每步重算整个前缀（没有自注意力的 KV 缓存）
+        n = B * rows * (1 if kv_cache else t)  # 这一步算的位置数：有 KV 缓存时只有新位置，否则整个前缀
         out[f"step{step}.decoder"] = {
             "flops": float(nd * (n * (12 * d * d + 4 * d * f) + 4 * n * (t + L) * d)),
             "bytes": float(nd * ((6 * d * d + 2 * d * f) * s + n * s * (2 * d + 2 * (7 * d + f)) + 2 * tok * d * s))}
@@ -368,8 +344,8 @@ class Histories:
 
 # ---------------------------------------------------------------- 报告
 # --only 可点的节（"int8" 代表各个 throughput_int8_*）
-SECTIONS = ("environment", "load", "stage_check", "stages", "sdpa", "self_attention", "padding", "throughput",
-            "kernels_compiled", "concurrency", "throughput_planned", "throughput_planned_8", "int8")
+SECTIONS = ("environment", "load", "stage_check", "stages", "sdpa", "self_attention", "kv_cache", "padding",
+            "throughput", "kernels_compiled", "concurrency", "throughput_planned", "throughput_planned_8", "int8")
 # int8 的门禁（issue #12）：对 fp32 的 top-50 重合与 top-1 一致，与构建的门禁同一组阈值（GateConfig.int8_*）
 INT8_GATE = {"overlap": GateConfig().int8_min_overlap, "top1": GateConfig().int8_min_top1_agreement}
 
@@ -488,6 +464,13 @@ def render_markdown(data: Dict[str, Any]) -> str:
         md.append(_table(list(sa.values()), [("batch", "batch", ""), ("length", "长度", ""), ("sdpa_ms", "SDPA ms", ".2f"),
                                              ("explicit_ms", "显式 ms", ".2f"), ("speedup", "加速", ".2f"),
                                              ("rec_equal", "推荐一致", ""), ("score_max_abs", "分数最大差", ".1e")]))
+    kv = s.get("kv_cache")
+    if kv:
+        md.append("## b3. 解码器的 KV 缓存对每步重算前缀（eager，同一权重与历史）\n")
+        md.append(_table(list(kv.values()), [("batch", "batch", ""), ("length", "长度", ""),
+                                             ("recompute_ms", "重算 ms", ".2f"), ("kv_cache_ms", "KV 缓存 ms", ".2f"),
+                                             ("speedup", "加速", ".2f"), ("rec_equal", "推荐一致", ""),
+                                             ("score_max_abs", "分数最大差", ".1e")]))
     pad = s.get("padding")
     if pad:
         md.append("## c. 长度桶的填充（默认长度分布）\n")
@@ -595,7 +578,7 @@ def run_profile(args) -> Dict[str, Any]:
     def load():
         t = time.time()
         gm = torch.export.load(meta["engine_file"]).module().to(device)
-        model = eager_from_pt2(gm, meta["model"])
+        model = eager_from_pt2(gm, meta["model"], meta["decoder_kv_cache"])
         state.update(gm=gm, model=model, dtype=next(model.parameters()).dtype)
         return {"load_s": time.time() - t, "dtype": str(state["dtype"]), "constrained": model.constrained}
     if rep.section("load", load) is None:
@@ -639,9 +622,9 @@ def run_profile(args) -> Dict[str, Any]:
                     if r:
                         runs.append(st.seconds())
             med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
-            costs = stage_costs(cfg, b, L, wbytes)
+            costs = stage_costs(cfg, b, L, wbytes, meta["decoder_kv_cache"])
             total_flops = sum(c["flops"] for c in costs.values())
-            assert math.isclose(total_flops, b * flops_per_request(cfg, L), rel_tol=1e-9), "阶段 FLOPs 之和与公式不符"
+            assert math.isclose(total_flops, b * flops_per_request(cfg, L, meta["decoder_kv_cache"]), rel_tol=1e-9), "阶段 FLOPs 之和与公式不符"
             peak = PEAK_FP16_TFLOPS if wbytes == 2 else PEAK_FP32_TFLOPS
             out[f"b{b}xL{L}"] = {"batch": b, "length": L, "dtype": str(state["dtype"]), "repeats": repeats,
                                  "total_ms": sum(med.values()) * 1e3, "flops_total": total_flops,
@@ -656,7 +639,8 @@ def run_profile(args) -> Dict[str, Any]:
         dtype = state["dtype"]
         b = max(batches)
         shapes = {"encoder b{}xL{}".format(b, L): (b, L, L) for L in ([16, 64] if args.quick else [128, 512])}
-        shapes[f"cross b{b} q{cfg.beam_width * 3}xL128"] = (b, cfg.beam_width * 3, 16 if args.quick else 128)
+        q = cfg.beam_width * (1 if meta["decoder_kv_cache"] else 3)  # 步 3 每个用户的交叉注意力查询数
+        shapes[f"cross b{b} q{q}xL128"] = (b, q, 16 if args.quick else 128)
         backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                     "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
         out: Dict[str, Dict[str, Any]] = {}
@@ -724,6 +708,33 @@ def run_profile(args) -> Dict[str, Any]:
         return out
     rep.section("self_attention", self_attention, need_s=5)
 
+    def kv_cache():
+        """解码器的 KV 缓存对每步重算前缀：同一权重、同一批历史、eager，同一进程里测（编译后的对照要两个构建）。"""
+        out = {}
+        L = 16 if args.quick else 128
+        for b in batches:
+            x = _to_device(hist.batch(b, L, seed=23), device)
+            row, results = {"batch": b, "length": L}, {}
+            try:
+                for name, flag in (("recompute", False), ("kv_cache", True)):
+                    model.decoder_kv_cache = flag
+                    with torch.no_grad():
+                        results[name] = model(*x)
+                        times = []
+                        for _ in range(repeats * 3 + 1):
+                            a0 = clock.mark()
+                            model(*x)
+                            times.append(clock.seconds(a0, clock.mark()))
+                    row[f"{name}_ms"] = float(np.median(times[1:])) * 1e3
+            finally:
+                model.decoder_kv_cache = meta["decoder_kv_cache"]
+            row["rec_equal"] = bool(torch.equal(results["recompute"][0], results["kv_cache"][0]))
+            row["score_max_abs"] = float((results["recompute"][1] - results["kv_cache"][1]).abs().max())
+            row["speedup"] = row["recompute_ms"] / row["kv_cache_ms"]
+            out[f"b{b}xL{L}"] = row
+        return out
+    rep.section("kv_cache", kv_cache, need_s=5)
+
     def length_dist() -> np.ndarray:
         if "lengths" not in state:  # 默认长度分布的 10 万个样本（填充一节与规划桶的吞吐共用）
             state["lengths"] = default_lengths(meta["length_median"], meta["length_sigma"], meta["max_seq_length"],
@@ -739,7 +750,7 @@ def run_profile(args) -> Dict[str, Any]:
     def padding():
         max_len = meta["max_seq_length"]
         lengths = length_dist()
-        flops = model_cost(cfg)
+        flops = model_cost(cfg, meta["decoder_kv_cache"])
         rows = []
         for name, buckets in (("仓库", meta["seq_buckets"] or [max_len]), ("规划 4 桶", planned(4)),
                               ("规划 8 桶", planned(8))):
@@ -754,8 +765,8 @@ def run_profile(args) -> Dict[str, Any]:
     # ---- 离线吞吐 ----
     samples = args.samples or (32 if args.quick else 1000)
     pool = hist.sample(samples, seed=99)
-    mean_flops = float(np.mean([flops_per_request(cfg, min(len(h), meta["max_seq_length"])) for h in pool]))
-    flops_fn = model_cost(cfg)
+    mean_flops = float(np.mean([flops_per_request(cfg, min(len(h), meta["max_seq_length"]), meta["decoder_kv_cache"]) for h in pool]))
+    flops_fn = model_cost(cfg, meta["decoder_kv_cache"])
 
     def make_runner(mode: str, graphs: bool, transform=None, path: str = ""):
         """按构造函数建运行器（warmup=False：CUDA Graph 在首次运行时按需捕获）。transform 在加载后、编译前作用于模块；
@@ -806,7 +817,7 @@ def run_profile(args) -> Dict[str, Any]:
                 ref_model.attach_catalog(hist.catalog.semantic_ids)
             source = f"检查点 {meta['checkpoint']}（fp32）"
         else:
-            ref_model = eager_from_pt2(gm, meta["model"])
+            ref_model = eager_from_pt2(gm, meta["model"], meta["decoder_kv_cache"])
             source = ".pt2 的权重升到 fp32（没有找到检查点）"
         ref_model = ref_model.float().to(device).eval()
         with torch.no_grad():

@@ -5,6 +5,7 @@
 #   bash scripts/gpu_bench.sh build      # ugt_base / torch 引擎 / fp16：训练、torch.export、编译 + CUDA Graph、门禁
 #   bash scripts/gpu_bench.sh oldbuild   # 旧的服务路径（.carry/old.tar.xz = make_carry.sh 的 UGT_OLD_COMMIT）用同一检查点构建
 #   bash scripts/gpu_bench.sh profile    # 引擎剖析（scripts/engine_profile.py，不含 int8）；PROFILE_ARGS 追加参数
+#   bash scripts/gpu_bench.sh profile_variants # 同样剖析 sweep 按产物选项构建的变体（$G/new/variants/*）
 #   bash scripts/gpu_bench.sh int8       # int8 两种方式各一个限时的进程（只测 fp16 与 int8 的离线吞吐与门禁）
 #   bash scripts/gpu_bench.sh profile_old # 同一剖析脚本对旧路径的仓库（旧代码导出的 .pt2，新运行器）：同一运行里的引擎对照
 #   bash scripts/gpu_bench.sh bench_old  # 旧路径的服务器 + 新的压测工具（benchmark.url），3 次重复
@@ -18,7 +19,7 @@
 # 构建产物在 /tmp/gpubuild（不在带来的目录里，同一台机器热着时各阶段复用）。
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?用法：gpu_bench.sh setup|gputest|build|oldbuild|profile|int8|profile_old|bench_old|bench_new|floor|sweep|sweep_mps|soak|overload}
+STAGE=${1:?用法：gpu_bench.sh setup|gputest|build|oldbuild|profile|profile_variants|int8|profile_old|bench_old|bench_new|floor|sweep|sweep_mps|soak|overload}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 VENV=/tmp/ugtvenv
@@ -133,6 +134,16 @@ PYEOF
     # int8 在单独的 int8 阶段（各方式各自限时）
     timeout 240 $PY scripts/engine_profile.py --repo $G/new/model_repository --out $G/profile --no-int8 \
         ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" || true
+    ;;
+  profile_variants)
+    # 压测的 multirun 按产物选项构建的变体（$G/new/variants/*，例如 SWEEP='export.decoder_kv_cache=false,true' 的 false）
+    # 逐个剖析：与 profile 阶段同样的参数，同一台机器上的引擎对照
+    for r in $G/new/variants/*/model_repository; do
+      [ -d "$r" ] || { echo "没有构建变体（$G/new/variants 为空）" >&2; exit 1; }
+      n=$(basename "$(dirname "$r")")
+      timeout 240 $PY scripts/engine_profile.py --repo "$r" --out $G/profile_$n --no-int8 \
+          ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile_$n.log" || true
+    done
     ;;
   int8)
     # int8（torchao）单独测：每种方式一个进程、各自限时（INT8_TIMEOUT，整数秒）。2026-11-27 在 H100 上，编译（compile default）

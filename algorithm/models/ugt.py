@@ -11,11 +11,14 @@
   所以填充前后 top-k 相同（测试覆盖）；
 - 解码 3 步：步 1 对 l1 取 top-beam；步 2、3 把 beam 分数与新一级的 log_softmax 相加，
   在 beam*V 个候选中取 top-beam。交叉注意力的 K/V 只算一次，各 beam 的查询拼在一起，
-  不把编码器输出复制 beam 份。
+  不把编码器输出复制 beam 份；
+- 解码器自注意力的 KV 缓存（decoder_kv_cache，默认开）：每步只算新的一个位置，前面位置的 K/V 按父 beam 取用。
+  因果的 Pre-LN 解码器里位置 t 的输出只依赖 <= t 的位置，所以与每步重算整个前缀（decoder_kv_cache=False，
+  作对照保留）数学上相同；解码器的行数从每个请求 1 + 2K + 3K 降到 1 + K + K（K 为 beam 数）。
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +54,22 @@ class Attention(nn.Module):
         b = x.shape[0]
         k, v = self.kv(x).view(b, -1, 2, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v  # 各为 [B, h, T, dh]
+
+    def forward_cached(self, x: torch.Tensor, cache: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """自注意力，每条序列只有一个新位置：x [N, d]，cache [N, t-1, 2d]（前面位置的 kv 投影，None 表示没有）
+        -> (输出 [N, d], 含新位置的 kv [N, t, 2d])。新位置看得见前面所有位置，不需要因果掩码。
+        缓存存投影后的原始 [.., 2d]：换父 beam 时只需沿 beam 维 gather 一个张量。"""
+        n = x.shape[0]
+        kv = self.kv(x).unsqueeze(1)
+        if cache is not None:
+            kv = torch.cat([cache, kv], dim=1)
+        k, v = kv.view(n, -1, 2, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0)  # 各 [N, h, t, dh]
+        q = self.q(x).view(n, self.h, 1, self.dh)
+        if self.explicit:
+            out = _explicit_attention(q, k, v, None)  # [N, h, 1, dh]
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.reshape(n, self.h * self.dh)), kv
 
     def forward(self, x: torch.Tensor, kv: Tuple[torch.Tensor, torch.Tensor],
                 bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -123,6 +142,18 @@ class DecoderLayer(nn.Module):
         per_user = per_user + self.ff(self.ln3(per_user))
         return per_user.reshape(b, k, t, d)
 
+    def step(self, x: torch.Tensor, cache: Optional[torch.Tensor], memory_kv: Tuple[torch.Tensor, torch.Tensor],
+             memory_bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """只算新的一个位置：x [B, K, d]，cache [B, K, t-1, 2d] 或 None -> (输出 [B, K, d], 新缓存 [B, K, t, 2d])。
+        与 forward 对整个前缀的结果在最后一个位置上相同（测试对照）。"""
+        b, k, d = x.shape
+        a, kv = self.self_attn.forward_cached(self.ln1(x).reshape(b * k, d),
+                                              None if cache is None else cache.reshape(b * k, -1, cache.shape[-1]))
+        x = x + a.view(b, k, d)
+        x = x + self.cross_attn(self.ln2(x), memory_kv, memory_bias)  # 同一用户的 K 个 beam 作 K 个查询
+        x = x + self.ff(self.ln3(x))
+        return x, kv.view(b, k, -1, kv.shape[-1])
+
 
 class UGTModel(nn.Module):
     """参考 UGT 模型；forward(六个输入) -> (recommendations, scores)。"""
@@ -148,6 +179,8 @@ class UGTModel(nn.Module):
         self.heads = nn.ModuleList([nn.Linear(d, v1), nn.Linear(d, v2), nn.Linear(d, v3)])
         self.reset_parameters()
         self.constrained = False
+        # 导出时是常量（Python 的 bool）：构建按 export.decoder_kv_cache 设置，False 是每步重算前缀的对照
+        self.decoder_kv_cache = True
 
     def attach_catalog(self, semantic_ids) -> "UGTModel":
         """受目录约束的解码（前缀树）：只生成目录里存在的三元组。
@@ -204,44 +237,47 @@ class UGTModel(nn.Module):
         return self.enc_ln(x), bias
 
     # ---- 解码器 ----
-    def decode_logp(self, prefix: torch.Tensor, level: int, memory_kv, memory_bias) -> torch.Tensor:
-        """prefix: [B, K, T, d] 已嵌入的前缀 -> 第 level 级的 log_softmax [B, K, V]（fp32）。"""
-        t = prefix.shape[2]
-        x = prefix + self.dec_pos.weight[:t].to(prefix.dtype)
-        for layer, kv in zip(self.decoder, memory_kv):
-            x = layer(x, kv, memory_bias)
-        logits = self.heads[level](self.dec_ln(x[:, :, -1, :]))
-        return torch.log_softmax(logits.float(), dim=-1)
+    def decode_hidden(self, step: int, c1: Optional[torch.Tensor], c2: Optional[torch.Tensor],
+                      caches: Optional[List[torch.Tensor]], memory_kv, memory_bias
+                      ) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
+        """第 step 步（1..3）最后一个位置的解码器输出 [B, K, d] 与新的自注意力缓存（每层一个 [B, K, t, 2d]）。
+        c1 / c2：各 beam 已选的一、二级码 [B, K]（已按父 beam 排好）；caches：上一步的缓存（同样排好）。
+        decoder_kv_cache=False 时每步重算整个前缀 [B, K, t, d]（对照用），不返回缓存。"""
+        b = memory_bias.shape[0]
+        dtype = memory_bias.dtype
+        d = self.cfg.d_model
+        bos = self.bos.to(dtype).view(1, 1, d).expand(b, 1 if c1 is None else c1.shape[1], d)
+        tokens = [bos] + ([self.dec_l1(c1)] if step >= 2 else []) + ([self.dec_l2(c2)] if step >= 3 else [])
+        if not self.decoder_kv_cache:
+            x = torch.stack(tokens, dim=2) + self.dec_pos.weight[:step].to(dtype)
+            for layer, kv in zip(self.decoder, memory_kv):
+                x = layer(x, kv, memory_bias)
+            return x[:, :, -1, :], None
+        x = tokens[-1] + self.dec_pos.weight[step - 1].to(dtype)
+        new = []
+        for i, (layer, kv) in enumerate(zip(self.decoder, memory_kv)):
+            x, c = layer.step(x, None if caches is None else caches[i], kv, memory_bias)
+            new.append(c)
+        return x, new
 
-    def forward(self, encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, encoder_positions,
-                encoder_token_types, encoder_mask):
-        memory, bias = self.encode(encoder_l1_ids, encoder_l2_ids, encoder_l3_ids,
-                                   encoder_positions, encoder_token_types, encoder_mask)
-        memory_kv = [layer.cross_attn.project_kv(memory) for layer in self.decoder]
-        b = memory.shape[0]
-        d = memory.shape[2]
-        width = self.cfg.beam_width
-        bos = self.bos.to(memory.dtype).view(1, 1, 1, d).expand(b, 1, 1, d)
+    def head_logp(self, h: torch.Tensor, level: int) -> torch.Tensor:
+        """解码器输出 [B, K, d] -> 第 level 级的 log_softmax [B, K, V]（fp32）。"""
+        return torch.log_softmax(self.heads[level](self.dec_ln(h)).float(), dim=-1)
 
-        # 步 1：一级码
-        logp = self.decode_logp(bos, 0, memory_kv, bias)[:, 0, :]  # [B, V1]
-        neg = _mask_value(torch.float32)
+    def select_l1(self, logp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """logp [B, V1] -> (beam 分数 [B, K], 一级码 [B, K])。"""
         if self.constrained:
-            logp = logp.masked_fill(~self.valid_l1, neg)
-        scores, c1 = torch.topk(logp, width, dim=-1)  # [B, K]
+            logp = logp.masked_fill(~self.valid_l1, _mask_value(torch.float32))
+        return torch.topk(logp, self.cfg.beam_width, dim=-1)
 
-        # 步 2：二级码
-        prefix = torch.cat([bos.expand(b, width, 1, d), self.dec_l1(c1).unsqueeze(2)], dim=2)
-        logp = self.decode_logp(prefix, 1, memory_kv, bias)  # [B, K, V2]
+    def select_l2(self, scores, c1, logp) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (分数 [B, K], 父 beam [B, K], 二级码 [B, K])。"""
         if self.constrained:
-            logp = logp.masked_fill(~self.valid_l2[c1], neg)
-        scores, parent, c2 = _beam_topk(scores.unsqueeze(-1) + logp, width)
-        c1 = torch.gather(c1, 1, parent)
+            logp = logp.masked_fill(~self.valid_l2[c1], _mask_value(torch.float32))
+        return _beam_topk(scores.unsqueeze(-1) + logp, self.cfg.beam_width)
 
-        # 步 3：三级码
-        prefix = torch.cat([bos.expand(b, width, 1, d), self.dec_l1(c1).unsqueeze(2),
-                            self.dec_l2(c2).unsqueeze(2)], dim=2)
-        logp = self.decode_logp(prefix, 2, memory_kv, bias)  # [B, K, V3]
+    def select_l3(self, scores, c1, c2, logp) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (recommendations [B, top_k, 3] int64, scores [B, top_k] fp32)。"""
         if self.constrained:
             # 只看每个前缀下的合法 l3：[B, K, C]
             pidx = self.prefix_index[c1, c2].long()
@@ -249,7 +285,7 @@ class UGTModel(nn.Module):
             pidx = pidx.clamp(min=0)
             kids = self.l3_children[pidx]  # [B, K, C]
             ok = self.l3_children_ok[pidx] & has_prefix.unsqueeze(-1)
-            logp = torch.gather(logp, 2, kids).masked_fill(~ok, neg)
+            logp = torch.gather(logp, 2, kids).masked_fill(~ok, _mask_value(torch.float32))
         else:
             kids = None
         scores, parent, c3 = _beam_topk(scores.unsqueeze(-1) + logp, self.cfg.top_k)
@@ -258,8 +294,35 @@ class UGTModel(nn.Module):
                               2, c3.unsqueeze(-1)).squeeze(-1)
         c1 = torch.gather(c1, 1, parent)
         c2 = torch.gather(c2, 1, parent)
-        recommendations = torch.stack([c1, c2, c3], dim=-1).to(torch.int64)
-        return recommendations, scores.float()
+        return torch.stack([c1, c2, c3], dim=-1).to(torch.int64), scores.float()
+
+    def forward(self, encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, encoder_positions,
+                encoder_token_types, encoder_mask):
+        # scripts/engine_profile.py 的 staged_forward 按同样的顺序调用这些方法分阶段计时：改这里要一起改
+        memory, bias = self.encode(encoder_l1_ids, encoder_l2_ids, encoder_l3_ids,
+                                   encoder_positions, encoder_token_types, encoder_mask)
+        memory_kv = [layer.cross_attn.project_kv(memory) for layer in self.decoder]
+        h, caches = self.decode_hidden(1, None, None, None, memory_kv, bias)  # 步 1：一级码
+        scores, c1 = self.select_l1(self.head_logp(h, 0)[:, 0, :])
+        caches = expand_beams(caches, c1.shape[1])
+        h, caches = self.decode_hidden(2, c1, None, caches, memory_kv, bias)  # 步 2：二级码
+        scores, parent, c2 = self.select_l2(scores, c1, self.head_logp(h, 1))
+        c1 = torch.gather(c1, 1, parent)
+        caches = gather_beams(caches, parent)
+        h, _ = self.decode_hidden(3, c1, c2, caches, memory_kv, bias)  # 步 3：三级码
+        return self.select_l3(scores, c1, c2, self.head_logp(h, 2))
+
+
+def expand_beams(caches: Optional[List[torch.Tensor]], width: int) -> Optional[List[torch.Tensor]]:
+    """步 1 的缓存（每个用户一个 beam）给 width 个 beam 共用（expand，不复制）。"""
+    return None if caches is None else [c.expand(-1, width, -1, -1) for c in caches]
+
+
+def gather_beams(caches: Optional[List[torch.Tensor]], parent: torch.Tensor) -> Optional[List[torch.Tensor]]:
+    """按父 beam [B, K] 重排每层的缓存 [B, K, t, 2d]。"""
+    if caches is None:
+        return None
+    return [torch.gather(c, 1, parent[:, :, None, None].expand(-1, -1, c.shape[2], c.shape[3])) for c in caches]
 
 
 def _beam_topk(total: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -291,8 +354,10 @@ def teacher_forcing_loss(model: "UGTModel", inputs, targets: torch.Tensor) -> to
     return sum(F.cross_entropy(model.heads[i](x[:, i]), targets[:, i]) for i in range(3))
 
 
-def flops_per_request(cfg: UGTConfig, seq_len: int) -> float:
-    """一个请求（历史长度 seq_len）的前向浮点运算数（乘加记 2）；只计矩阵乘法。"""
+def flops_per_request(cfg: UGTConfig, seq_len: int, kv_cache: bool = True) -> float:
+    """一个请求（历史长度 seq_len）的前向浮点运算数（乘加记 2）；只计矩阵乘法。
+    kv_cache：解码器每步只算新位置（默认，与 UGTModel.decoder_kv_cache 相同）；False 按每步重算整个前缀计
+    （2026-11-28 之前的引擎与 benchmarks/ 里那时的 MFU 用的是这一种）。"""
     d, f, k = cfg.d_model, cfg.dim_feedforward, cfg.beam_width
     v1, v2, v3 = cfg.codebook_sizes
     enc_layer = seq_len * (2 * 4 * d * d + 2 * 2 * d * f) + 2 * 2 * seq_len * seq_len * d
@@ -300,7 +365,7 @@ def flops_per_request(cfg: UGTConfig, seq_len: int) -> float:
     cross_kv = cfg.num_decoder_layers * seq_len * 2 * 2 * d * d
     dec = 0.0
     for t, rows in ((1, 1), (2, k), (3, k)):
-        tokens = rows * t
+        tokens = rows if kv_cache else rows * t  # 这一步算的位置数
         per_layer = tokens * (2 * 4 * d * d + 2 * 2 * d * d + 2 * 2 * d * f)  # 自注意力 QKVO + 交叉 QO + FFN
         per_layer += 2 * 2 * tokens * (t + seq_len) * d  # 注意力分数与加权
         dec += cfg.num_decoder_layers * per_layer
@@ -319,4 +384,4 @@ def build_model(cfg: UGTConfig, seed: int = 0) -> UGTModel:
     return model.eval()
 
 
-__all__ = ["UGTModel", "build_model", "flops_per_request", "teacher_forcing_loss"]
+__all__ = ["UGTModel", "build_model", "expand_beams", "flops_per_request", "gather_beams", "teacher_forcing_loss"]

@@ -41,13 +41,13 @@ def quadratic_cost(crossover: float) -> Callable[[np.ndarray], np.ndarray]:
     return lambda b: np.asarray(b, np.float64) + np.asarray(b, np.float64) ** 2 / crossover
 
 
-def model_cost(cfg) -> Callable[[np.ndarray], np.ndarray]:
-    """与 algorithm.models.ugt.flops_per_request 相同的每请求 FLOPs（含与长度无关的解码器与打分头），
+def model_cost(cfg, kv_cache: bool = True) -> Callable[[np.ndarray], np.ndarray]:
+    """与 algorithm.models.ugt.flops_per_request(cfg, n, kv_cache) 相同的每请求 FLOPs（含与长度无关的解码器与打分头），
     对长度向量化；cfg 只需有 UGTConfig 的字段（这里不导入 torch）。测试保证两者一致。"""
     d, f, k = cfg.d_model, cfg.dim_feedforward, cfg.beam_width
     v1, v2, v3 = cfg.codebook_sizes
     ne, nd = cfg.num_encoder_layers, cfg.num_decoder_layers
-    tokens = [rows * t for t, rows in ((1, 1), (2, k), (3, k))]
+    tokens = [rows if kv_cache else rows * t for t, rows in ((1, 1), (2, k), (3, k))]
     quad = ne * 4 * d
     lin = ne * (8 * d * d + 4 * d * f) + nd * 4 * d * d + nd * 4 * d * sum(tokens)
     const = nd * sum(tok * (12 * d * d + 4 * d * f) + 4 * tok * t * d for tok, t in zip(tokens, (1, 2, 3)))

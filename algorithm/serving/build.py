@@ -97,6 +97,8 @@ def ensure_checkpoint(config: ServingConfig, catalog: Catalog, log: Log = print)
 
 
 def _constrain(model, catalog: Catalog, config: ServingConfig):
+    """检查点之外、决定导出计算图的两项：目录约束与解码器的 KV 缓存（导出、门禁与参考输出都用这个模型）。"""
+    model.decoder_kv_cache = config.export.decoder_kv_cache
     return model.attach_catalog(catalog.semantic_ids) if config.catalog.constrained_decoding else model
 
 

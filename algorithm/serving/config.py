@@ -46,6 +46,9 @@ class ExportConfig:
     # 导出验证：在这些 (batch, seq_len) 上与 PyTorch 对比；空列表 = 自动选取
     # （batch 1、奇数 batch + 奇数长度、max_batch_size x max_seq_length）
     validation_shapes: List[List[int]] = field(default_factory=list)
+    # 解码器自注意力的 KV 缓存（UGTModel.decoder_kv_cache）：每步只算新位置，与重算前缀数学上相同、解码器行数约为 2/5；
+    # false 是重算前缀的对照（同一检查点，只改导出的计算图）
+    decoder_kv_cache: bool = True
 
     def __post_init__(self) -> None:
         _choice("export", "precision", self.precision, PRECISIONS)
@@ -432,7 +435,8 @@ class ServingConfig:
             b = self.benchmark
             lengths = default_lengths(b.length_median, b.length_sigma, limit, 100_000, b.seed)
             return [int(x) for x in plan_seq_buckets(lengths, self.engine.seq_bucket_plan, limit,
-                                                     self.engine.seq_bucket_align, cost=model_cost(self.model))]
+                                                     self.engine.seq_bucket_align,
+                                                     cost=model_cost(self.model, self.export.decoder_kv_cache))]
         return sorted({b for b in self.engine.seq_buckets if b < limit} | {limit})
 
     def batch_buckets(self) -> List[int]:

@@ -28,7 +28,7 @@ from algorithm.serving.workload import sample_lengths
 log = logging.getLogger(__name__)
 # 决定引擎产物的配置（改了必须重新构建；triton.*、benchmark.* 等只需重建仓库的配置）
 ARTIFACT_KEYS = ("model", "engine.kind", "engine.native", "export.precision", "export.max_batch_size",
-                 "export.max_seq_length", "catalog", "train", "checkpoint", "seed")
+                 "export.max_seq_length", "export.decoder_kv_cache", "catalog", "train", "checkpoint", "seed")
 
 
 def _get(d: Dict[str, Any], dotted: str):
@@ -126,7 +126,7 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
     built = ensure_built(config)
     repo = repository_for_run(config, out_dir, built)
     lengths = sample_lengths(b, 4096, config.export.max_seq_length, b.seed)
-    flops = float(np.mean(model_cost(config.model)(lengths)))  # 与 flops_per_request 相同（测试对照），向量化
+    flops = float(np.mean(model_cost(config.model, config.export.decoder_kv_cache)(lengths)))  # 与 flops_per_request 相同（测试对照），向量化
     contract = config.contract()
     meta = {"overrides": list(overrides), "engine": config.engine.kind, "precision": config.export.precision,
             "model_preset": config.model.name, "triton": dataclasses.asdict(config.triton),
