@@ -49,7 +49,9 @@ def test_engine_profile_quick_on_cpu(torch_repo, tmp_path):
     assert names[0] == "embed" and "cross_kv" in names and names[-1] == "step3.select"
     assert s["sdpa"]["default_ops"] and s["sdpa"]["backends"]
     assert all(r["rec_equal"] and r["score_max_abs"] < 1e-4 for r in s["self_attention"].values())
-    assert all(r["rec_equal"] and r["score_max_abs"] < 1e-4 for r in s["kv_cache"].values()) and s["kv_cache"]
+    assert s["kv_cache"] and all(r["rec_equal"] and r["overlap"] == 1.0 and r["score_max_abs"] < 1e-4
+                                 for r in s["kv_cache"].values())
+    assert s["environment"]["decoder_kv_cache"] is True
     assert data["sections"]["load"] and "KV 缓存" in (out / "profile.md").read_text()
     assert {r["name"] for r in s["padding"]["rows"]} >= {"仓库", "规划 4 桶"}
     assert s["throughput"]["gates"]["overlap"] == 1.0  # 同一 fp32 程序
