@@ -147,11 +147,12 @@ def summary_table(report: Dict[str, Any]) -> str:
         sla = run.get("sla") or {}
         if not sla.get("max_rate"):
             lines.append(f"  第 {i + 1} 次：SLA {sla.get('note', '-')}")
-    traces = [run.get("trace") for run in report.get("runs", []) if run.get("trace")]
-    if traces:
-        from algorithm.serving.bench.trace import format_breakdown
+    from algorithm.serving.bench.trace import format_breakdown
 
-        lines.append(format_breakdown(traces[-1]))
+    for key, title in (("light_trace", "轻负载点"), ("trace", "SLA 确认点")):
+        traces = [run.get(key) for run in report.get("runs", []) if run.get(key)]
+        if traces:  # 最后一次重复的
+            lines.append(f"  {title}的" + format_breakdown(traces[-1]).lstrip())
     pa = report.get("perf_analyzer") or {}
     for r in pa.get("points", []):
         lines.append(f"  perf_analyzer c={r['concurrency']}: " + (

@@ -301,7 +301,7 @@ def strip_private(obj):
 
 def run_once(bench: Benchmark, cfg: BenchmarkConfig, slo_ms: float, floor_model: Optional[str] = None,
              tracer=None, progress=None) -> Dict[str, Any]:
-    """一次完整测量：闭环并发扫描 -> 开环速率 -> 轻负载点 -> SLA 搜索（确认点上开追踪）-> 地板（同样速率）。"""
+    """一次完整测量：闭环并发扫描 -> 开环速率 -> 轻负载点（开追踪）-> SLA 搜索（确认点上开追踪）-> 地板（同样速率）。"""
     run: Dict[str, Any] = {"closed_loop": [], "open_loop": []}
     step = progress or (lambda label: None)
     for c in cfg.concurrency:
@@ -312,7 +312,11 @@ def run_once(bench: Benchmark, cfg: BenchmarkConfig, slo_ms: float, floor_model:
         run["open_loop"].append(bench.open_loop(r))
     if cfg.light_rate:
         step(f"轻负载 {cfg.light_rate}/s")
-        run["light"] = bench.open_loop(cfg.light_rate, duration_s=cfg.light_duration_s, label="轻负载")
+        # 轻负载的尾部（issue #11：P99 不超过 P50 的 2 倍）也要分解：开着追踪（每 trace_rate 个一个），给出最慢请求停在哪一步
+        run["light"] = bench.open_loop(cfg.light_rate, duration_s=cfg.light_duration_s, label="轻负载",
+                                       hook=tracer.session if tracer is not None else None)
+        if tracer is not None:
+            run["light_trace"] = tracer.breakdown(run["light"])
     if cfg.sla_search:
         step("SLA 搜索")
         hook = tracer.session if tracer is not None else None

@@ -62,6 +62,20 @@ def test_soak_rate_falls_back_to_the_unconfirmed_search_rate():
     assert sla == 0.0 and "没有做浸泡" in note
 
 
+def test_light_load_point_is_traced(built, tmp_path, capsys):
+    """轻负载点开着追踪（issue #11 的 P99/P50 一行要能分解）：追踪与客户端对上，摘要里有这个点的分解。"""
+    cfg, _ = built
+    b = dataclasses.replace(cfg.benchmark, repeats=1, concurrency=[], sla_search=False, light_rate=20.0,
+                            light_duration_s=1.5, floor=False, trace_rate=1, offline_samples=0, warmup_requests=5,
+                            processes=1, length_median=30, output_dir=str(tmp_path / "bench"))
+    report = app.benchmark_from_config(dataclasses.replace(cfg, benchmark=b), str(tmp_path))
+    run = report["runs"][0]
+    t = run["light_trace"]
+    assert t["traced"] >= 0.9 * run["light"]["ok"] and t["trace_rate"] == 1, (t, run["light"]["ok"])
+    assert t["slowest_request"]["ugt_engine.compute"] > 0 and "trace" not in run  # 没有 SLA 搜索
+    assert "轻负载点的追踪（20.0/s" in capsys.readouterr().out
+
+
 def test_soak_and_overload_run_from_the_benchmark_config(built, tmp_path, capsys):
     """benchmark.soak_s / overload_s 从压测入口跑（GPU 上是 10 分钟与 60 s）：报告里有每窗的数字与判定，摘要里有两行。"""
     cfg, _ = built
