@@ -216,6 +216,9 @@ PYEOF
   floor)
     # 共享的地板探针：三步恒等模型的 ensemble，与 ugt_recommend 同样的 I/O；只跑 4/2 实例，并发 16 与 64，每点 5 s
     P=/tmp/floorprobe; rm -rf $P && cp -r .carry/probe $P
+    # ensemble 也要一个版本目录；git 不存空目录，共享的探针里没有 repo/ens/1，Triton 因此不加载 ens、服务器不起来
+    # （2026-11-25、11-28 两次都这样失败，前一次误以为是端口被占）
+    mkdir -p $P/repo/ens/1
     sed -i 's/for cfg in "2 1" "4 2" "8 4"/for cfg in "4 2"/' $P/run.sh
     sed -i 's/for conc in (4, 16, 64, 128)/for conc in (16, 64)/; s/def run(url, model, conc, dur=8/def run(url, model, conc, dur=5/' $P/client.py
     # 探针的服务器用固定端口 18000-18002（与 bench_old 的旧服务器相同）：等这些端口空出来，否则它的就绪检查会问到
