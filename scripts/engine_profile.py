@@ -464,7 +464,8 @@ def render_markdown(data: Dict[str, Any]) -> str:
         md.append("## b2. 解码器自注意力：显式 softmax 对 SDPA（eager，同一权重与历史）\n")
         md.append(_table(list(sa.values()), [("batch", "batch", ""), ("length", "长度", ""), ("sdpa_ms", "SDPA ms", ".2f"),
                                              ("explicit_ms", "显式 ms", ".2f"), ("speedup", "加速", ".2f"),
-                                             ("rec_equal", "推荐一致", ""), ("score_max_abs", "分数最大差", ".1e")]))
+                                             ("rec_equal", "推荐逐位一致", ""), ("overlap", "top-50 重合", ".4f"),
+                                             ("score_max_abs", "分数最大差", ".1e")]))
     kv = s.get("kv_cache")
     if kv:
         md.append("## b3. 解码器的 KV 缓存对每步重算前缀（eager，同一权重与历史）\n")
@@ -679,46 +680,20 @@ def run_profile(args) -> Dict[str, Any]:
         return {"backends": out, "default_ops": names}
     rep.section("sdpa", sdpa, need_s=5)
 
-    def self_attention():
-        """解码器自注意力：显式 softmax（模型的做法）对 SDPA，同一权重、同一批历史、eager，同一进程里测。"""
-        layers = [layer.self_attn for layer in model.decoder]
-        out = {}
-        for b in batches:
-            L = 16 if args.quick else 128
-            x = _to_device(hist.batch(b, L, seed=21), device)
-            row, results = {"batch": b, "length": L}, {}
-            try:
-                for name, explicit in (("sdpa", False), ("explicit", True)):
-                    for a in layers:
-                        a.explicit = explicit
-                    with torch.no_grad():
-                        results[name] = model(*x)
-                        times = []
-                        for _ in range(repeats * 3 + 1):
-                            a0 = clock.mark()
-                            model(*x)
-                            times.append(clock.seconds(a0, clock.mark()))
-                    row[f"{name}_ms"] = float(np.median(times[1:])) * 1e3
-            finally:
-                for a in layers:
-                    a.explicit = True
-            row["rec_equal"] = bool(torch.equal(results["sdpa"][0], results["explicit"][0]))
-            row["score_max_abs"] = float((results["sdpa"][1] - results["explicit"][1]).abs().max())
-            row["speedup"] = row["sdpa_ms"] / row["explicit_ms"]
-            out[f"b{b}xL{L}"] = row
-        return out
-    rep.section("self_attention", self_attention, need_s=5)
-
-    def kv_cache():
-        """解码器的 KV 缓存对每步重算前缀：同一权重、同一批历史、eager，同一进程里测（编译后的对照要两个构建）。"""
-        out = {}
+    def eager_ab(seed: int, variants, restore) -> Dict[str, Any]:
+        """同一权重、同一批历史、eager、同一进程里对照模型的两种算法。variants = [(名字, 切到这种算法的函数)]，基线在前；
+        每个 batch 一行：各自的中位 ms、加速、推荐是否逐位一致、分数最大差、两者的 top-50 重合。
+        fp16 里两种算法的舍入不同（矩阵乘的形状不同），近似相等的候选会换位、其后的 beam 随之不同：逐位相等只在 fp32 里
+        成立（测试），半精度看重合（各自对 fp32 的门禁见构建）。"""
+        (base, _), (new, _) = variants
         L = 16 if args.quick else 128
+        out = {}
         for b in batches:
-            x = _to_device(hist.batch(b, L, seed=23), device)
+            x = _to_device(hist.batch(b, L, seed=seed), device)
             row, results = {"batch": b, "length": L}, {}
             try:
-                for name, flag in (("recompute", False), ("kv_cache", True)):
-                    model.decoder_kv_cache = flag
+                for name, switch in variants:
+                    switch()
                     with torch.no_grad():
                         results[name] = model(*x)
                         times = []
@@ -728,18 +703,31 @@ def run_profile(args) -> Dict[str, Any]:
                             times.append(clock.seconds(a0, clock.mark()))
                     row[f"{name}_ms"] = float(np.median(times[1:])) * 1e3
             finally:
-                model.decoder_kv_cache = meta["decoder_kv_cache"]
-            row["rec_equal"] = bool(torch.equal(results["recompute"][0], results["kv_cache"][0]))
-            row["score_max_abs"] = float((results["recompute"][1] - results["kv_cache"][1]).abs().max())
-            # fp16 里两种算法的舍入不同（矩阵乘的形状不同），近似相等的候选会换位、其后的 beam 随之不同：逐位相等只在 fp32
-            # 里成立（测试），半精度看两者的 top-50 重合（各自对 fp32 的门禁见构建）
-            (r_rec, r_sc), (k_rec, k_sc) = results["recompute"], results["kv_cache"]
-            row["overlap"] = compare_topk(r_rec.cpu().numpy(), r_sc.float().cpu().numpy(), k_rec.cpu().numpy(),
-                                          k_sc.float().cpu().numpy(), 0.01).overlap
-            row["speedup"] = row["recompute_ms"] / row["kv_cache_ms"]
+                restore()
+            (b_rec, b_sc), (n_rec, n_sc) = results[base], results[new]
+            row["rec_equal"] = bool(torch.equal(b_rec, n_rec))
+            row["score_max_abs"] = float((b_sc - n_sc).abs().max())
+            row["overlap"] = compare_topk(b_rec.cpu().numpy(), b_sc.float().cpu().numpy(), n_rec.cpu().numpy(),
+                                          n_sc.float().cpu().numpy(), 0.01).overlap
+            row["speedup"] = row[f"{base}_ms"] / row[f"{new}_ms"]
             out[f"b{b}xL{L}"] = row
         return out
-    rep.section("kv_cache", kv_cache, need_s=5)
+
+    def set_explicit(flag: bool) -> None:
+        for layer in model.decoder:
+            layer.self_attn.explicit = flag
+
+    def set_kv_cache(flag: bool) -> None:
+        model.decoder_kv_cache = flag
+
+    # 解码器自注意力：SDPA 对显式 softmax（模型的做法）
+    rep.section("self_attention", lambda: eager_ab(21, [("sdpa", lambda: set_explicit(False)),
+                                                         ("explicit", lambda: set_explicit(True))],
+                                                   lambda: set_explicit(True)), need_s=5)
+    # 解码器：每步重算前缀对 KV 缓存（编译后的对照要两个构建：gpu_bench.sh 的 profile 与 profile_variants）
+    rep.section("kv_cache", lambda: eager_ab(23, [("recompute", lambda: set_kv_cache(False)),
+                                                  ("kv_cache", lambda: set_kv_cache(True))],
+                                            lambda: set_kv_cache(meta["decoder_kv_cache"])), need_s=5)
 
     def length_dist() -> np.ndarray:
         if "lengths" not in state:  # 默认长度分布的 10 万个样本（填充一节与规划桶的吞吐共用）
