@@ -4,14 +4,16 @@
 
 读一个已构建仓库（engine=torch）的 ugt_engine/config.pbtxt，写 <out>/profile.json 与 profile.md：
   a. eager 模块（由同一个 .pt2 的权重重建的 UGTModel）按 forward 的顺序分阶段计时（GPU 上用 CUDA 事件，
-     CPU 上用 perf_counter），分阶段的重写与 model(...) 的输出逐位比较（不一致时报告后以退出码 3 结束）；
-  b. 带加性浮点掩码时各 SDPA 后端能否运行、各自耗时，以及默认选中的后端（profiler 里的算子名）；
+     CPU 上用 perf_counter），分阶段的版本与 model(...) 的输出逐位比较（不一致时报告后以退出码 3 结束）；
+  b. 带加性浮点掩码时各 SDPA 后端能否运行、各自耗时，以及默认选中的后端（profiler 里的算子名）；同一进程 eager 的两组对照：
+     解码器自注意力 SDPA 对显式 softmax、每步重算前缀对 KV 缓存（时间、逐位一致、top-50 重合）；
   c. 默认长度分布下仓库的 seq 桶与 bucket_plan 规划的 4 个、8 个桶的填充比例；
   d. 每个阶段的 FLOPs、字节数（权重读一次 + 激活各读写一次的估计）、达到的 TFLOP/s 与 GB/s；
   e. 仓库里的 TorchRunner（编译 + CUDA Graph）按长度组成批的离线吞吐与 MFU；规划的 4 个、8 个桶下的同一测量；
      torchao 可用时 int8（服务时量化加载后的模块，再同样编译；--int8-modes 的每种方式一节，编译失败时退到
      eager + CUDA Graph、再退到 eager）的吞吐与对 fp32 的门禁数字（不过 INT8_GATE 时报告写“不通过”）。
-  f. 最小与最大 batch 各一张内核表（一次运行的时间、内核自身时间合计、内核个数）；GPU 上再测一个进程里 1 / 2 / 4 张图
+  f. 最小与最大 batch 各一张内核表（一次运行的时间、内核自身时间合计、内核个数；int8 的每种方式另有最小 batch 的一张）；
+     GPU 上再测一个进程里 1 / 2 / 4 张图
      在不同 CUDA 流上同时重放的吞吐（小 batch 的内核占不满 SM 时，几批同时跑能多出多少）。
 每一节独立：失败只记进报告（error），预算（--budget-s）不够时跳过并写明原因；每节开始与结束都重写报告
 （被外部超时杀掉时，报告里写着停在哪一节）。--only 只跑点名的节（例如 GPU 上单独测 int8：--only throughput,int8）。
@@ -346,6 +348,7 @@ class Histories:
 # --only 可点的节（"int8" 代表各个 throughput_int8_*）
 SECTIONS = ("environment", "load", "stage_check", "stages", "sdpa", "self_attention", "kv_cache", "padding",
             "throughput", "kernels_compiled", "concurrency", "throughput_planned", "throughput_planned_8", "int8")
+KERNEL_NOTE = "wall = 运行器一次 run 的时间（中位数，含拷入拷出）；busy = 各内核（CPU 上是算子）自身时间之和；launches = 内核（算子）次数"
 # int8 的门禁（issue #12）：对 fp32 的 top-50 重合与 top-1 一致，与构建的门禁同一组阈值（GateConfig.int8_*）
 INT8_GATE = {"overlap": GateConfig().int8_min_overlap, "top1": GateConfig().int8_min_top1_agreement}
 
@@ -496,11 +499,14 @@ def render_markdown(data: Dict[str, Any]) -> str:
                                                     f"top-1 >= {g['thresholds']['top1']}）")
             md.append(f"门禁（对 fp32 eager，{g['rows']} 条）：top-50 重合 {g['overlap']:.4f}，top-1 一致 "
                       f"{g['top1_agreement']:.3f}，分数 MAE {g['score_mae']:.2e}{verdict}\n")
-    kern = s.get("kernels_compiled")
-    for run in (kern or {}).get("runs", []):
-        md.append(f"## 运行器一次运行的内核 / 算子（{run['shape']}，{run.get('device')}，按自身时间）\n")
+    kern = s.get("kernels_compiled") or {}
+    tables = [("", run) for run in kern.get("runs", [])]
+    tables += [(f"{k[len('throughput_'):]}，", run) for k in sorted(s) if k.startswith("throughput_int8")
+               for run in (s[k] or {}).get("kernels", [])]
+    for what, run in tables:
+        md.append(f"## 运行器一次运行的内核 / 算子（{what}{run['shape']}，{run.get('device')}，按自身时间）\n")
         md.append(f"一次 run {run['wall_ms']:.3f} ms；内核自身时间合计 {run['busy_ms']:.3f} ms，{run['launches']} 个内核"
-                  f"（{kern.get('note', '')}）\n")
+                  f"（{KERNEL_NOTE}）\n")
         md.append(_table(run["top"], [("name", "内核", ""), ("ms", "ms", ".3f"), ("count", "次数", "")]))
     conc = s.get("concurrency")
     if conc:
@@ -844,14 +850,11 @@ def run_profile(args) -> Dict[str, Any]:
         return res
     rep.section("throughput", throughput, need_s=20 if on_gpu else 0)
 
-    def kernels_compiled():
-        # GPU：一次 CUDA Graph 重放里的内核（按 GPU 时间）；CPU（--quick 检查同一段代码）：运行器的 CPU 算子。
-        # 最小与最大 batch 各一次：服务时每次 execute 只有几个请求，小 batch 的一次运行约 2 ms 里多少是内核、多少是内核之间的
-        # 空隙（内核个数 × 每个的最短时间），决定该去减内核数还是加大 batch
-        runner = state["runner"]
+    def kernel_runs(runner, sizes: Sequence[int]) -> List[Dict[str, Any]]:
+        """GPU：一次 CUDA Graph 重放里的内核（按 GPU 时间）；CPU（--quick 检查同一段代码）：运行器的 CPU 算子。"""
         L = 128 if 128 in meta["seq_buckets"] else (meta["seq_buckets"] or [64])[0]
         runs = []
-        for b in sorted({min(batches), max(batches)}):
+        for b in sizes:
             feeds = hist.batch(b, L, seed=5)
             runner.run(feeds)
             walls = []
@@ -867,8 +870,13 @@ def run_profile(args) -> Dict[str, Any]:
             runs.append({"shape": f"b{b}xL{L}", "device": device.type, "wall_ms": float(np.median(walls)) * 1e3,
                          "busy_ms": sum(r["ms"] for r in every), "launches": sum(r["count"] for r in every),
                          "top": every[:25]})
-        return {"runs": runs, "note": "wall = 运行器一次 run 的时间（中位数，含拷入拷出）；busy = 各内核（CPU 上是算子）"
-                                      "自身时间之和；launches = 内核（算子）次数"}
+        return runs
+
+    def kernels_compiled():
+        # 最小与最大 batch 各一次：服务时每次 execute 只有几个请求，小 batch 的一次运行约 2 ms 里多少是内核、多少是内核之间的
+        # 空隙（内核个数 × 每个的最短时间），决定该去减内核数还是加大 batch
+        runs = kernel_runs(state["runner"], sorted({min(batches), max(batches)}))
+        return {"runs": runs, "note": KERNEL_NOTE}
     if "runner" in state:
         rep.section("kernels_compiled", kernels_compiled, need_s=5)
 
@@ -978,6 +986,13 @@ def run_profile(args) -> Dict[str, Any]:
                 g["thresholds"] = INT8_GATE
                 res.update(attempts=attempts, seconds_incl_compile=time.time() - t, peak_int8_tops=PEAK_INT8_TOPS, base=base,
                            int8_mode=qmode, compile_mode=mode, cuda_graphs=bool(graphs and on_gpu))
+                # 最小 batch 的内核表：int8 为什么比 fp16 慢（第 6 台 dynamic 0.15 倍，没有剖析过）——与 kernels_compiled 的 fp16
+                # 表对照内核个数与时间；预算不够就不做，不影响上面的数字
+                if rep.left() > 15:
+                    try:
+                        res["kernels"] = kernel_runs(runner, [min(batches)])
+                    except Exception as e:  # noqa: BLE001
+                        res["kernels_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 res["note"] = (f"服务时量化：{base} 底本的 .pt2 加载、移到 {device.type} 后 quantize_int8(mode={qmode!r})"
                                f"{'（CUDA 上把小行数补到 17：torch._int_mm 的限制）' if on_gpu and qmode == 'dynamic' else ''}，"
                                f"再 torch.compile（{mode}）。MFU 仍以 {peak:g} TFLOP/s 为分母（H100 int8 稠密峰值 "

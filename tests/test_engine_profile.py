@@ -70,6 +70,10 @@ def test_engine_profile_quick_on_cpu(torch_repo, tmp_path):
     else:
         g = s["throughput_int8_dynamic"]["gates"]
         assert g["rows"] == 32 and g["passed"] == (g["overlap"] >= 0.95 and g["top1_agreement"] >= 0.97)
+        # int8 也有最小 batch 的内核（CPU 上是算子）表，与 fp16 的对照（GPU 上用来找 int8 慢在哪里）
+        k8 = s["throughput_int8_dynamic"]["kernels"]
+        assert [r["shape"].split("x")[0] for r in k8] == [f"b{min(tb)}"] and k8[0]["launches"] > 0
+        assert "int8_dynamic，b" in (out / "profile.md").read_text()
     md = (out / "profile.md").read_text()
     assert "SDPA" in md and "离线吞吐" in md
     assert json.loads((out / "profile.json").read_text())["sections"].keys() == s.keys()
