@@ -247,13 +247,14 @@ class UGTModel(nn.Module):
         dtype = memory_bias.dtype
         d = self.cfg.d_model
         bos = self.bos.to(dtype).view(1, 1, d).expand(b, 1 if c1 is None else c1.shape[1], d)
-        tokens = [bos] + ([self.dec_l1(c1)] if step >= 2 else []) + ([self.dec_l2(c2)] if step >= 3 else [])
         if not self.decoder_kv_cache:
+            tokens = [bos] + ([self.dec_l1(c1)] if step >= 2 else []) + ([self.dec_l2(c2)] if step >= 3 else [])
             x = torch.stack(tokens, dim=2) + self.dec_pos.weight[:step].to(dtype)
             for layer, kv in zip(self.decoder, memory_kv):
                 x = layer(x, kv, memory_bias)
             return x[:, :, -1, :], None
-        x = tokens[-1] + self.dec_pos.weight[step - 1].to(dtype)
+        newest = bos if step == 1 else (self.dec_l1(c1) if step == 2 else self.dec_l2(c2))  # 只嵌入新的位置
+        x = newest + self.dec_pos.weight[step - 1].to(dtype)
         new = []
         for i, (layer, kv) in enumerate(zip(self.decoder, memory_kv)):
             x, c = layer.step(x, None if caches is None else caches[i], kv, memory_bias)

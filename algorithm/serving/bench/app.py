@@ -126,7 +126,8 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
     built = ensure_built(config)
     repo = repository_for_run(config, out_dir, built)
     lengths = sample_lengths(b, 4096, config.export.max_seq_length, b.seed)
-    flops = float(np.mean(model_cost(config.model, config.export.decoder_kv_cache)(lengths)))  # 与 flops_per_request 相同（测试对照），向量化
+    # 与 flops_per_request 相同（测试对照），向量化；按引擎实际的解码方式计
+    flops = float(np.mean(model_cost(config.model, config.export.decoder_kv_cache)(lengths)))
     contract = config.contract()
     meta = {"overrides": list(overrides), "engine": config.engine.kind, "precision": config.export.precision,
             "model_preset": config.model.name, "triton": dataclasses.asdict(config.triton),
