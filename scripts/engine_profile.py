@@ -347,7 +347,8 @@ class Histories:
 # --only 可点的节（"int8" 代表各个 throughput_int8_*）
 SECTIONS = ("environment", "load", "stage_check", "stages", "sdpa", "self_attention", "kv_cache", "padding",
             "throughput", "kernels_compiled", "concurrency", "throughput_planned", "throughput_planned_8", "int8")
-KERNEL_NOTE = "wall = 运行器一次 run 的时间（中位数，含拷入拷出）；busy = 各内核（CPU 上是算子）自身时间之和；launches = 内核（算子）次数"
+KERNEL_NOTE = ("wall = 运行器一次 run 的时间（中位数，含拷入拷出）；busy = 各内核（CPU 上是算子）自身时间之和；"
+               "launches = 内核（算子）次数")
 # int8 的门禁（issue #12）：对 fp32 的 top-50 重合与 top-1 一致，与构建的门禁同一组阈值（GateConfig.int8_*）
 INT8_GATE = {"overlap": GateConfig().int8_min_overlap, "top1": GateConfig().int8_min_top1_agreement}
 
@@ -434,12 +435,12 @@ def render_markdown(data: Dict[str, Any]) -> str:
     md = ["# torch 引擎剖析\n"]
     env = s.get("environment") or {}
     if env:
-        md.append("设备：{device}；torch {torch}；torchao {torchao}；模型 {model}；精度 {precision}；解码器 KV 缓存 {decoder_kv_cache}；"
-                  "仓库 {repo}\n".format(**{k: env.get(k) for k in ("device", "torch", "torchao", "model", "precision",
+        md.append("设备：{device}；torch {torch}；torchao {torchao}；模型 {model}；精度 {precision}；"
+                  "解码器 KV 缓存 {decoder_kv_cache}；仓库 {repo}\n".format(**{k: env.get(k) for k in ("device", "torch", "torchao", "model", "precision",
                                                                    "decoder_kv_cache", "repo")}))
     chk = s.get("stage_check")
     if chk:
-        md.append(f"分阶段重写 vs model(...)：recommendations 一致 {chk['rec_equal']}，分数最大差 "
+        md.append(f"分阶段版本 vs model(...)：recommendations 一致 {chk['rec_equal']}，分数最大差 "
                   f"{chk['score_max_abs']:.2e}；eager（.pt2 权重重建）vs .pt2 模块：top-50 重合 "
                   f"{chk['eager_vs_pt2_overlap']:.4f}\n")
     for key, st in (s.get("stages") or {}).items():
@@ -631,7 +632,8 @@ def run_profile(args) -> Dict[str, Any]:
             med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
             costs = stage_costs(cfg, b, L, wbytes, meta["decoder_kv_cache"])
             total_flops = sum(c["flops"] for c in costs.values())
-            assert math.isclose(total_flops, b * flops_per_request(cfg, L, meta["decoder_kv_cache"]), rel_tol=1e-9), "阶段 FLOPs 之和与公式不符"
+            want = b * flops_per_request(cfg, L, meta["decoder_kv_cache"])
+            assert math.isclose(total_flops, want, rel_tol=1e-9), "阶段 FLOPs 之和与公式不符"
             peak = PEAK_FP16_TFLOPS if wbytes == 2 else PEAK_FP32_TFLOPS
             out[f"b{b}xL{L}"] = {"batch": b, "length": L, "dtype": str(state["dtype"]), "repeats": repeats,
                                  "total_ms": sum(med.values()) * 1e3, "flops_total": total_flops,
