@@ -483,6 +483,11 @@ def render_markdown(data: Dict[str, Any]) -> str:
                                        ("padded_token_share", "填充 token", ".1%"),
                                        ("cost_ratio", "代价比（二次模型）", ".3f"),
                                        ("flops_ratio", "FLOPs 比（模型）", ".3f"), ("request_share", "各桶请求", "")]))
+        if pad.get("per_execute"):
+            md.append("一次 execute 有 batch 个请求时（按仓库的长度桶分组、行数补到 batch 桶；拼行宽 W = 把短历史拼进宽 W 的行，"
+                      "还没有实现的估算，0 = 现在的做法）：编码器算的 token ÷ 需要的 token，与长度组数\n")
+            md.append(_table(pad["per_execute"], [("batch", "batch", ""), ("pack_width", "拼行宽 W", ""),
+                                                  ("token_ratio", "token 比", ".2f"), ("launches", "组数", ".2f")]))
     for key in ["throughput", "throughput_planned", "throughput_planned_8"] + sorted(k for k in s if k.startswith("throughput_int8")):
         tp = s.get(key)
         if not tp:
@@ -550,7 +555,8 @@ def run_profile(args) -> Dict[str, Any]:
     from algorithm.models.config import UGTConfig
     from algorithm.models.ugt import flops_per_request
     from algorithm.serving.accuracy import compare_topk
-    from algorithm.serving.bucket_plan import default_lengths, model_cost, padding_report, plan_seq_buckets
+    from algorithm.serving.bucket_plan import (default_lengths, execute_padding, model_cost, padding_report,
+                                               plan_seq_buckets)
     from algorithm.serving.bench.offline import grouped_seconds
     from algorithm.serving.runtime.buckets import round_up
 
@@ -760,7 +766,13 @@ def run_profile(args) -> Dict[str, Any]:
             r["name"] = name
             r["request_share"] = {k: round(v, 3) for k, v in r["request_share"].items()}
             rows.append(r)
-        return {"rows": rows, "mean_flops_unpadded": float(np.mean(flops(lengths))), "planned_4": planned(4)}
+        # 服务时一次 execute 的填充（按长度分组、行数补到 batch 桶）与拼行的估算：编码器去填充值不值得做（#12）
+        seq = meta["seq_buckets"] or [max_len]
+        bb = meta["batch_buckets"] or [1]
+        per_execute = [execute_padding(lengths, b, seq, bb, pack_width=w, trials=200 if args.quick else 2000)
+                       for b in sorted({2, *batches}) for w in (0, 256, 512) if w <= max_len]
+        return {"rows": rows, "mean_flops_unpadded": float(np.mean(flops(lengths))), "planned_4": planned(4),
+                "per_execute": per_execute}
     rep.section("padding", padding)
 
     # ---- 离线吞吐 ----

@@ -54,6 +54,8 @@ def test_engine_profile_quick_on_cpu(torch_repo, tmp_path):
     assert s["environment"]["decoder_kv_cache"] is True
     assert data["sections"]["load"] and "KV 缓存" in (out / "profile.md").read_text()
     assert {r["name"] for r in s["padding"]["rows"]} >= {"仓库", "规划 4 桶"}
+    assert {(r["batch"], r["pack_width"]) for r in s["padding"]["per_execute"]} >= {(2, 0), (2, 256), (4, 0), (4, 256)}
+    assert all(r["token_ratio"] >= 1 for r in s["padding"]["per_execute"])
     assert s["throughput"]["gates"]["overlap"] == 1.0  # 同一 fp32 程序
     assert all(r["req_per_s"] > 0 for r in s["throughput"]["rows"])
     assert s["throughput_planned"]["seq_buckets"] == s["padding"]["planned_4"]

@@ -92,3 +92,27 @@ def test_edge_cases():
         plan_seq_buckets(lengths, 0, 1024)
     with pytest.raises(ValueError):
         plan_seq_buckets(np.array([], dtype=int), 2, 1024)
+
+
+def test_execute_padding_counts_groups_batch_buckets_and_packed_rows():
+    from algorithm.serving.bucket_plan import execute_padding
+
+    sb, bb = [128, 256, 512, 1024], [2, 4, 8, 16, 32, 64]
+    # 全是 128、正好一个 batch 桶：不填充，一组
+    r = execute_padding(np.full(10, 128), 8, sb, bb, trials=5)
+    assert r["token_ratio"] == 1.0 and r["launches"] == 1.0
+    # 长度 100 补到 128、9 行补到 16 行：16 * 128 / 900
+    r = execute_padding(np.full(10, 100), 9, sb, bb, trials=5)
+    assert r["token_ratio"] == pytest.approx(16 * 128 / 900) and r["launches"] == 1.0
+    # 拼行：每行 5 个 100，10 个请求 2 行（batch 桶 2）x 512；长于 512 的照旧按桶分组（一行 1024，补到 2 行）
+    r = execute_padding(np.full(10, 100), 10, sb, bb, pack_width=512, trials=5)
+    assert r["token_ratio"] == pytest.approx(2 * 512 / 1000) and r["launches"] == 1.0
+    r = execute_padding(np.array([600]), 1, sb, bb, pack_width=512, trials=3)
+    assert r["token_ratio"] == pytest.approx(2 * 1024 / 600) and r["launches"] == 1.0
+    # 默认分布下（同一种子）：每次 execute 的填充比 padding_report 的每请求填充多；拼行在 16 个请求时更少、组更少
+    lengths = default_lengths(n=20_000)
+    now = execute_padding(lengths, 16, sb, bb, trials=500)
+    packed = execute_padding(lengths, 16, sb, bb, pack_width=512, trials=500)
+    per_request = 1 / (1 - padding_report(lengths, sb)["padded_token_share"])
+    assert now["token_ratio"] > per_request > 1
+    assert packed["token_ratio"] < now["token_ratio"] and packed["launches"] < now["launches"]
