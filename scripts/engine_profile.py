@@ -504,6 +504,9 @@ def render_markdown(data: Dict[str, Any]) -> str:
                                                     f"top-1 >= {g['thresholds']['top1']}）")
             md.append(f"门禁（对 fp32 eager，{g['rows']} 条）：top-50 重合 {g['overlap']:.4f}，top-1 一致 "
                       f"{g['top1_agreement']:.3f}，分数 MAE {g['score_mae']:.2e}{verdict}\n")
+        if any((tp.get("int_mm_paths") or {}).values()):
+            md.append("int8 矩阵乘走的路（capture_safe_int_mm 的调用次数，不含 CUDA Graph 重放）："
+                      + "，".join(f"{k} {v}" for k, v in tp["int_mm_paths"].items()) + "\n")
     kern = s.get("kernels_compiled") or {}
     tables = [("", run) for run in kern.get("runs", [])]
     tables += [(f"{k[len('throughput_'):]}，", run) for k in sorted(s) if k.startswith("throughput_int8")
@@ -976,7 +979,7 @@ def run_profile(args) -> Dict[str, Any]:
         return state["int8_base"], want
 
     def int8(qmode: str):
-        from algorithm.serving.runtime.engines.torch_int8 import quantize_int8
+        from algorithm.serving.runtime.engines.torch_int8 import INT_MM_PATHS, quantize_int8
 
         t = time.time()
         base_path, base = int8_base()
@@ -991,6 +994,7 @@ def run_profile(args) -> Dict[str, Any]:
                 attempts.append({"compile_mode": mode, "skipped": f"预算只剩 {rep.left():.0f}s"})
                 continue
             try:
+                paths_before = dict(INT_MM_PATHS)
                 runner, how = make_runner(mode, graphs, lambda m: quantize_int8(m, qmode), path=base_path)
                 res = offline(runner, meta["seq_buckets"], f"int8 {qmode}（{how}；compile {mode}，"
                                                            f"CUDA Graph {'开' if graphs and on_gpu else '关'}）", peak)
@@ -998,7 +1002,9 @@ def run_profile(args) -> Dict[str, Any]:
                 g["passed"] = bool(g["overlap"] >= INT8_GATE["overlap"] and g["top1_agreement"] >= INT8_GATE["top1"])
                 g["thresholds"] = INT8_GATE
                 res.update(attempts=attempts, seconds_incl_compile=time.time() - t, peak_int8_tops=PEAK_INT8_TOPS, base=base,
-                           int8_mode=qmode, compile_mode=mode, cuda_graphs=bool(graphs and on_gpu))
+                           int8_mode=qmode, compile_mode=mode, cuda_graphs=bool(graphs and on_gpu),
+                           # dynamic 的 int8 矩阵乘各走了哪条路（预热、捕获与不用图时的调用；回退多说明没用上 int8 张量核）
+                           int_mm_paths={k: v - paths_before[k] for k, v in INT_MM_PATHS.items()})
                 # 最小 batch 的内核表：int8 为什么比 fp16 慢（第 6 台 dynamic 0.15 倍，没有剖析过）——与 kernels_compiled 的 fp16
                 # 表对照内核个数与时间；预算不够就不做，不影响上面的数字
                 if rep.left() > 15:

@@ -45,6 +45,11 @@ def _torchao_config(mode: str):
     raise ConfigError(f"int8 量化模式 {mode!r} 不合法；可选 {list(MODES)}")
 
 
+# capture_safe_int_mm 每条路走过几次（进程内累计）：int8 慢时先看矩阵乘是不是落到了回退路径（CPU 上的 int32 乘、
+# cuBLAS 拒绝后的 fp32 乘）而不是 int8 张量核。CUDA Graph 重放不经过 Python，所以这里数的是预热与捕获时的调用
+INT_MM_PATHS = {"compiled": 0, "cublas_int8": 0, "cpu_int32": 0, "fp32_fallback": 0}
+
+
 def capture_safe_int_mm(input, mat2):
     """torchao.kernel.intmm.safe_int_mm 的替身：同样的几条路（编译、cuBLAS、两种回退），但不调用 input.__repr__()。
 
@@ -59,20 +64,25 @@ def capture_safe_int_mm(input, mat2):
     from torch._subclasses.fake_tensor import FakeTensor
 
     if torch.compiler.is_compiling() or isinstance(input, FakeTensor):  # 编译路径：与 torchao 相同
+        INT_MM_PATHS["compiled"] += 1
         if input.device.type == "cpu":
             return out_dtype(torch.ops.aten.mm.default, torch.int32, input.float(), mat2.float())
         return out_dtype(torch.ops.aten.mm.default, torch.int32, input, mat2)
     assert mat2.device == input.device, f"两个张量应在同一设备上，得到 {mat2.device} 与 {input.device}"
     dims_ok = input.shape[1] > 0 and input.shape[1] % 8 == 0 and mat2.shape[1] > 0 and mat2.shape[1] % 8 == 0
     if input.device.type != "cuda" or not dims_ok:  # 回退：与 torchao 相同（在 CPU 上用 int32 乘）
+        INT_MM_PATHS["cpu_int32"] += 1
         return torch.matmul(input.cpu().to(torch.int32), mat2.cpu().to(torch.int32)).to(input.device.type)
     if not mat2.is_contiguous():  # torchao 的注释：不连续时 cuBLAS 静默给出错误结果
         mat2 = mat2.contiguous()
     if not input.is_contiguous() and input.shape[0] % 8 != 0:
         input = input.contiguous()
     try:
-        return out_dtype(torch.ops.aten.mm.default, torch.int32, input, mat2)
+        out = out_dtype(torch.ops.aten.mm.default, torch.int32, input, mat2)
+        INT_MM_PATHS["cublas_int8"] += 1
+        return out
     except RuntimeError:
+        INT_MM_PATHS["fp32_fallback"] += 1
         # 与 torchao 相同的回退：cuBLASLt 不支持的形状用 fp32 乘（H100 上 ugt_tiny 的 “24 行 x k 64”（不连续的权重拷成
         # 连续之后是 NN 布局）得到 CUBLAS_STATUS_NOT_SUPPORTED，2026-11-27 第 6 台；出错发生在启动内核之前，捕获不失效）
         return torch.matmul(input.to(torch.float32), mat2.to(torch.float32)).to(torch.int32)
@@ -201,5 +211,5 @@ def quantized_weight_names(model) -> Set[str]:
     return {n for n, p in model.named_parameters() if type(p) not in (torch.nn.Parameter, torch.Tensor)}
 
 
-__all__ = ["MODES", "capture_safe_int_mm", "install_capture_safe_int_mm", "int_mm_rows", "linear_weight_names",
+__all__ = ["INT_MM_PATHS", "MODES", "capture_safe_int_mm", "install_capture_safe_int_mm", "int_mm_rows", "linear_weight_names",
            "quantize_exported_module", "quantize_int8", "quantized_weight_names", "torchao_version"]

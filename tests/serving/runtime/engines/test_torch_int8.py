@@ -212,7 +212,7 @@ def test_capture_safe_int_mm_never_formats_the_tensor_and_is_installed(trained):
     动态 int8 量化时装上（torchao 的 int_scaled_matmul 按模块全局名调用它）。"""
     from torchao.kernel import intmm
 
-    from algorithm.serving.runtime.engines.torch_int8 import capture_safe_int_mm
+    from algorithm.serving.runtime.engines.torch_int8 import INT_MM_PATHS, capture_safe_int_mm
 
     class NoRepr(torch.Tensor):
         def __repr__(self, *args, **kwargs):
@@ -222,7 +222,10 @@ def test_capture_safe_int_mm_never_formats_the_tensor_and_is_installed(trained):
     a = torch.randint(-128, 128, (24, 64), dtype=torch.int8, generator=g)
     b = torch.randint(-128, 128, (64, 32), dtype=torch.int8, generator=g)
     want = a.to(torch.int32) @ b.to(torch.int32)
+    before = dict(INT_MM_PATHS)
     assert torch.equal(capture_safe_int_mm(a.as_subclass(NoRepr), b), want)
+    # 记下走了哪条路：CPU 上是 int32 回退（GPU 上 int8 慢时用它看是否落到了回退）
+    assert INT_MM_PATHS["cpu_int32"] == before["cpu_int32"] + 1 and INT_MM_PATHS["cublas_int8"] == before["cublas_int8"]
     model, _ = trained
     quantize_int8(copy.deepcopy(model), "dynamic")
     assert intmm.safe_int_mm is capture_safe_int_mm
