@@ -78,7 +78,7 @@ def ensure_checkpoint(config: ServingConfig, catalog: Catalog, log: Log = print)
                 raise ConfigError(f"检查点 {p['checkpoint']} 的模型配置与 model.* 不一致：{model.cfg.to_dict()}")
         elif meta.get("catalog_seed") == config.catalog.seed and meta.get("train") == dataclasses.asdict(config.train):
             log(f"[2/5] 检查点：复用 {p['checkpoint']}")
-            return _constrain(model, catalog, config), meta
+            return _prepare_for_export(model, catalog, config), meta
     if config.checkpoint:
         raise ConfigError(f"检查点不存在：{config.checkpoint}")
     log(f"[2/5] 检查点：构建 {config.model.name}，在合成序列上训练 {config.train.steps} 步")
@@ -93,10 +93,10 @@ def ensure_checkpoint(config: ServingConfig, catalog: Catalog, log: Log = print)
     meta = {"catalog_seed": config.catalog.seed, "train": dataclasses.asdict(t), "train_stats": stats}
     save_checkpoint(model, p["checkpoint"], meta)
     log(f"      -> {p['checkpoint']}")
-    return _constrain(model, catalog, config), meta
+    return _prepare_for_export(model, catalog, config), meta
 
 
-def _constrain(model, catalog: Catalog, config: ServingConfig):
+def _prepare_for_export(model, catalog: Catalog, config: ServingConfig):
     """检查点之外、决定导出计算图的两项：目录约束与解码器的 KV 缓存（导出、门禁与参考输出都用这个模型）。"""
     model.decoder_kv_cache = config.export.decoder_kv_cache
     return model.attach_catalog(catalog.semantic_ids) if config.catalog.constrained_decoding else model

@@ -105,7 +105,8 @@ class EngineModel:
         self.stats = ExecuteStats()
 
     def _unpack(self, requests: Sequence[Mapping[str, np.ndarray]], results: List[Result]) -> list:
-        """打包的请求拆回 6 个输入；拆不开的请求（形状不对）只让它自己失败，交给 collect 的是空字典以保持下标。"""
+        """打包的请求拆回 6 个输入；拆不开的请求（形状不对、缺输入）只让它自己失败：结果里记下错误，返回值里是 None
+        （execute 只把拆开的交给 collect，再把批里的下标映射回原来的请求）。"""
         out = []
         for i, req in enumerate(requests):
             x = req.get(packed.PACKED_INPUT)
