@@ -215,14 +215,10 @@ def staged_forward(model, args, st: StageTimer):
     任何与 forward 不同之处都会让 check_staged_forward 失败。"""
     import torch
 
-    from algorithm.models.ugt import _mask_value, expand_beams, gather_beams
+    from algorithm.models.ugt import expand_beams, gather_beams
 
-    l1, l2, l3, positions, token_types, mask = args
     with st("embed"):
-        x = (model.enc_l1(l1) + model.enc_l2(l2) + model.enc_l3(l3)
-             + model.enc_pos(positions) + model.enc_type(token_types))
-        dtype = x.dtype
-        bias = ((1.0 - mask.to(dtype)) * _mask_value(dtype))[:, None, None, :]
+        x, bias = model.embed(*args)
     for i, layer in enumerate(model.encoder):
         with st(f"encoder.{i}"):
             x = layer(x, bias)

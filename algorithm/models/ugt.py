@@ -226,12 +226,16 @@ class UGTModel(nn.Module):
         nn.init.normal_(self.bos, std=0.02)
 
     # ---- 编码器 ----
-    def encode(self, l1, l2, l3, positions, token_types, mask) -> Tuple[torch.Tensor, torch.Tensor]:
-        """返回 (memory [B, L, d], 记忆的加性偏置 [B, 1, 1, L])。"""
+    def embed(self, l1, l2, l3, positions, token_types, mask) -> Tuple[torch.Tensor, torch.Tensor]:
+        """编码器的输入嵌入 [B, L, d] 与填充位置的加性偏置 [B, 1, 1, L]。"""
         x = (self.enc_l1(l1) + self.enc_l2(l2) + self.enc_l3(l3)
              + self.enc_pos(positions) + self.enc_type(token_types))
         dtype = x.dtype
-        bias = ((1.0 - mask.to(dtype)) * _mask_value(dtype))[:, None, None, :]
+        return x, ((1.0 - mask.to(dtype)) * _mask_value(dtype))[:, None, None, :]
+
+    def encode(self, l1, l2, l3, positions, token_types, mask) -> Tuple[torch.Tensor, torch.Tensor]:
+        """返回 (memory [B, L, d], 记忆的加性偏置 [B, 1, 1, L])。"""
+        x, bias = self.embed(l1, l2, l3, positions, token_types, mask)
         for layer in self.encoder:
             x = layer(x, bias)
         return self.enc_ln(x), bias
