@@ -57,6 +57,12 @@ reliability() {
       benchmark.overload_s=${OVERLOAD_S:-60} benchmark.output_dir=$G/bench_$name "$@" ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/$name.log"
 }
 
+# 剖析一个仓库（不含 int8，它在 int8 阶段各方式各自限时）：profile_repo 仓库 名字 [限时秒数]，报告在 $G/名字，日志 $OUT/名字.log
+profile_repo() {
+  timeout "${3:-240}" $PY scripts/engine_profile.py --repo "$1" --out "$G/$2" --no-int8 \
+      ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/$2.log" || true
+}
+
 case "$STAGE" in
   setup)
     # .carry/ 由 scripts/make_carry.sh 生成：site312.tar.xz（numpy<2、tritonclient[grpc]、hydra、torchao 等解开的 wheel）、
@@ -131,18 +137,14 @@ PYEOF
         checkpoint=$G/new/checkpoints/ugt_base.pt 2>&1 | tee "$OUT/build_old.log")
     ;;
   profile)
-    # int8 在单独的 int8 阶段（各方式各自限时）
-    timeout 240 $PY scripts/engine_profile.py --repo $G/new/model_repository --out $G/profile --no-int8 \
-        ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" || true
+    profile_repo $G/new/model_repository profile
     ;;
   profile_variants)
     # 压测的 multirun 按产物选项构建的变体（$G/new/variants/*，例如 SWEEP='export.decoder_kv_cache=false,true' 的 false）
     # 逐个剖析：与 profile 阶段同样的参数，同一台机器上的引擎对照
     for r in $G/new/variants/*/model_repository; do
       [ -d "$r" ] || { echo "没有构建变体（$G/new/variants 为空）" >&2; exit 1; }
-      n=$(basename "$(dirname "$r")")
-      timeout 240 $PY scripts/engine_profile.py --repo "$r" --out $G/profile_$n --no-int8 \
-          ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile_$n.log" || true
+      profile_repo "$r" "profile_$(basename "$(dirname "$r")")"
     done
     ;;
   int8)
@@ -163,8 +165,7 @@ PYEOF
     done
     ;;
   profile_old)
-    timeout 200 $PY scripts/engine_profile.py --repo $G/old/model_repository --out $G/profile_old --no-int8 \
-        ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile_old.log" || true
+    profile_repo $G/old/model_repository profile_old 200
     ;;
   sweep|sweep_mps)
     SWEEP_DIR=$G/$STAGE
