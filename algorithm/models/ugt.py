@@ -51,9 +51,13 @@ class Attention(nn.Module):
         self.o = nn.Linear(d_model, d_model)
 
     def project_kv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        b = x.shape[0]
-        k, v = self.kv(x).view(b, -1, 2, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0)
-        return k, v  # 各为 [B, h, T, dh]
+        return self.split_kv(self.kv(x))
+
+    def split_kv(self, kv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """kv 投影 [B, T, 2d] -> (k, v) 各为 [B, h, T, dh]。"""
+        b = kv.shape[0]
+        k, v = kv.view(b, -1, 2, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
 
     def forward_cached(self, x: torch.Tensor, cache: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """自注意力，每条序列只有一个新位置：x [N, d]，cache [N, t-1, 2d]（前面位置的 kv 投影，None 表示没有）
@@ -226,10 +230,13 @@ class UGTModel(nn.Module):
         nn.init.normal_(self.bos, std=0.02)
 
     # ---- 编码器 ----
+    def embed_tokens(self, l1, l2, l3, positions, token_types) -> torch.Tensor:
+        return (self.enc_l1(l1) + self.enc_l2(l2) + self.enc_l3(l3)
+                + self.enc_pos(positions) + self.enc_type(token_types))
+
     def embed(self, l1, l2, l3, positions, token_types, mask) -> Tuple[torch.Tensor, torch.Tensor]:
         """编码器的输入嵌入 [B, L, d] 与填充位置的加性偏置 [B, 1, 1, L]。"""
-        x = (self.enc_l1(l1) + self.enc_l2(l2) + self.enc_l3(l3)
-             + self.enc_pos(positions) + self.enc_type(token_types))
+        x = self.embed_tokens(l1, l2, l3, positions, token_types)
         dtype = x.dtype
         return x, ((1.0 - mask.to(dtype)) * _mask_value(dtype))[:, None, None, :]
 
@@ -306,7 +313,31 @@ class UGTModel(nn.Module):
         # scripts/engine_profile.py 的 staged_forward 按同样的顺序调用这些方法分阶段计时：改这里要一起改
         memory, bias = self.encode(encoder_l1_ids, encoder_l2_ids, encoder_l3_ids,
                                    encoder_positions, encoder_token_types, encoder_mask)
-        memory_kv = [layer.cross_attn.project_kv(memory) for layer in self.decoder]
+        return self.search([layer.cross_attn.project_kv(memory) for layer in self.decoder], bias)
+
+    def forward_packed(self, l1, l2, l3, positions, token_types, segments, request_index):
+        """拼行的编码器（engine.pack_rows，只有 torch 引擎用）：几条短历史首尾相接放进同一行，一次 execute 一次启动。
+
+        l1..token_types、segments [R, W]：R 行、每行宽 W；segments 为该位置所属历史的编号（> 0），0 = 填充。
+        编码器自注意力只在同一编号内（行内块对角的加性偏置），所以每条历史的编码器输出与单独编码时相同。
+        request_index [N, W]：第 i 条历史的第 j 个位置在 R*W 个位置里的下标，-1 = 填充（交叉注意力屏蔽）。
+        交叉注意力的 K/V 在拼好的行上投影（只算有用的 token），再按 request_index 取成每条历史 [N, W, 2d]。
+        返回与 forward 相同：recommendations [N, top_k, 3]、scores [N, top_k]。"""
+        x = self.embed_tokens(l1, l2, l3, positions, token_types)
+        dtype = x.dtype
+        same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)  # [R, W, W]
+        bias = torch.where(same, 0.0, _mask_value(dtype)).to(dtype)[:, None]  # [R, 1, W, W]
+        for layer in self.encoder:
+            x = layer(x, bias)
+        flat = self.enc_ln(x).reshape(-1, x.shape[-1])  # [R*W, d]
+        valid = request_index >= 0
+        idx = request_index.clamp(min=0)
+        memory_bias = ((~valid).to(dtype) * _mask_value(dtype))[:, None, None, :]  # [N, 1, 1, W]
+        memory_kv = [layer.cross_attn.split_kv(layer.cross_attn.kv(flat)[idx]) for layer in self.decoder]
+        return self.search(memory_kv, memory_bias)
+
+    def search(self, memory_kv, bias):
+        """3 步 beam search：每层交叉注意力的 (k, v) 与记忆的加性偏置 [B, 1, 1, L] -> (recommendations, scores)。"""
         h, caches = self.decode_hidden(1, None, None, None, memory_kv, bias)  # 步 1：一级码
         scores, c1 = self.select_l1(self.head_logp(h, 0)[:, 0, :])
         caches = expand_beams(caches, c1.shape[1])
@@ -316,6 +347,17 @@ class UGTModel(nn.Module):
         caches = gather_beams(caches, parent)
         h, _ = self.decode_hidden(3, c1, c2, caches, memory_kv, bias)  # 步 3：三级码
         return self.select_l3(scores, c1, c2, self.head_logp(h, 2))
+
+
+class PackedUGT(nn.Module):
+    """导出用：forward 即 UGTModel.forward_packed（torch.export 导出的是 forward）。"""
+
+    def __init__(self, model: UGTModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, l1, l2, l3, positions, token_types, segments, request_index):
+        return self.model.forward_packed(l1, l2, l3, positions, token_types, segments, request_index)
 
 
 def expand_beams(caches: Optional[List[torch.Tensor]], width: int) -> Optional[List[torch.Tensor]]:
@@ -389,4 +431,4 @@ def build_model(cfg: UGTConfig, seed: int = 0) -> UGTModel:
     return model.eval()
 
 
-__all__ = ["UGTModel", "build_model", "expand_beams", "flops_per_request", "gather_beams", "teacher_forcing_loss"]
+__all__ = ["PackedUGT", "UGTModel", "build_model", "expand_beams", "flops_per_request", "gather_beams", "teacher_forcing_loss"]

@@ -151,6 +151,10 @@ class EngineConfig:
     # 改正后（各自的捕获流，见 runtime/engines/torch.py）GPU 测试通过（同时重放与 eager 一致，machine7），
     # 但还没有在服务上测过速度（benchmarks/h100-2026-11-27/machine5、machine7）
     group_streams: bool = False
+    # true：torch 引擎导出“拼行”的程序（UGTModel.forward_packed）：一次 execute 的全部历史按长度首尾相接拼进宽为
+    # 最长者所在长度桶的行（行内块对角掩码），一次启动、一张 (行数桶, 历史数桶, 宽) 的 CUDA Graph；不再按长度分组、
+    # 不填充到各自的桶。只对 engine=torch 有效（改它要重新导出：在 bench.app.ARTIFACT_KEYS 里）。
+    pack_rows: bool = False
     # torch 引擎的 int8（torchao，服务时在加载的模块上量化，见 runtime/engines/torch_int8.py）：
     # dynamic = 按行动态 int8 激活 + 按通道 int8 权重；weight_only = 只量化权重。打分头与嵌入不量化。
     # auto：GPU 上 weight_only（H100 上两种都比 fp16 慢，weight_only 约 0.6 倍、dynamic 0.15 倍），CPU 上 dynamic（engines/torch.int8_modes）
@@ -176,6 +180,9 @@ class EngineConfig:
         _choice("engine", "device", self.device, ("auto", "cpu", "cuda"))
         if self.native and self.kind == "torch":
             raise ConfigError("engine.native=true 不支持 engine.kind=torch（它只能由 python backend 运行器托管）")
+        if self.pack_rows and self.kind not in ("torch", "auto"):
+            raise ConfigError(f"engine.pack_rows=true 只对 engine.kind=torch 有效（拼行的程序由 torch 引擎导出），"
+                              f"得到 engine.kind={self.kind}")
         _positive("engine", "num_threads", self.num_threads, allow_zero=True)
         _choice("engine", "compile_mode", self.compile_mode,
                 ("none", "default", "max-autotune-no-cudagraphs", "max-autotune"))

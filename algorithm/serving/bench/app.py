@@ -28,7 +28,7 @@ from algorithm.serving.workload import sample_lengths
 log = logging.getLogger(__name__)
 # 决定引擎产物的配置（改了必须重新构建；triton.*、benchmark.* 等只需重建仓库的配置）
 ARTIFACT_KEYS = ("model", "engine.kind", "engine.native", "export.precision", "export.max_batch_size",
-                 "export.max_seq_length", "export.decoder_kv_cache", "catalog", "train", "checkpoint", "seed")
+                 "export.max_seq_length", "export.decoder_kv_cache", "engine.pack_rows", "catalog", "train", "checkpoint", "seed")
 
 
 def _get(d: Dict[str, Any], dotted: str):

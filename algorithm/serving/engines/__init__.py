@@ -34,7 +34,11 @@ def resolve_auto(config: ServingConfig) -> ServingConfig:
     """把 engine.kind=auto 换成这台机器上的具体引擎（返回新的配置，不修改传入的）。构建与压测的入口先调用它。"""
     if config.engine.kind != "auto":
         return config
-    return dataclasses.replace(config, engine=dataclasses.replace(config.engine, kind=resolve_kind("auto")))
+    kind = resolve_kind("auto")
+    if config.engine.pack_rows and kind != "torch":
+        raise ConfigError(f"engine.pack_rows=true 只对 torch 引擎有效，engine.kind=auto 在这台机器上选了 {kind}"
+                          "（看不到 GPU）；要在 CPU 上试拼行请写 engine=torch engine.device=cpu")
+    return dataclasses.replace(config, engine=dataclasses.replace(config.engine, kind=kind))
 
 
 def engine_module(kind: str):

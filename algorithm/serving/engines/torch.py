@@ -100,11 +100,13 @@ def export_torch_program(model, path: str, config: ServingConfig) -> str:
         precision = int8_base_precision(resolve_device(config.engine.device))
     if precision not in DTYPES:
         raise ConfigError(f"torch 引擎支持 export.precision=fp32 / fp16 / int8，得到 {precision!r}")
-    return export_program(model, path, precision, config.export.max_batch_size, config.export.max_seq_length)
+    return export_program(model, path, precision, config.export.max_batch_size, config.export.max_seq_length,
+                          packed=config.engine.pack_rows)
 
 
-def export_program(model, path: str, precision: str, max_batch: int, max_seq: int) -> str:
+def export_program(model, path: str, precision: str, max_batch: int, max_seq: int, packed: bool = False) -> str:
     """把 model 按 precision（DTYPES 的键）做 torch.export（batch <= max_batch、seq_len <= max_seq 动态）并存成 .pt2。
+    packed：导出拼行的程序（UGTModel.forward_packed，7 个输入；运行器按输入个数认出它，见 runtime/engines/torch.py）。
     构建与剖析（scripts/engine_profile.py 按 int8 底本重新导出）共用。示例输入放在模型所在的设备上。"""
     import torch
 
@@ -112,12 +114,24 @@ def export_program(model, path: str, precision: str, max_batch: int, max_seq: in
     # 掩码与前缀树缓冲区保持原类型（bool / 整数），只有浮点参数变精度
     device = next(m.parameters()).device
     contract = model.cfg.contract()
-    feeds = contract.random_inputs(2, 16, np.random.default_rng(0), lengths=np.array([16, 8]))
-    args = tuple(torch.from_numpy(feeds[n]).to(device) for n in contract.input_names)
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
     seq = torch.export.Dim("seq_len", min=1, max=max(2, max_seq))
+    if packed:
+        from algorithm.models.ugt import PackedUGT
+        from algorithm.serving.runtime import rowpack
+
+        # 3 条历史（长 10、6、8）拼成 2 行、宽 16：行数、历史数、宽三者不同，导出不会把它们当成相等
+        feeds = rowpack.example_inputs(contract, [10, 6, 8], width=16, rng=np.random.default_rng(0))
+        m = PackedUGT(m)
+        args = tuple(torch.from_numpy(feeds[n]).to(device) for n in rowpack.input_names(contract))
+        hist = torch.export.Dim("histories", min=1, max=max(2, max_batch))
+        shapes = tuple({0: batch, 1: seq} for _ in args[:-1]) + ({0: hist, 1: seq},)
+    else:
+        feeds = contract.random_inputs(2, 16, np.random.default_rng(0), lengths=np.array([16, 8]))
+        args = tuple(torch.from_numpy(feeds[n]).to(device) for n in contract.input_names)
+        shapes = tuple({0: batch, 1: seq} for _ in args)
     with torch.no_grad():
-        ep = torch.export.export(m, args, dynamic_shapes=tuple({0: batch, 1: seq} for _ in args))
+        ep = torch.export.export(m, args, dynamic_shapes=shapes)
     _strip_device_asserts(ep)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.export.save(ep, path)

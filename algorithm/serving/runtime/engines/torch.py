@@ -8,6 +8,9 @@
 组与组之间不同步，最后只等一次。group_streams 时每个长度桶有自己的 CUDA 流与图内存池，几组在 GPU 上同时跑
 （小 batch 的图只占一部分 SM：H100 上 b8xL128 一次重放 2.2 ms 里是 332 个平均 5 µs 的内核）；否则都在当前流上背靠背。
 CUDA 事件给出 GPU 时间与回拷时间（见 run_many）。
+
+拼行的程序（engine.pack_rows，UGTModel.forward_packed；加载时按输入个数认出）：一次 execute 的全部历史拼成一组
+（runtime/rowpack.py），按 (行数桶, 历史数桶, 宽) 捕获图、一次重放（run_packed），不分组、不合并。
 输入在到达这里之前已由 runtime/batching.collect 按契约校验（越界 id 会触发 device-side assert 并毁掉 CUDA 上下文）。
 """
 from __future__ import annotations
@@ -21,6 +24,8 @@ import numpy as np
 
 from algorithm.errors import MissingDependencyError
 from algorithm.interfaces import EngineContract
+from algorithm.serving.runtime import rowpack
+from algorithm.serving.runtime.batching import RequestBatch, collect
 from algorithm.serving.runtime.buckets import round_up
 
 log = logging.getLogger(__name__)
@@ -85,7 +90,11 @@ class TorchRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         t0 = time.time()
-        module = torch.export.load(path).module()
+        program = torch.export.load(path)
+        # 拼行的程序（engine.pack_rows，UGTModel.forward_packed）比契约多一个输入：按输入个数认出，不另设开关
+        self.packed = len(program.graph_signature.user_inputs) == len(contract.input_names) + 1
+        self.input_names = rowpack.input_names(contract) if self.packed else tuple(contract.input_names)
+        module = program.module()
         module.to(self.device)
         if transform is not None:  # 例如 int8 量化（在加载后的模块上做，见 engines/torch.py 的构建）
             module = transform(module)
@@ -97,14 +106,15 @@ class TorchRunner:
         self.use_graphs = bool(cuda_graphs and self.device.type == "cuda" and batch_buckets and seq_buckets)
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.seq_buckets = tuple(sorted(seq_buckets))
-        self.slots: Dict[Tuple[int, int], _Slot] = {}
+        # 键：(batch 桶, 长度桶)；拼行时 (行数桶, 历史数桶, 宽)
+        self.slots: Dict[Tuple[int, ...], _Slot] = {}
         self._slot_of_buffer: Dict[int, _Slot] = {}  # id(暂存区字典) -> 它所属的桶（run_many 据此找到图）
         # 同时重放的图不能共用任何工作区。group_streams 时每个长度桶（一次 execute 里每个长度桶至多一组）有自己的
         # 图内存池与流（在它上面捕获，之后也在它上面重放）：cuBLAS 的工作区按 (句柄, 流) 缓存，在同一个流上捕获的图
         # 共用同一块工作区，即使内存池不同（pytorch/pytorch#193402）。H100 上 c0f0373 只分了内存池、都在默认捕获流上捕获，同时重放时
         # 服务器卡死（GPU 100 % 忙、请求全部失败）：sm90 的协作式矩阵乘内核在工作区里做块间同步，两个内核共用就可能互等。
         # 代价：显存约为各长度桶最大图之和，而不是全部图的最大者
-        self.group_streams = bool(group_streams and self.use_graphs)
+        self.group_streams = bool(group_streams and self.use_graphs and not self.packed)  # 拼行时每次只有一组
         self._pools: Dict[int, object] = {}
         self._capture_streams: Dict[int, object] = {}
         self.load_seconds = time.time() - t0
@@ -122,9 +132,19 @@ class TorchRunner:
 
     # ---- CUDA Graph ----
     def _capture(self, b: int, length: int) -> _Slot:
-        torch = self.torch
         feeds = self.contract.random_inputs(b, length, np.random.default_rng(b * 7919 + length))
-        static = [torch.from_numpy(feeds[n]).to(self.device) for n in self.contract.input_names]
+        return self._capture_feeds((b, length), feeds, length)
+
+    def _capture_packed(self, rows: int, histories: int, width: int) -> _Slot:
+        rng = np.random.default_rng(rows * 7919 + histories * 31 + width)
+        lengths = rng.integers(1, width + 1, size=min(rows, histories))  # 每条一行：行数与历史数都用到
+        feeds = rowpack.example_inputs(self.contract, lengths, width, rng, rows=rows, histories=histories)
+        return self._capture_feeds((rows, histories, width), feeds, width)
+
+    def _capture_feeds(self, key: Tuple[int, ...], feeds: Mapping[str, np.ndarray], length: int) -> _Slot:
+        """在 feeds 的形状上预热、捕获一张图，配好页锁定的暂存区；length 决定 group_streams 时用哪个池与流。"""
+        torch = self.torch
+        static = [torch.from_numpy(feeds[n]).to(self.device) for n in self.input_names]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), torch.no_grad():
@@ -132,33 +152,44 @@ class TorchRunner:
                 self.fn(*static)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        key = length if self.group_streams else 0
-        if key not in self._pools:
-            self._pools[key] = torch.cuda.graph_pool_handle()
+        pool = length if self.group_streams else 0
+        if pool not in self._pools:
+            self._pools[pool] = torch.cuda.graph_pool_handle()
             # 不分长度桶时用 torch 默认的捕获流（None）：与以前的行为相同
-            self._capture_streams[key] = torch.cuda.Stream(self.device) if self.group_streams else None
-        with torch.cuda.graph(graph, pool=self._pools[key], stream=self._capture_streams[key]), torch.no_grad():
+            self._capture_streams[pool] = torch.cuda.Stream(self.device) if self.group_streams else None
+        with torch.cuda.graph(graph, pool=self._pools[pool], stream=self._capture_streams[pool]), torch.no_grad():
             out = self.fn(*static)
-        # 页锁定的暂存区：numpy 视图给 batching.fill 写，张量给非阻塞 H2D；零初始化（填充处的 id 必须合法）
-        host_t = {spec.name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)
-                  for spec, t in zip(self.contract.inputs, static)}
+        # 页锁定的暂存区：numpy 视图给 batching.fill / rowpack.fill 写，张量给非阻塞 H2D；零初始化（填充处的 id 必须合法）
+        host_t = {name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)
+                  for name, t in zip(self.input_names, static)}
         host_out = (torch.empty(out[0].shape, dtype=out[0].dtype, pin_memory=True),
                     torch.empty(out[1].shape, dtype=torch.float32, pin_memory=True))
         slot = _Slot(graph, static, out, {n: t.numpy() for n, t in host_t.items()}, host_out)
         slot.host_tensors = host_t
         if self.group_streams:  # 同一长度桶的图共用池与流：一次 execute 里每个长度桶至多一组，它们从不同时跑
-            slot.stream = self._capture_streams[key]
+            slot.stream = self._capture_streams[pool]
             slot.computed, slot.copied = torch.cuda.Event(), torch.cuda.Event()
         self._slot_of_buffer[id(slot.host_in)] = slot
-        self.slots[(b, length)] = slot
+        self.slots[key] = slot
         return slot
 
+    def packed_keys(self) -> List[Tuple[int, int, int]]:
+        """拼行的图：(行数桶, 历史数桶, 宽)，行数 <= 历史数。第一张的行数、历史数、宽互不相同：torch.compile(dynamic=True)
+        第一次编译时相等的维度共用一个符号（duck shaping），之后遇到不相等的要重新编译一次。"""
+        keys = [(r, n, w) for w in self.seq_buckets for n in self.batch_buckets for r in self.batch_buckets if r <= n]
+        keys.sort(key=lambda k: k[0] == k[1])  # 稳定排序：行数 < 历史数的排在前面
+        return keys
+
     def capture_all(self) -> None:
-        """为所有 (batch 桶, 长度桶) 捕获 CUDA Graph 并测一次重放时间（加载时做，首个请求不承担）。"""
+        """为所有桶捕获 CUDA Graph 并测一次重放时间（加载时做，首个请求不承担）。"""
         t0 = time.time()
-        for length in self.seq_buckets:
-            for b in self.batch_buckets:
-                self._capture(b, length)
+        if self.packed:
+            for key in self.packed_keys():
+                self._capture_packed(*key)
+        else:
+            for length in self.seq_buckets:
+                for b in self.batch_buckets:
+                    self._capture(b, length)
         self.capture_seconds = time.time() - t0
         self._time_slots()
         log.info("CUDA Graph：%d 个桶，%.1fs", len(self.slots), self.capture_seconds)
@@ -177,17 +208,20 @@ class TorchRunner:
             slot.seconds = float(np.median(times))
 
     def bucket_seconds(self) -> Dict[str, float]:
-        """各桶一次重放的实测时间（秒），键为 "b{batch}xL{长度}"。"""
-        return {f"b{b}xL{l}": s.seconds for (b, l), s in sorted(self.slots.items()) if s.seconds is not None}
+        """各桶一次重放的实测时间（秒），键为 "b{batch}xL{长度}"（拼行时 "r{行数}n{历史数}xW{宽}"）。"""
+        name = (lambda k: f"r{k[0]}n{k[1]}xW{k[2]}") if self.packed else (lambda k: f"b{k[0]}xL{k[1]}")
+        return {name(k): s.seconds for k, s in sorted(self.slots.items()) if s.seconds is not None}
 
     def cost(self, rows: int, length: int) -> Optional[float]:
         """合并长度组用的代价：该组落到的桶的重放时间；没有对应的桶（或未计时）为 None。"""
-        if not self.use_graphs:
+        if not self.use_graphs or self.packed:
             return None
         slot = self.slots.get((round_up(rows, self.batch_buckets), round_up(length, self.seq_buckets)))
         return slot.seconds if slot is not None else None
 
     def _slot_for(self, rows: int, length: int) -> Optional[_Slot]:
+        if self.packed:
+            raise RuntimeError("拼行的程序只能经 run_packed 运行（EngineModel 按 runner.packed 选择）")
         if not self.use_graphs or rows > self.batch_buckets[-1] or length > self.seq_buckets[-1]:
             return None
         key = (round_up(rows, self.batch_buckets), round_up(length, self.seq_buckets))
@@ -245,9 +279,36 @@ class TorchRunner:
                 outs.append((item[0].cpu().numpy(), item[1].float().cpu().numpy()))
         return outs, {"device_ms": ev_start.elapsed_time(ev_compute), "copy_back_ms": ev_compute.elapsed_time(ev_end)}
 
+    def run_packed(self, batch: RequestBatch) -> Tuple[Outputs, rowpack.RowPlan, Dict[str, float]]:
+        """拼行的程序：一次 execute 的全部历史拼成一组、一次启动。返回 (输出 [N, K, 3] / [N, K]（第 i 行是第 i 条历史），
+        拼行计划, 计时（毫秒，含义同 run_many）)。历史数或宽超出桶时不用图（eager，按实际形状）。"""
+        torch = self.torch
+        p = rowpack.plan(batch, self.seq_buckets, self.contract.max_seq_length)
+        slot = None
+        if self.use_graphs and p.histories <= self.batch_buckets[-1] and p.width in self.seq_buckets:
+            key = (round_up(p.rows, self.batch_buckets), round_up(p.histories, self.batch_buckets), p.width)
+            slot = self.slots.get(key) or self._capture_packed(*key)
+        if slot is None:
+            bufs = rowpack.alloc(self.contract, p.rows, p.width, p.histories)
+            rowpack.fill(batch, p, bufs)
+            t0 = time.perf_counter()
+            rec, scores = self._eager(bufs)
+            return (rec, scores), p, {"device_ms": (time.perf_counter() - t0) * 1e3, "copy_back_ms": 0.0}
+        rowpack.fill(batch, p, slot.host_in)
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        ev[0].record()
+        self._launch(slot)
+        ev[1].record()
+        self._copy_back(slot)
+        ev[2].record()
+        ev[2].synchronize()
+        n = p.histories
+        outs = (slot.host_out[0].numpy()[:n].copy(), slot.host_out[1].numpy()[:n].copy())
+        return outs, p, {"device_ms": ev[0].elapsed_time(ev[1]), "copy_back_ms": ev[1].elapsed_time(ev[2])}
+
     def _launch(self, slot: _Slot) -> None:
         """在当前流上：H2D、重放；在自己的流上时接着回拷，并记下两个事件。"""
-        for name, dev in zip(self.contract.input_names, slot.static_in):
+        for name, dev in zip(self.input_names, slot.static_in):
             dev.copy_(slot.host_tensors[name], non_blocking=True)
         slot.graph.replay()
         if slot.stream is not None:
@@ -264,15 +325,21 @@ class TorchRunner:
         torch = self.torch
         with torch.no_grad():
             return self.fn(*[torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device)
-                             for n in self.contract.input_names])
+                             for n in self.input_names])
 
     def _eager(self, feeds: Mapping[str, np.ndarray]) -> Outputs:
         rec, scores = self._eager_async(feeds)
         return rec.cpu().numpy(), scores.float().cpu().numpy()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> Outputs:
-        """一批 [B, L]（门禁、离线吞吐、测试用）：经同一条暂存 / 重放路径。"""
+        """一批 [B, L]（门禁、离线吞吐、测试用）：经同一条暂存 / 重放路径（拼行的程序经 run_packed）。"""
         b, length = feeds["encoder_mask"].shape
+        if self.packed:
+            batch, errors = collect([feeds], self.contract)
+            if errors:
+                raise errors[0]
+            (rec, scores), _, _ = self.run_packed(batch)
+            return rec, scores
         buf = self.staging(b, length)
         for name in self.contract.input_names:
             buf[name][:b, :length] = feeds[name]
