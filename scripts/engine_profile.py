@@ -139,8 +139,9 @@ def eager_from_pt2(gm, cfg_dict: Dict[str, Any], kv_cache: bool):
     from algorithm.models.ugt import UGTModel
 
     cfg = UGTConfig.from_dict(dict(cfg_dict))
-    params = dict(gm.named_parameters())
-    buffers = dict(gm.named_buffers())
+    # 拼行的程序（engine.pack_rows）导出的是包了一层的 PackedUGT：名字多一个 "model." 前缀
+    params = {_unwrap(n): p for n, p in gm.named_parameters()}
+    buffers = {_unwrap(n): b for n, b in gm.named_buffers()}
     dtype = params["bos"].dtype
     device = params["bos"].device
     model = UGTModel(cfg).to(device=device, dtype=dtype).eval()
@@ -155,6 +156,10 @@ def eager_from_pt2(gm, cfg_dict: Dict[str, Any], kv_cache: bool):
         mod.register_buffer(leaf, b.clone(), persistent=False)
     model.constrained = constrained
     return model
+
+
+def _unwrap(name: str) -> str:
+    return name[len("model."):] if name.startswith("model.") else name
 
 
 class Clock:
@@ -534,6 +539,26 @@ def _to_device(feeds, device):
     return tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in INPUT_NAMES)
 
 
+NOT_PACKED = "拼行的程序（engine.pack_rows）：这一节按 [B, L] 的 6 个输入直接调用编译函数，不适用"
+
+
+def _pt2_args(feeds, contract, packed: bool, device):
+    """.pt2 的参数：拼行的程序先把 [B, L] 的一批拼成行（宽 = 最长者，不按桶）。"""
+    if not packed:
+        return _to_device(feeds, device)
+    import torch
+
+    from algorithm.serving.runtime import batching, rowpack
+
+    batch, errors = batching.collect([feeds], contract)
+    if errors:
+        raise errors[0]
+    p = rowpack.plan(batch, (), contract.max_seq_length)
+    bufs = rowpack.alloc(contract, p.rows, p.width, p.histories)
+    rowpack.fill(batch, p, bufs)
+    return tuple(torch.from_numpy(bufs[n]).to(device) for n in rowpack.input_names(contract))
+
+
 def _top_ops(prof, n: int = 25, device: bool = True) -> List[Dict[str, Any]]:
     rows = []
     for e in prof.key_averages():
@@ -590,10 +615,14 @@ def run_profile(args) -> Dict[str, Any]:
 
     def load():
         t = time.time()
-        gm = torch.export.load(meta["engine_file"]).module().to(device)
+        program = torch.export.load(meta["engine_file"])
+        # 拼行的程序（engine.pack_rows）比契约多一个输入（运行器也这样认）
+        packed = len(program.graph_signature.user_inputs) == len(INPUT_NAMES) + 1
+        gm = program.module().to(device)
         model = eager_from_pt2(gm, meta["model"], meta["decoder_kv_cache"])
-        state.update(gm=gm, model=model, dtype=next(model.parameters()).dtype)
-        return {"load_s": time.time() - t, "dtype": str(state["dtype"]), "constrained": model.constrained}
+        state.update(gm=gm, model=model, dtype=next(model.parameters()).dtype, packed=packed)
+        return {"load_s": time.time() - t, "dtype": str(state["dtype"]), "constrained": model.constrained,
+                "packed_rows": packed}
     if rep.section("load", load) is None:
         rep.write()
         return rep.data
@@ -608,7 +637,7 @@ def run_profile(args) -> Dict[str, Any]:
             x = _to_device(feeds, device)
             want = model(*x)
             got = staged_forward(model, x, StageTimer(None))
-            ref_pt2 = gm(*_to_device(real, device))
+            ref_pt2 = gm(*_pt2_args(real, cfg.contract(), state["packed"], device))
             eager = model(*_to_device(real, device))
         rec_equal = bool(torch.equal(want[0], got[0]))
         diff = float((want[1] - got[1]).abs().max())
@@ -889,7 +918,9 @@ def run_profile(args) -> Dict[str, Any]:
         # 空隙（内核个数 × 每个的最短时间），决定该去减内核数还是加大 batch
         runs = kernel_runs(state["runner"], sorted({min(batches), max(batches)}))
         return {"runs": runs, "note": KERNEL_NOTE}
-    if "runner" in state:
+    if "runner" in state and state["packed"]:
+        rep.data["skipped"]["kernels_compiled"] = NOT_PACKED
+    elif "runner" in state:
         rep.section("kernels_compiled", kernels_compiled, need_s=5)
 
     def concurrency():
@@ -938,7 +969,9 @@ def run_profile(args) -> Dict[str, Any]:
             del graphs, keep
         out["note"] = (f"同一编译函数、b x L{L}，每条流一张各自的图；k 条流各重放 {rounds} 轮。k=1 是现在一个实例的串行重放")
         return out
-    if "runner" in state and on_gpu:
+    if "runner" in state and state["packed"]:
+        rep.data["skipped"]["concurrency"] = NOT_PACKED
+    elif "runner" in state and on_gpu:
         rep.section("concurrency", concurrency, need_s=10)
     elif "runner" in state:
         rep.data["skipped"]["concurrency"] = "要 CUDA：几张图在不同流上同时重放"
