@@ -154,6 +154,9 @@ class EngineConfig:
     # true：torch 引擎导出“拼行”的程序（UGTModel.forward_packed）：一次 execute 的全部历史按长度首尾相接拼进宽为
     # 最长者所在长度桶的行（行内块对角掩码），一次启动、一张 (行数桶, 历史数桶, 宽) 的 CUDA Graph；不再按长度分组、
     # 不填充到各自的桶。只对 engine=torch 有效（改它要重新导出：在 bench.app.ARTIFACT_KEYS 里）。
+    # Hydra 的 engine=torch / engine=auto 默认开（H100 上同一 multirun：c=64 1957 -> 3198 req/s，
+    # benchmarks/h100-2026-11-28/machine2）；auto 选了 onnxruntime 时关掉（engines.resolve_auto）。这里的 false 是
+    # Python API 的默认（引擎默认 onnxruntime）
     pack_rows: bool = False
     # torch 引擎的 int8（torchao，服务时在加载的模块上量化，见 runtime/engines/torch_int8.py）：
     # dynamic = 按行动态 int8 激活 + 按通道 int8 权重；weight_only = 只量化权重。打分头与嵌入不量化。

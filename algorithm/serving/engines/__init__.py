@@ -35,10 +35,9 @@ def resolve_auto(config: ServingConfig) -> ServingConfig:
     if config.engine.kind != "auto":
         return config
     kind = resolve_kind("auto")
-    if config.engine.pack_rows and kind != "torch":
-        raise ConfigError(f"engine.pack_rows=true 只对 torch 引擎有效，engine.kind=auto 在这台机器上选了 {kind}"
-                          "（看不到 GPU）；要在 CPU 上试拼行请写 engine=torch engine.device=cpu")
-    return dataclasses.replace(config, engine=dataclasses.replace(config.engine, kind=kind))
+    # 拼行是 torch 引擎的选项（conf/engine/auto.yaml 与 torch.yaml 默认开）：auto 选了别的引擎时它不适用，关掉
+    pack_rows = config.engine.pack_rows and kind == "torch"
+    return dataclasses.replace(config, engine=dataclasses.replace(config.engine, kind=kind, pack_rows=pack_rows))
 
 
 def engine_module(kind: str):

@@ -112,7 +112,6 @@ def test_exported_packed_program_serves_like_grouped_runner(tiny, rng):
 def test_pack_rows_needs_the_torch_engine():
     with pytest.raises(ConfigError, match="pack_rows"):
         EngineConfig(kind="onnxruntime", pack_rows=True)
-    cfg = tiny_config("/tmp/unused", engine=EngineConfig(kind="auto", pack_rows=True))
-    if not torch.cuda.is_available():  # auto 在没有 GPU 的机器上选 onnxruntime：说清楚，而不是静默忽略
-        with pytest.raises(ConfigError, match="engine=torch engine.device=cpu"):
-            resolve_auto(cfg)
+    # auto（conf/engine/auto.yaml 默认开拼行）：选了 torch 时保留，选了 onnxruntime（没有 GPU）时关掉
+    got = resolve_auto(tiny_config("/tmp/unused", engine=EngineConfig(kind="auto", pack_rows=True))).engine
+    assert got.pack_rows == (got.kind == "torch")
