@@ -115,3 +115,35 @@ def test_pack_rows_needs_the_torch_engine():
     # auto（conf/engine/auto.yaml 默认开拼行）：选了 torch 时保留，选了 onnxruntime（没有 GPU）时关掉
     got = resolve_auto(tiny_config("/tmp/unused", engine=EngineConfig(kind="auto", pack_rows=True))).engine
     assert got.pack_rows == (got.kind == "torch")
+
+
+class _FailingRunner:
+    """run_packed / run_many 都抛异常的运行器：引擎失败时这批请求都得到错误，服务继续。"""
+
+    def __init__(self, packed):
+        self.packed = packed
+
+    def run_packed(self, batch):
+        raise RuntimeError("CUDA error: out of memory")
+
+    def staging(self, rows, length):
+        return {s.name: np.zeros((rows, length), s.dtype) for s in tiny_config("/tmp/unused").contract().inputs}
+
+    def cost(self, rows, length):
+        return None
+
+    run_many = run_packed
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_engine_failure_fails_the_batch_but_not_bad_requests(tiny, rng, packed):
+    cfg, _, _ = tiny
+    contract = cfg.contract()
+    spec = dataclasses.replace(runtime_spec(cfg), pack_inputs=False)
+    eng = EngineModel("", cfg, spec, runner=_FailingRunner(packed))
+    bad = contract.random_inputs(1, 5, rng)
+    bad["encoder_l1_ids"][0, 0] = -1
+    got = eng.execute([contract.random_inputs(1, 9, rng), bad, contract.random_inputs(2, 30, rng)])
+    assert isinstance(got[1], ContractError)
+    assert all(isinstance(got[i], RuntimeError) and "引擎执行失败" in str(got[i]) and "out of memory" in str(got[i])
+               for i in (0, 2))
