@@ -8,10 +8,10 @@
 组与组之间不同步，最后只等一次。group_streams 时每个长度桶有自己的 CUDA 流与图内存池，几组在 GPU 上同时跑
 （小 batch 的图只占一部分 SM：H100 上 b8xL128 一次重放 2.2 ms 里是 332 个平均 5 µs 的内核）；否则都在当前流上背靠背。
 CUDA 事件给出 GPU 时间与回拷时间（见 run_many）。
+输入在到达这里之前已由 runtime/batching.collect 按契约校验（越界 id 会触发 device-side assert 并毁掉 CUDA 上下文）。
 
 拼行的程序（engine.pack_rows，UGTModel.forward_packed；加载时按输入个数认出）：一次 execute 的全部历史拼成一组
 （runtime/rowpack.py），按 (行数桶, 历史数桶, 宽) 捕获图、一次重放（run_packed），不分组、不合并。
-输入在到达这里之前已由 runtime/batching.collect 按契约校验（越界 id 会触发 device-side assert 并毁掉 CUDA 上下文）。
 """
 from __future__ import annotations
 
