@@ -67,7 +67,7 @@ class Attention(nn.Module):
         kv = self.kv(x).unsqueeze(1)
         if cache is not None:
             kv = torch.cat([cache, kv], dim=1)
-        k, v = kv.view(n, -1, 2, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0)  # 各 [N, h, t, dh]
+        k, v = self.split_kv(kv)  # 各 [N, h, t, dh]
         q = self.q(x).view(n, self.h, 1, self.dh)
         if self.explicit:
             out = _explicit_attention(q, k, v, None)  # [N, h, 1, dh]
@@ -257,14 +257,17 @@ class UGTModel(nn.Module):
         b = memory_bias.shape[0]
         dtype = memory_bias.dtype
         d = self.cfg.d_model
-        bos = self.bos.to(dtype).view(1, 1, d).expand(b, 1 if c1 is None else c1.shape[1], d)
+
+        def bos():
+            return self.bos.to(dtype).view(1, 1, d).expand(b, 1 if c1 is None else c1.shape[1], d)
+
         if not self.decoder_kv_cache:
-            tokens = [bos] + ([self.dec_l1(c1)] if step >= 2 else []) + ([self.dec_l2(c2)] if step >= 3 else [])
+            tokens = [bos()] + ([self.dec_l1(c1)] if step >= 2 else []) + ([self.dec_l2(c2)] if step >= 3 else [])
             x = torch.stack(tokens, dim=2) + self.dec_pos.weight[:step].to(dtype)
             for layer, kv in zip(self.decoder, memory_kv):
                 x = layer(x, kv, memory_bias)
             return x[:, :, -1, :], None
-        newest = bos if step == 1 else (self.dec_l1(c1) if step == 2 else self.dec_l2(c2))  # 只嵌入新的位置
+        newest = bos() if step == 1 else (self.dec_l1(c1) if step == 2 else self.dec_l2(c2))  # 只嵌入新的位置
         x = newest + self.dec_pos.weight[step - 1].to(dtype)
         new = []
         for i, (layer, kv) in enumerate(zip(self.decoder, memory_kv)):
