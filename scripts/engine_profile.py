@@ -485,8 +485,8 @@ def render_markdown(data: Dict[str, Any]) -> str:
                                        ("cost_ratio", "代价比（二次模型）", ".3f"),
                                        ("flops_ratio", "FLOPs 比（模型）", ".3f"), ("request_share", "各桶请求", "")]))
         if pad.get("per_execute"):
-            md.append("一次 execute 有 batch 个请求时（按仓库的长度桶分组、行数补到 batch 桶；拼行宽 W = 把短历史拼进宽 W 的行，"
-                      "还没有实现的估算，0 = 现在的做法）：编码器算的 token ÷ 需要的 token，与长度组数\n")
+            md.append("一次 execute 有 batch 个请求时（按仓库的长度桶分组、行数补到 batch 桶；拼行宽 W = 不超过 W 的历史拼进宽 W 的行、"
+                      "更长的照旧分组，0 = 按长度分组；engine.pack_rows 的做法是 W = 最长者的长度桶、全部拼行）的估算：编码器算的 token ÷ 需要的 token，与长度组数\n")
             md.append(_table(pad["per_execute"], [("batch", "batch", ""), ("pack_width", "拼行宽 W", ""),
                                                   ("token_ratio", "token 比", ".2f"), ("launches", "组数", ".2f")]))
     for key in ["throughput", "throughput_planned", "throughput_planned_8"] + sorted(k for k in s if k.startswith("throughput_int8")):
@@ -548,14 +548,9 @@ def _pt2_args(feeds, contract, packed: bool, device):
         return _to_device(feeds, device)
     import torch
 
-    from algorithm.serving.runtime import batching, rowpack
+    from algorithm.serving.runtime import rowpack
 
-    batch, errors = batching.collect([feeds], contract)
-    if errors:
-        raise errors[0]
-    p = rowpack.plan(batch, (), contract.max_seq_length)
-    bufs = rowpack.alloc(contract, p.rows, p.width, p.histories)
-    rowpack.fill(batch, p, bufs)
+    bufs = rowpack.pack_requests(contract, [feeds], ())
     return tuple(torch.from_numpy(bufs[n]).to(device) for n in rowpack.input_names(contract))
 
 

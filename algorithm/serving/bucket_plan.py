@@ -161,9 +161,10 @@ def execute_padding(lengths, batch: int, seq_buckets: Sequence[int], batch_bucke
     padding_report 只看每个请求补到自己的桶；服务时一次 execute 的请求还要按长度分组、每组行数补到 batch 桶，
     填充更多（H100 上 execute 里填充占 token 的 0.55–0.65，benchmarks/h100-2026-11-28）。
     pack_width=0：现在运行器的做法（按长度桶分组，不含它按实测代价合并相邻组）；
-    pack_width=W：把不超过 W 的历史按首次适应递减拼进宽 W 的行（行内用块对角掩码，行数补到 batch 桶），
-    更长的照旧按长度桶分组——还没有实现的“编码器去填充”的估算（issue #12），不是测量。"""
+    pack_width=W：把不超过 W 的历史按首次适应递减（runtime/rowpack.first_fit_decreasing）拼进宽 W 的行（行数补到
+    batch 桶），更长的照旧按长度桶分组。engine.pack_rows 实现的是其中一种：W = 最长者的长度桶、全部拼行。都是估算，不是测量。"""
     from algorithm.serving.runtime.buckets import round_up
+    from algorithm.serving.runtime.rowpack import first_fit_decreasing
 
     seq_buckets = sorted(int(b) for b in seq_buckets)
     x = _check_lengths(lengths, seq_buckets[-1])
@@ -181,15 +182,9 @@ def execute_padding(lengths, batch: int, seq_buckets: Sequence[int], batch_bucke
         if not pack_width:
             t, g = grouped(ls)
         else:
-            free: List[int] = []  # 每行剩下的宽度
-            for n in sorted(ls[ls <= pack_width].tolist(), reverse=True):
-                i = next((j for j, r in enumerate(free) if r >= n), None)
-                if i is None:
-                    free.append(pack_width - n)
-                else:
-                    free[i] -= n
-            t = round_up(len(free), batch_buckets) * pack_width if free else 0
-            g = 1 if free else 0
+            _, _, rows = first_fit_decreasing(ls[ls <= pack_width], pack_width)
+            t = round_up(rows, batch_buckets) * pack_width if rows else 0
+            g = 1 if rows else 0
             long = ls[ls > pack_width]
             if long.size:
                 t2, g2 = grouped(long)

@@ -71,10 +71,10 @@ def row_lengths(batch: RequestBatch) -> Tuple[np.ndarray, np.ndarray]:
     return last.astype(np.int64), starts.astype(np.int64)
 
 
-def plan(batch: RequestBatch, seq_buckets: Sequence[int], limit: int) -> RowPlan:
-    """first-fit decreasing：从长到短，每条放进第一个剩余空间够的行，否则开新行。历史数 <= 64，循环的代价可以忽略。"""
-    lengths, src = row_lengths(batch)
-    width = round_up(int(lengths.max()), seq_buckets, limit)
+def first_fit_decreasing(lengths: np.ndarray, width: int) -> Tuple[np.ndarray, np.ndarray, int]:
+    """长度各为 lengths（都 <= width）的段拼进宽 width 的行：从长到短，每段放进第一个剩余空间够的行，否则开新行。
+    返回 (每段的行号, 行内起点, 用到的行数)。段数 <= 64，循环的代价可以忽略。bucket_plan.execute_padding 的估算也用它。"""
+    lengths = np.asarray(lengths, dtype=np.int64)
     n = len(lengths)
     free = np.zeros(n, dtype=np.int64)
     row = np.empty(n, dtype=np.int64)
@@ -88,6 +88,14 @@ def plan(batch: RequestBatch, seq_buckets: Sequence[int], limit: int) -> RowPlan
             used += 1
         row[i], offset[i] = j, width - free[j]
         free[j] -= lengths[i]
+    return row, offset, used
+
+
+def plan(batch: RequestBatch, seq_buckets: Sequence[int], limit: int) -> RowPlan:
+    """宽 = 最长历史所在的长度桶，全部历史 first-fit decreasing 拼进这个宽度的行。"""
+    lengths, src = row_lengths(batch)
+    width = round_up(int(lengths.max()), seq_buckets, limit)
+    row, offset, used = first_fit_decreasing(lengths, width)
     return RowPlan(width, used, row, offset, lengths, src)
 
 
@@ -119,20 +127,27 @@ def split(batch: RequestBatch, p: RowPlan) -> List[Tuple[int, int, int]]:
     return split_rows(batch, Group(np.arange(len(batch.index)), batch.total_rows, p.width))
 
 
-def example_inputs(contract: EngineContract, lengths: Sequence[int], width: int, rng: np.random.Generator,
-                   rows: int = 0, histories: int = 0) -> Dict[str, np.ndarray]:
-    """随机历史（各长 lengths）拼成的一组合法输入，行数 / 历史数可以多于需要（导出与 CUDA Graph 捕获用）。"""
+def pack_requests(contract: EngineContract, requests: Sequence[Dict[str, np.ndarray]], seq_buckets: Sequence[int],
+                  rows: int = 0, histories: int = 0) -> Dict[str, np.ndarray]:
+    """不经运行器把几个请求（各 {输入名: [b, L]}）拼成拼行程序的一组输入；行数 / 历史数可以多于需要。
+    导出、CUDA Graph 捕获与剖析用（服务时由运行器把它们写进页锁定的暂存区）。"""
     from algorithm.serving.runtime.batching import collect
 
-    feeds = [contract.random_inputs(1, int(n), rng) for n in lengths]
-    batch, errors = collect(feeds, contract)
+    batch, errors = collect(requests, contract)
     if errors or batch is None:
-        raise ValueError(f"示例输入不合法：{errors}")
-    p = plan(batch, (width,), width)
-    bufs = alloc(contract, max(rows, p.rows), width, max(histories, p.histories))
+        raise ValueError(f"输入不合法：{errors}")
+    p = plan(batch, seq_buckets, contract.max_seq_length)
+    bufs = alloc(contract, max(rows, p.rows), p.width, max(histories, p.histories))
     fill(batch, p, bufs)
     return bufs
 
 
-__all__ = ["REQUEST_INDEX", "SEGMENTS", "RowPlan", "alloc", "buffer_specs", "example_inputs", "fill", "input_names",
-           "plan", "row_lengths", "split"]
+def example_inputs(contract: EngineContract, lengths: Sequence[int], width: int, rng: np.random.Generator,
+                   rows: int = 0, histories: int = 0) -> Dict[str, np.ndarray]:
+    """随机历史（各长 lengths，都 <= width）拼成宽 width 的一组合法输入（导出与 CUDA Graph 捕获用）。"""
+    feeds = [contract.random_inputs(1, int(n), rng) for n in lengths]
+    return pack_requests(contract, feeds, (width,), rows, histories)
+
+
+__all__ = ["REQUEST_INDEX", "SEGMENTS", "RowPlan", "alloc", "buffer_specs", "example_inputs", "fill",
+           "first_fit_decreasing", "input_names", "pack_requests", "plan", "row_lengths", "split"]
