@@ -136,14 +136,9 @@ class EngineModel:
         if batch is None:
             return results
         if getattr(self.runner, "packed", False):  # 拼行的 torch 程序（engine.pack_rows）：全部历史一组、一次启动
-            out = self._guarded(batch, results, lambda: self.runner.run_packed(batch))
-            if out is None:
-                return results
-            (rec, scores), p, timing = out
-            parts = [(rec, scores, rowpack.split(batch, p))]
-            n_groups, padded = 1, p.rows * p.width
-            # 拼行与写暂存区在 run_packed 里：算进主机时间（run_packed 的用时减去 GPU 的两段）
-            t_launch = time.perf_counter() - (timing.get("device_ms", 0.0) + timing.get("copy_back_ms", 0.0)) / 1e3
+            p, buf = self.runner.stage_packed(batch)
+            staged, padded = [buf], p.rows * p.width
+            splits = [rowpack.split(batch, p)]
         else:
             cost = self.runner.cost if self.spec.plan_groups else None
             groups = batching.plan_groups(batch, self.seq_buckets, self.contract.max_seq_length, cost)
@@ -158,36 +153,27 @@ class EngineModel:
                 staged.append(buf)
                 shape = next(iter(buf.values())).shape
                 padded += shape[0] * shape[1]
-            t_launch = time.perf_counter()
-            out = self._guarded(batch, results, lambda: self.runner.run_many(staged))
-            if out is None:
-                return results
-            outs, timing = out
-            parts = [(rec, sc, batching.split_rows(batch, g)) for g, (rec, sc) in zip(groups, outs)]
-            n_groups = len(groups)
-        t_run = time.perf_counter()
-        for rec, scores, splits in parts:
-            for i, start, n in splits:
-                results[i] = {"recommendations": rec[start:start + n], "scores": scores[start:start + n]}
-        t_end = time.perf_counter()
-        self.stats.add({"executes": 1, "requests": len(batch.index), "rows": batch.total_rows,
-                        "groups": n_groups, "padded_tokens": padded,
-                        "valid_tokens": float(batch.flat["encoder_mask"].sum()),
-                        "host_ms": max(t_launch - t0, 0.0) * 1e3, "device_ms": timing.get("device_ms", 0.0),
-                        "copy_back_ms": timing.get("copy_back_ms", 0.0), "respond_ms": (t_end - t_run) * 1e3,
-                        "execute_ms": (t_end - t0) * 1e3})
-        return results
-
-    @staticmethod
-    def _guarded(batch: batching.RequestBatch, results: List[Result], run):
-        """运行引擎；失败时这批请求都得到错误（服务继续），返回 None。"""
+            splits = [batching.split_rows(batch, g) for g in groups]
+        t_launch = time.perf_counter()
         try:
-            return run()
-        except Exception as e:
+            outs, timing = self.runner.run_many(staged)
+        except Exception as e:  # 引擎失败：这些请求都得到错误，服务继续
             err = RuntimeError(f"引擎执行失败：{type(e).__name__}: {e}")
             for i in batch.index:
                 results[int(i)] = err
-            return None
+            return results
+        t_run = time.perf_counter()
+        for (rec, scores), rows in zip(outs, splits):
+            for i, start, n in rows:
+                results[i] = {"recommendations": rec[start:start + n], "scores": scores[start:start + n]}
+        t_end = time.perf_counter()
+        self.stats.add({"executes": 1, "requests": len(batch.index), "rows": batch.total_rows,
+                        "groups": len(staged), "padded_tokens": padded,
+                        "valid_tokens": float(batch.flat["encoder_mask"].sum()),
+                        "host_ms": (t_launch - t0) * 1e3, "device_ms": timing.get("device_ms", 0.0),
+                        "copy_back_ms": timing.get("copy_back_ms", 0.0), "respond_ms": (t_end - t_run) * 1e3,
+                        "execute_ms": (t_end - t0) * 1e3})
+        return results
 
 
 def serving_error_code(exc: Exception) -> str:

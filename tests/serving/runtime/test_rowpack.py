@@ -118,21 +118,24 @@ def test_pack_rows_needs_the_torch_engine():
 
 
 class _FailingRunner:
-    """run_packed / run_many 都抛异常的运行器：引擎失败时这批请求都得到错误，服务继续。"""
+    """run_many 抛异常的运行器（拼行与分组两条路都经过它）：引擎失败时这批请求都得到错误，服务继续。"""
 
     def __init__(self, packed):
         self.packed = packed
+        self.contract = tiny_config("/tmp/unused").contract()
 
-    def run_packed(self, batch):
-        raise RuntimeError("CUDA error: out of memory")
+    def stage_packed(self, batch):
+        p = rowpack.plan(batch, (), self.contract.max_seq_length)
+        return p, rowpack.alloc(self.contract, p.rows, p.width, p.histories)
 
     def staging(self, rows, length):
-        return {s.name: np.zeros((rows, length), s.dtype) for s in tiny_config("/tmp/unused").contract().inputs}
+        return {s.name: np.zeros((rows, length), s.dtype) for s in self.contract.inputs}
 
     def cost(self, rows, length):
         return None
 
-    run_many = run_packed
+    def run_many(self, staged):
+        raise RuntimeError("CUDA error: out of memory")
 
 
 @pytest.mark.parametrize("packed", [True, False])

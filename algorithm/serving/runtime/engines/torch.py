@@ -11,7 +11,7 @@ CUDA 事件给出 GPU 时间与回拷时间（见 run_many）。
 输入在到达这里之前已由 runtime/batching.collect 按契约校验（越界 id 会触发 device-side assert 并毁掉 CUDA 上下文）。
 
 拼行的程序（engine.pack_rows，UGTModel.forward_packed；加载时按输入个数认出）：一次 execute 的全部历史拼成一组
-（runtime/rowpack.py），按 (行数桶, 历史数桶, 宽) 捕获图、一次重放（run_packed），不分组、不合并。
+（runtime/rowpack.py，stage_packed 写暂存区），按 (行数桶, 历史数桶, 宽) 捕获图，经同一个 run_many 一次重放。
 """
 from __future__ import annotations
 
@@ -221,7 +221,7 @@ class TorchRunner:
 
     def _slot_for(self, rows: int, length: int) -> Optional[_Slot]:
         if self.packed:
-            raise RuntimeError("拼行的程序只能经 run_packed 运行（EngineModel 按 runner.packed 选择）")
+            raise RuntimeError("拼行的程序的暂存区由 stage_packed 给出（EngineModel 按 runner.packed 选择）")
         if not self.use_graphs or rows > self.batch_buckets[-1] or length > self.seq_buckets[-1]:
             return None
         key = (round_up(rows, self.batch_buckets), round_up(length, self.seq_buckets))
@@ -279,32 +279,17 @@ class TorchRunner:
                 outs.append((item[0].cpu().numpy(), item[1].float().cpu().numpy()))
         return outs, {"device_ms": ev_start.elapsed_time(ev_compute), "copy_back_ms": ev_compute.elapsed_time(ev_end)}
 
-    def run_packed(self, batch: RequestBatch) -> Tuple[Outputs, rowpack.RowPlan, Dict[str, float]]:
-        """拼行的程序：一次 execute 的全部历史拼成一组、一次启动。返回 (输出 [N, K, 3] / [N, K]（第 i 行是第 i 条历史），
-        拼行计划, 计时（毫秒，含义同 run_many）)。历史数或宽超出桶时不用图（eager，按实际形状）。"""
-        torch = self.torch
+    def stage_packed(self, batch: RequestBatch) -> Tuple[rowpack.RowPlan, Dict[str, np.ndarray]]:
+        """拼行的程序：一次 execute 的全部历史拼成一组，写进 (行数桶, 历史数桶, 宽) 那张图的页锁定暂存区；
+        历史数超出 batch 桶或没有图时写进按实际形状新建的数组（run_many 对它 eager 运行）。返回 (拼行计划, 暂存区)。"""
         p = rowpack.plan(batch, self.seq_buckets, self.contract.max_seq_length)
         slot = None
         if self.use_graphs and p.histories <= self.batch_buckets[-1] and p.width in self.seq_buckets:
             key = (round_up(p.rows, self.batch_buckets), round_up(p.histories, self.batch_buckets), p.width)
             slot = self.slots.get(key) or self._capture_packed(*key)
-        if slot is None:
-            bufs = rowpack.alloc(self.contract, p.rows, p.width, p.histories)
-            rowpack.fill(batch, p, bufs)
-            t0 = time.perf_counter()
-            rec, scores = self._eager(bufs)
-            return (rec, scores), p, {"device_ms": (time.perf_counter() - t0) * 1e3, "copy_back_ms": 0.0}
-        rowpack.fill(batch, p, slot.host_in)
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-        ev[0].record()
-        self._launch(slot)
-        ev[1].record()
-        self._copy_back(slot)
-        ev[2].record()
-        ev[2].synchronize()
-        n = p.histories
-        outs = (slot.host_out[0].numpy()[:n].copy(), slot.host_out[1].numpy()[:n].copy())
-        return outs, p, {"device_ms": ev[0].elapsed_time(ev[1]), "copy_back_ms": ev[1].elapsed_time(ev[2])}
+        bufs = slot.host_in if slot is not None else rowpack.alloc(self.contract, p.rows, p.width, p.histories)
+        rowpack.fill(batch, p, bufs)
+        return p, bufs
 
     def _launch(self, slot: _Slot) -> None:
         """在当前流上：H2D、重放；在自己的流上时接着回拷，并记下两个事件。"""
@@ -332,14 +317,16 @@ class TorchRunner:
         return rec.cpu().numpy(), scores.float().cpu().numpy()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> Outputs:
-        """一批 [B, L]（门禁、离线吞吐、测试用）：经同一条暂存 / 重放路径（拼行的程序经 run_packed）。"""
+        """一批 [B, L]（门禁、离线吞吐、测试用）：经同一条暂存 / 重放路径（拼行的程序先经 stage_packed）。"""
         b, length = feeds["encoder_mask"].shape
         if self.packed:
             batch, errors = collect([feeds], self.contract)
             if errors:
                 raise errors[0]
-            (rec, scores), _, _ = self.run_packed(batch)
-            return rec, scores
+            _, buf = self.stage_packed(batch)
+            outs, _ = self.run_many([buf])
+            rec, scores = outs[0]
+            return rec[:b], scores[:b]
         buf = self.staging(b, length)
         for name in self.contract.input_names:
             buf[name][:b, :length] = feeds[name]

@@ -112,6 +112,7 @@ def test_packed_rows_graphs_match_reference_on_gpu(exported, tmp_path):
     import dataclasses
 
     from algorithm.serving.runtime import batching, rowpack
+    from algorithm.serving.runtime.buckets import round_up
 
     cfg, model, _ = exported
     contract = cfg.model.contract()
@@ -126,7 +127,10 @@ def test_packed_rows_graphs_match_reference_on_gpu(exported, tmp_path):
         reqs = [contract.random_inputs(b, n, rng) for b, n in shapes]
         batch, errors = batching.collect(reqs, contract)
         assert not errors
-        (rec, scores), p, timing = runner.run_packed(batch)
+        p, buf = runner.stage_packed(batch)
+        assert buf is runner.slots[(round_up(p.rows, [2, 8, 16]), round_up(p.histories, [2, 8, 16]), 256)].host_in
+        outs, timing = runner.run_many([buf])
+        rec, scores = outs[0]
         assert timing["device_ms"] > 0 and p.width == 256
         for j, start, n in rowpack.split(batch, p):
             ref = torch_reference(model, reqs[j], contract)
