@@ -37,5 +37,9 @@ class ServerError(UGTServingError, RuntimeError):
     """Triton 服务器启动失败或未就绪。"""
 
 
+class StalledError(UGTServingError, RuntimeError):
+    """压测的一步在限时内没有完成（发压进程崩溃或卡住、服务器不回答）：消息写明哪一步、限时与服务器当时的状态。"""
+
+
 class InternalError(UGTServingError, RuntimeError):
     """本工具自身的 bug：请附带消息报告。"""

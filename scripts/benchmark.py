@@ -38,6 +38,11 @@ def main(cfg: DictConfig) -> None:
         path = update_sweep_summary(hc.sweep.dir, out_dir, report, list(hc.overrides.task))
         print(f"汇总表：{path}")
     print(json.dumps((report.get("headline") or {}).get("sla_rate", {}).get("median"), ensure_ascii=False))
+    if report.get("incomplete"):
+        # 已测的写进了报告；单次运行以非零退出，multirun 接着测下一个变体（汇总表的 note 列写明）
+        print(f"压测中断：{report['incomplete']}", file=sys.stderr)
+        if hc.mode.name != "MULTIRUN":
+            sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 # 停的时候不要在 device 命令里写 pkill -f tritonserver 之类：-f 匹配整条命令行，device 工具执行的 bash -c 本身就含这个词，
 # 会把自己杀掉（2026-11-27 第 5 台上这样丢了一次调用的输出）；stop 按进程组与精确的进程名杀。
 # 拷一份源码再运行：之后的调用会重新同步工作树，bash 边读边执行的脚本不能在运行中被替换。
+# STAGE_TIMEOUT（秒，默认不限）：每个阶段的限时，超时的阶段记 rc=124，接着下一个。
 # 某个阶段失败时记下来，继续下一个（各阶段互相独立的结果照样有用；依赖它的阶段自己会失败并说明原因）。
 # 结果：/tmp/campaign/out（各阶段的日志、status.txt）与 /tmp/gpubuild 下的报告，wait 把它们打成 $OUT/campaign.tar.gz。
 set -uo pipefail
@@ -27,7 +28,7 @@ case "$CMD" in
       for s in $(cat '"$C"'/stages.txt); do
         echo "$(date +%T) 开始 $s" >> '"$C"'/out/status.txt
         t=$SECONDS
-        OUT='"$C"'/out bash scripts/gpu_bench.sh "$s" > '"$C"'/out/stage_$s.log 2>&1
+        OUT='"$C"'/out timeout -k 30 ${STAGE_TIMEOUT:-0} bash scripts/gpu_bench.sh "$s" > '"$C"'/out/stage_$s.log 2>&1
         rc=$?
         echo "$(date +%T) 结束 $s rc=$rc 用时 $((SECONDS - t)) s" >> '"$C"'/out/status.txt
       done
@@ -55,8 +56,13 @@ case "$CMD" in
     ;;
   *) echo "未知命令 $CMD" >&2; exit 2 ;;
 esac
-# 打包：日志、报告（JSON / CSV / PNG / 追踪的分解）、剖析、构建信息；大文件（原始追踪、tritonserver 日志）不带
+# 打包：日志、报告（JSON / CSV / PNG / 追踪的分解）、剖析、构建信息；大文件（原始追踪、tritonserver 日志）不带，
+# tritonserver 日志只带最后 300 行（卡住或出错时看服务器那边发生了什么：2026-11-28 第 3 台上一次卡住因为没带日志而查不到原因）
 if [ -n "${OUT:-}" ] && [ -d $C/out ]; then
+  mkdir -p $C/out/server_tails
+  find $G -name tritonserver.log 2>/dev/null | while read -r f; do
+    tail -n 300 "$f" > "$C/out/server_tails/$(echo "${f#$G/}" | tr '/' '_')"
+  done
   (cd / && tar -czf "$OUT/campaign.tar.gz" --exclude='*.pt2' --exclude='*.onnx' --exclude='trace.json*' \
       --exclude='tritonserver.log' --exclude='model_repository' --exclude='checkpoints' --exclude='variants' \
       --exclude='compile_cache' --exclude='cache' \

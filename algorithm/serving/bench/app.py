@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from algorithm.serving.bench.report import summary_table, write_report
-from algorithm.serving.bench.suite import Benchmark, headline, run_once
+from algorithm.errors import StalledError
+from algorithm.serving.bench.suite import Benchmark, headline, run_once, strip_private
 from algorithm.serving.bench.tail import fmt_spread
 from algorithm.serving.build import paths
 from algorithm.serving.config import ServingConfig
@@ -157,14 +158,14 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
             bar.set_postfix_str(label)
             bar.update()
 
+        report["runs"] = []
         try:
             bench.warmup()
-            report["runs"] = []
-            for i in range(b.repeats):
-                if b.repeats > 1:
-                    tqdm.write(f"== 第 {i + 1}/{b.repeats} 次")
-                report["runs"].append(run_once(bench, b, slo_ms, floor, tracer if b.trace_rate else None, step))
+            measure_runs(bench, b, report, lambda: run_once(bench, b, slo_ms, floor, tracer if b.trace_rate else None,
+                                                            step))
             report["headline"] = headline(report["runs"])
+            if report.get("incomplete"):
+                return report  # 服务器或发压端卡住过：后面的几步（浸泡、离线）不再做，已测的照样写报告
             if b.perf_analyzer:
                 from algorithm.serving.bench.perf_analyzer import run_perf_analyzer
 
@@ -197,7 +198,7 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
                                                                      samples=b.offline_samples)
         finally:
             bar.close()
-        _add_overhead(report)
+            _add_overhead(report)
         return report
 
     if b.url:
@@ -219,6 +220,30 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
     print(summary_table(report))
     print(f"报告：{report['files']['json']}\n      {report['files']['csv']}\n      {report['files']['png']}")
     return report
+
+
+def measure_runs(bench: Benchmark, b, report: Dict[str, Any], once) -> None:
+    """重复 b.repeats 次整套测量，结果追加到 report["runs"]。某次卡住（StalledError）时不再继续：
+    report["incomplete"] 写明第几次、哪一步、服务器当时的状态，那次已测完的负载点放在 report["interrupted_points"]；
+    之前几次的结果照样进报告（中位数只按完成的几次算）。"""
+    points: List[Dict[str, Any]] = []
+    from tqdm import tqdm
+
+    bench.on_point = points.append
+    try:
+        for i in range(b.repeats):
+            if b.repeats > 1:
+                tqdm.write(f"== 第 {i + 1}/{b.repeats} 次")
+            points.clear()
+            try:
+                report["runs"].append(once())
+            except StalledError as e:
+                report["incomplete"] = f"第 {i + 1}/{b.repeats} 次重复中断：{e}"
+                report["interrupted_points"] = strip_private(list(points))
+                log.error("压测中断，已完成 %d 次重复：%s", i, e)
+                return
+    finally:
+        bench.on_point = None
 
 
 def soak_sla_rate(report: Dict[str, Any], b) -> "tuple[float, str]":
@@ -288,7 +313,10 @@ def update_sweep_summary(sweep_dir: str, run_dir: str, report: Dict[str, Any], o
                  f"closed_c{top_c}_throughput" if top_c else "closed_throughput":
                      fmt_spread(closed[top_c]["throughput"]) if top_c else "-",
                  "offline_max_batch_throughput": f"{big['throughput']:.1f}" if big else "-",
-                 "sla_rate_median": (h.get("sla_rate") or {}).get("median")})
+                 "sla_rate_median": (h.get("sla_rate") or {}).get("median"),
+                 # 中断过的运行：中位数只按完成的几次（h["repeats"]）算
+                 "completed_repeats": h.get("repeats"),
+                 "note": "中断：" + report["incomplete"][:120] if report.get("incomplete") else ""})
     with open(store, "w") as f:
         json.dump(rows, f, indent=2, ensure_ascii=False)
     # 表里的“变体”列只写各行之间不同的覆盖（相同的前缀只在 summary.json / csv 的 overrides 里）

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 from typing import Any, Dict, List
 
 import numpy as np
 
-from algorithm.errors import MissingDependencyError
+from algorithm.errors import MissingDependencyError, StalledError
 from algorithm.interfaces import HISTORY_INPUT, EngineContract
 from algorithm.serving.runtime import packed
 
@@ -122,7 +123,8 @@ async def run_schedule(spec: Dict[str, Any], requests: List[list]) -> Dict[str, 
             error_samples.setdefault(kind, str(e)[:300])
 
     start = spec["start_at"]
-    try:
+
+    async def drive() -> None:
         if spec["mode"] == "open":
             offsets = np.asarray(spec["offsets"])
             tasks = []
@@ -146,8 +148,24 @@ async def run_schedule(spec: Dict[str, Any], requests: List[list]) -> Dict[str, 
                     await one(i)
 
             await asyncio.gather(*(loop() for _ in range(spec["concurrency"])))
+
+    # 限时（从计划起点算，Benchmark.deadline_s）：每个请求都有 timeout_s 的超时，整段却仍可能不结束（客户端库或通道卡住）；
+    # 超过就取消没有回答的请求并报错，而不是让整轮测量无声地停住
+    limit = spec.get("deadline_s")
+    try:
+        if limit:
+            await asyncio.wait_for(drive(), timeout=max(1.0, start + limit - time.monotonic()))
+        else:
+            await drive()
+    except asyncio.TimeoutError:
+        pending = int(np.sum(~np.isnan(sent) & np.isnan(done) & np.isnan(failed)))
+        raise StalledError(f"发压进程 {prefix}：计划起点之后 {limit:.0f} s 仍有 {pending} 个请求既没有回答也没有出错"
+                           f"（每个请求的超时是 {timeout} s）") from None
     finally:
-        await client.close()
+        try:
+            await asyncio.wait_for(client.close(), timeout=5.0)
+        except Exception:  # noqa: BLE001  关不掉的连接不该盖住上面的结果或错误
+            pass
     wall = time.monotonic() - wall0
     return {"intended": intended, "sent": sent, "done": done, "failed": failed, "errors": errors,
             "error_samples": error_samples, "start_at": start, "id_prefix": prefix, "cpu_util": (time.process_time() - cpu0) / max(wall, 1e-9)}
@@ -168,7 +186,11 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     gc.collect()
     gc.freeze()  # 请求对象与导入的模块不再被扫描：客户端的 GC 停顿不算进服务的延迟
     if _BARRIER is not None:
-        _BARRIER.wait()
+        try:
+            _BARRIER.wait(timeout=spec.get("deadline_s"))
+        except threading.BrokenBarrierError:
+            raise StalledError(f"发压进程 {spec.get('id_prefix', '')}：其它发压进程 {spec.get('deadline_s')} s 内没有"
+                               "准备好（生成请求时出错或崩溃）") from None
     spec["start_at"] = time.monotonic() + 0.2
     try:
         return asyncio.run(run_schedule(spec, requests))

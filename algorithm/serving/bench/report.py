@@ -109,6 +109,8 @@ def summary_table(report: Dict[str, Any]) -> str:
     h = report.get("headline") or {}
     n = h.get("repeats", 1)
     lines = [f"主要数字（{n} 次重复：中位数 [最小–最大]）"]
+    if report.get("incomplete"):
+        lines.append(f"  ！压测中断，只有完成的 {n} 次算进中位数：{report['incomplete']}")
     slo = report.get("slo_ms")
     rates = (h.get("sla_rate") or {}).get("values") or []
     missing = sum(v is None for v in rates)

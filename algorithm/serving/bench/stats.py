@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from algorithm.errors import StalledError
 from algorithm.serving.bench.loadgen import client_module
 
 
@@ -19,13 +20,19 @@ class ServerStats:
     加权，大批的 execute 权重大），compute_per_execute_ms 是每次执行的平均（batch_stats，按执行计数）。有动态批处理时前者
     更大，差值不是开销：H100 上 SLA 点引擎 6.6 ms / 请求，而 model.py 自测的 execute 是 4.3 ms / 次。"""
 
-    def __init__(self, url: str, protocol: str = "grpc"):
-        self.client = client_module(protocol, aio=False).InferenceServerClient(url=url)
-        self.protocol = protocol
+    def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 30.0):
+        mod = client_module(protocol, aio=False)
+        # 限时：服务器卡住时统计请求不能无限等（StalledError 写明）
+        self.client = mod.InferenceServerClient(url=url) if protocol == "grpc" else \
+            mod.InferenceServerClient(url=url, connection_timeout=timeout_s, network_timeout=timeout_s)
+        self.protocol, self.timeout_s = protocol, timeout_s
 
     def snapshot(self) -> Dict[str, Dict[str, int]]:
-        stats = self.client.get_inference_statistics("", as_json=True) if self.protocol == "grpc" \
-            else self.client.get_inference_statistics("")
+        try:
+            stats = self.client.get_inference_statistics("", as_json=True, client_timeout=self.timeout_s) \
+                if self.protocol == "grpc" else self.client.get_inference_statistics("")
+        except Exception as e:  # noqa: BLE001  tritonclient 的超时与连接错误都是 InferenceServerException
+            raise StalledError(f"服务器的统计接口 {self.timeout_s:.0f} s 内没有回答：{str(e)[:200]}") from None
         out = {}
         for m in stats.get("model_stats", []):
             s = m.get("inference_stats", {})

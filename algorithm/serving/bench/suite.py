@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from algorithm.errors import ConfigError
+from algorithm.errors import ConfigError, StalledError
 from algorithm.serving.bench import loadgen
 from algorithm.serving.bench.stats import EngineMetricsScraper, GpuSampler, ServerStats
 from algorithm.serving.bench.tail import min_samples_for_upper_bound, percentiles, quantile_ci
@@ -82,13 +82,37 @@ class Benchmark:
                 "max_seq_length": self.max_seq_length, "seed": self._seed, "contract": self.contract_kwargs,
                 "kind": kind or self.kind, "packed": self.packed_inputs}
 
+    # 一个负载点的限时 = 计划时长 + 单个请求的超时 + 这个余量（生成请求、起进程）。超过就报 StalledError：
+    # multiprocessing.Pool.map 在某个工作进程死掉时会永远等下去（2026-11-28 第 3 台 H100 上一个 SLA 确认点停了 14 分钟，
+    # 之前三次重复的结果都没有写进报告）
+    STALL_MARGIN_S = 120.0
+
+    def deadline_s(self, specs: List[Dict[str, Any]]) -> float:
+        planned = max((s["offsets"][-1] if s.get("offsets") else s.get("duration_s", 0.0)) for s in specs)
+        return float(planned) + self.cfg.timeout_s + self.STALL_MARGIN_S
+
     def _run_workers(self, specs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        limit = self.deadline_s(specs)
+        specs = [s | {"deadline_s": limit} for s in specs]
         if len(specs) == 1:
             return [loadgen.worker(specs[0])]
         ctx = mp.get_context("spawn")
         barrier = ctx.Barrier(len(specs))
         with ctx.Pool(len(specs), initializer=loadgen.init_worker, initargs=(barrier,)) as pool:
-            return pool.map(loadgen.worker, specs)
+            try:  # 工作进程自己也按 deadline_s 限时；这里多等 60 s（进程启动、导入），再不回来就是进程死了或卡住
+                return pool.map_async(loadgen.worker, specs).get(timeout=limit + 60.0)
+            except mp.TimeoutError:
+                raise StalledError(f"{len(specs)} 个发压进程 {limit + 60.0:.0f} s 内没有全部返回"
+                                   "（某个进程崩溃或卡住）") from None
+
+    def server_state(self, timeout_s: float = 5.0) -> str:
+        """卡住时服务器的状态（一句话，写进错误与报告）：统计接口在 timeout_s 内回答了没有。"""
+        t0 = time.monotonic()
+        try:
+            ServerStats(self.url, self.cfg.protocol, timeout_s=timeout_s).snapshot()
+        except Exception as e:  # noqa: BLE001  这里只描述状态
+            return f"服务器的统计接口 {timeout_s:.0f} s 内没有回答（{type(e).__name__}: {str(e)[:200]}）：服务器可能卡住了"
+        return f"服务器的统计接口 {time.monotonic() - t0:.2f} s 内回答了：服务器还活着"
 
     def warmup(self) -> None:
         if self.cfg.warmup_requests:
@@ -147,6 +171,10 @@ class Benchmark:
         try:
             with self.gpu:
                 results = self._run_workers(specs)
+        except StalledError as e:
+            what = (f"开环 {point['offered_rate']:g}/s" if point["mode"] == "open"
+                    else f"闭环 并发 {point['concurrency']}")
+            raise StalledError(f"{what}：{e}；{self.server_state()}") from None
         finally:
             if ctx is not None:
                 ctx.__exit__(None, None, None)

@@ -41,6 +41,38 @@ def test_sweep_summary_is_one_table(tmp_path):
     # 各行相同的覆盖不进表（在 summary.json / csv 的 overrides 里）
     assert "model=ugt_tiny" not in open(path).read()
     assert json.load(open(os.path.join(sweep, "summary.json")))[0]["overrides"].startswith("model=ugt_tiny")
+    # 中断过的运行：note 列写明，完成的重复数在 completed_repeats
+    cut = report(30.0, "fp16") | {"incomplete": "第 3/3 次重复中断：开环 2500/s：卡住"}
+    path = app.update_sweep_summary(sweep, str(tmp_path / "2"), cut, common + ["precision=fp16"])
+    last = open(path).read().splitlines()[-1]
+    assert "中断：第 3/3 次重复中断" in last and "| 2 |" in last
+    assert lines[3].endswith("| 2 |  | precision=int8 |")  # 没中断的行 note 为空
+
+
+def test_a_stalled_repeat_keeps_the_finished_ones_and_says_where_it_stopped():
+    """某次重复卡住（StalledError）：之前完成的进报告，这次已测完的点放在 interrupted_points，不再做后面的重复。"""
+    from types import SimpleNamespace
+
+    from algorithm.errors import StalledError
+    from algorithm.serving.bench.suite import headline
+    from algorithm.serving.config import BenchmarkConfig
+
+    bench = SimpleNamespace(on_point=None)
+    calls = []
+
+    def once():
+        calls.append(1)
+        bench.on_point({"mode": "open", "offered_rate": 100.0 * len(calls), "_client": "大"})
+        if len(calls) == 2:
+            raise StalledError("开环 200/s：发压进程卡住；服务器的统计接口 5 s 内没有回答")
+        return {"sla": {"max_rate": 100.0}}
+
+    report = {"runs": []}
+    app.measure_runs(bench, BenchmarkConfig(repeats=3), report, once)
+    assert len(calls) == 2 and report["runs"] == [{"sla": {"max_rate": 100.0}}]
+    assert report["incomplete"].startswith("第 2/3 次重复中断：开环 200/s") and "没有回答" in report["incomplete"]
+    assert report["interrupted_points"] == [{"mode": "open", "offered_rate": 200.0}]  # 私有的客户端数据不进报告
+    assert bench.on_point is None and headline(report["runs"])["sla_rate"]["median"] == 100.0
 
 
 def test_soak_rate_falls_back_to_the_unconfirmed_search_rate():

@@ -179,3 +179,33 @@ def test_engine_target_sends_what_the_served_engine_takes(server, built):
     assert bench.packed_inputs
     p = bench.closed_loop(1, duration_s=1.0)
     assert p["error_rate"] == 0 and p["ok"] > 5, p.get("error_samples")
+
+
+def test_a_point_that_never_finishes_fails_with_a_stalled_error(built):
+    """发压端的限时：服务器接了连接却从不回答（一个只 listen 的套接字），单个请求的超时又比限时长时，
+    负载点在限时后报 StalledError（哪一步、几个请求没有回答、服务器状态），而不是无声地停住（2026-11-28 H100 上停了 14 分钟）。"""
+    import socket
+    import time
+
+    from algorithm.errors import StalledError
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    url = f"127.0.0.1:{hole.getsockname()[1]}"
+    try:
+        cfg = BenchmarkConfig(timeout_s=60.0, processes=2, warmup_requests=0, length_median=20, min_requests=40,
+                              max_point_s=1.0, duration_s=1.0)
+        b = Benchmark(url, "ugt_recommend", cfg, built[1].catalog, 256, progress=False)
+        b.STALL_MARGIN_S = 2.0 - cfg.timeout_s  # 限时 = 计划 1 s + 2 s，远短于单个请求的 60 s 超时
+        b.stats.snapshot = dict  # 前后的统计快照不在这里测（它有自己的限时）
+        t0 = time.monotonic()
+        with pytest.raises(StalledError) as e:
+            b.open_loop(40.0, duration_s=1.0)
+        took = time.monotonic() - t0
+    finally:
+        hole.close()
+    msg = str(e.value)
+    assert msg.startswith("开环 40/s：") and "既没有回答也没有出错" in msg, msg
+    assert "服务器的统计接口 5 s 内没有回答" in msg, msg
+    assert took < 45, took  # 起两个发压进程 + 限时 3 s + 探测 5 s；没有限时就是 60 s 以上
