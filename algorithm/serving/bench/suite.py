@@ -34,7 +34,8 @@ def engine_stats(server: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
 def outside_execute_ms(p: Dict[str, Any]) -> Optional[float]:
     """Triton 记的引擎每次 execute（compute_per_execute_ms）减去引擎自己量的整个 execute：python backend 把输入交给存根、
-    把响应交回的时间（H100 上 c=64、每次 15 个请求时约 3.7 ms，占引擎实例时间的四分之一）。缺哪个就是 None。"""
+    把响应交回的时间（H100 上 c=64、每次 15 个请求时约 3.7 ms，占引擎实例时间的四分之一）。缺哪个就是 None。
+    引擎流水线（triton.engine_pipeline_depth > 1）时两者量的不是同一段（Triton 的到启动为止），报告里写明不适用。"""
     triton = (engine_stats(p.get("server") or {}) or {}).get("compute_per_execute_ms")
     ours = (p.get("engine_execute") or {}).get("execute_ms")
     return None if triton is None or ours is None else triton - ours

@@ -2,12 +2,14 @@
 
 把 pb_utils 的请求变成 {输入名: numpy}，把结果（字典或异常）变成 InferenceResponse；
 用户错误以 INVALID_ARG 返回（HTTP 400），引擎故障与内部错误以 INTERNAL 返回。
-另外：初始化后冻结 GC（见 settle_process），引擎的每次 execute 计时导出为 Triton 自定义指标（EngineMetrics）。
+另外：初始化后冻结 GC（见 settle_process），引擎的每次 execute 计时导出为 Triton 自定义指标（EngineMetrics），
+引擎的流水线（Pipeline，triton.engine_pipeline_depth > 1）。
 """
 from __future__ import annotations
 
 import gc
 import logging
+import queue
 import threading
 import time
 from typing import Iterable, List, Optional
@@ -147,3 +149,70 @@ class EngineMetrics:
 
 def instance_name(args: dict) -> Optional[str]:
     return args.get("model_instance_name") or args.get("model_name")
+
+
+class Pipeline:
+    """引擎的流水线（triton.engine_pipeline_depth = depth > 1）：execute 里只做 EngineModel.submit（校验、暂存、启动），
+    这一批交给后台线程等 GPU、拆结果、经各请求的 response sender 发回（FINAL 标志；python backend 的非 decoupled 模型
+    execute 返回 None 时就这样回答，ensemble 与客户端看到的仍是一问一答）。
+
+    execute 在启动这一批之后等到在途的批数 <= depth - 1 才返回：depth = 2 时等上一批做完。这样 Triton 在上一批做完时
+    才组下一批（不会因为 execute 返回得早而组出更小的批），而下一批的主机工作（Triton 交接输入、校验、暂存、启动）与
+    这一批的 GPU 时间重叠。torch 运行器每个桶有 depth 套页锁定暂存区（_Lane），在途的批数不超过 depth，所以轮到的那套
+    总是已经取走了结果。"""
+
+    def __init__(self, impl, pb_utils, metrics: "EngineMetrics", depth: int):
+        self.impl, self.pb, self.metrics, self.depth = impl, pb_utils, metrics, int(depth)
+        self._queue: "queue.Queue" = queue.Queue()
+        self._cv = threading.Condition()
+        self.inflight = 0
+        self.max_inflight = 0  # 测试与日志用：在途批数的最大值（不应超过 depth）
+        self._thread = threading.Thread(target=self._run, name="ugt-engine-complete", daemon=True)
+        self._thread.start()
+
+    def submit(self, requests, feeds) -> None:
+        with self._cv:
+            while self.inflight >= self.depth:  # 暂存区只有 depth 套（正常时不会在这里等：上一次返回前已降到 depth - 1）
+                self._cv.wait()
+            self.inflight += 1
+            self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            item = (requests, self.impl.submit(feeds), None)
+        except Exception as e:  # noqa: BLE001  本工具的 bug（InternalError 等）：这批都得到错误，服务继续
+            item = (requests, None, e)
+        self._queue.put(item)
+        with self._cv:
+            while self.inflight > self.depth - 1:
+                self._cv.wait()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            requests, ticket, err = item
+            try:
+                self._complete(requests, ticket, err)
+            except Exception as e:  # noqa: BLE001  这个线程不能死：它一停，execute 就永远等下去
+                log.error("流水线发回响应失败（%s: %s）", type(e).__name__, e)
+            finally:
+                with self._cv:
+                    self.inflight -= 1
+                    self._cv.notify_all()
+
+    def _complete(self, requests, ticket, err) -> None:
+        before = self.impl.stats.totals["executes"]
+        try:
+            results = self.impl.complete(ticket) if err is None else [err] * len(requests)
+        except Exception as e:  # noqa: BLE001
+            results = [RuntimeError(f"引擎执行失败：{type(e).__name__}: {e}")] * len(requests)
+        if self.impl.stats.totals["executes"] > before:
+            self.metrics.record(self.impl.stats)
+        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for r, resp in zip(requests, write_responses(self.pb, results)):
+            r.get_response_sender().send(resp, flags=final)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """卸载模型时：发完在途的批再停。"""
+        self._queue.put(None)
+        self._thread.join(timeout_s)

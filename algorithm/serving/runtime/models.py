@@ -95,13 +95,14 @@ class EngineModel:
     """引擎运行器：整批校验（越界 id 到不了设备）、按长度分组、写进暂存区、各组背靠背运行、按请求拆回。"""
 
     def __init__(self, model_dir: str, config: ServingConfig, spec: RuntimeSpec, device_id: int = 0,
-                 runner=None):
+                 runner=None, lanes: int = 1):
         from algorithm.serving.runtime.engines import load_runner
 
         self.contract = config.contract()
         self.spec = spec
         self.seq_buckets = tuple(spec.seq_buckets)
-        self.runner = runner or load_runner(os.path.join(model_dir, spec.engine_file), self.contract, spec, device_id)
+        self.runner = runner or load_runner(os.path.join(model_dir, spec.engine_file), self.contract, spec, device_id,
+                                            lanes=lanes)
         self.stats = ExecuteStats()
 
     def _unpack(self, requests: Sequence[Mapping[str, np.ndarray]], results: List[Result]) -> list:
@@ -120,6 +121,12 @@ class EngineModel:
         return out
 
     def execute(self, requests: Sequence[Mapping[str, np.ndarray]]) -> List[Result]:
+        """校验、暂存、启动并等结果：submit + complete。"""
+        return self.complete(self.submit(requests))
+
+    def submit(self, requests: Sequence[Mapping[str, np.ndarray]]) -> "_Ticket":
+        """前一半：整批校验、分组（或拼行）、写暂存区、启动，不等 GPU。流水线（triton.engine_pipeline_depth，
+        runtime/glue.Pipeline）在这批还在 GPU 上时就返回去接下一批；运行器没有 launch_many 时在这里同步算完。"""
         t0 = time.perf_counter()
         results: List[Result] = [None] * len(requests)  # type: ignore[list-item]
         if self.spec.pack_inputs:
@@ -133,8 +140,9 @@ class EngineModel:
             batch, errors = batching.collect(requests, self.contract)
         for i, e in errors.items():
             results[i] = e
+        t = _Ticket(results, t0)
         if batch is None:
-            return results
+            return t
         if getattr(self.runner, "packed", False):  # 拼行的 torch 程序（engine.pack_rows）：全部历史一组、一次启动
             p, buf = self.runner.stage_packed(batch)
             staged, padded = [buf], p.rows * p.width
@@ -154,26 +162,60 @@ class EngineModel:
                 shape = next(iter(buf.values())).shape
                 padded += shape[0] * shape[1]
             splits = [batching.split_rows(batch, g) for g in groups]
-        t_launch = time.perf_counter()
+        t.t_launch = time.perf_counter()
+        launch = getattr(self.runner, "launch_many", None)
         try:
-            outs, timing = self.runner.run_many(staged)
+            t.pending = launch(staged) if launch is not None else self.runner.run_many(staged)
         except Exception as e:  # 引擎失败：这些请求都得到错误，服务继续
-            err = RuntimeError(f"引擎执行失败：{type(e).__name__}: {e}")
-            for i in batch.index:
-                results[int(i)] = err
-            return results
+            t.fail(batch, e)
+            return t
+        t.batch, t.splits, t.groups, t.padded, t.waits = batch, splits, len(staged), padded, launch is not None
+        return t
+
+    def complete(self, t: "_Ticket") -> List[Result]:
+        """后一半：等这批做完（只等它），按请求拆回结果，记一次 execute 的计时。"""
+        if t.batch is None:
+            return t.results
+        batch = t.batch
+        try:
+            outs, timing = self.runner.finish(t.pending) if t.waits else t.pending
+        except Exception as e:
+            t.fail(batch, e)
+            return t.results
         t_run = time.perf_counter()
-        for (rec, scores), rows in zip(outs, splits):
+        results = t.results
+        for (rec, scores), rows in zip(outs, t.splits):
             for i, start, n in rows:
                 results[i] = {"recommendations": rec[start:start + n], "scores": scores[start:start + n]}
         t_end = time.perf_counter()
+        # 流水线时 execute_ms 是从 submit 开始到这里的墙钟时间（含排在前一批之后等 GPU 的时间）
         self.stats.add({"executes": 1, "requests": len(batch.index), "rows": batch.total_rows,
-                        "groups": len(staged), "padded_tokens": padded,
+                        "groups": t.groups, "padded_tokens": t.padded,
                         "valid_tokens": float(batch.flat["encoder_mask"].sum()),
-                        "host_ms": (t_launch - t0) * 1e3, "device_ms": timing.get("device_ms", 0.0),
+                        "host_ms": (t.t_launch - t.t0) * 1e3, "device_ms": timing.get("device_ms", 0.0),
                         "copy_back_ms": timing.get("copy_back_ms", 0.0), "respond_ms": (t_end - t_run) * 1e3,
-                        "execute_ms": (t_end - t0) * 1e3})
+                        "execute_ms": (t_end - t.t0) * 1e3})
         return results
+
+
+class _Ticket:
+    """submit 交给 complete 的一批：各请求的结果（校验错误已填好）、批、拆分方式、启动后的待取结果。batch 为 None =
+    没有要等的（全部校验失败或引擎已失败）。"""
+
+    def __init__(self, results: List[Result], t0: float):
+        self.results, self.t0 = results, t0
+        self.batch = None
+        self.splits: list = []
+        self.pending = None
+        self.waits = False  # True：pending 是 launch_many 的结果，要 runner.finish；False：已是 run_many 的 (outs, timing)
+        self.groups = self.padded = 0
+        self.t_launch = t0
+
+    def fail(self, batch, e: Exception) -> None:
+        err = RuntimeError(f"引擎执行失败：{type(e).__name__}: {e}")
+        for i in batch.index:
+            self.results[int(i)] = err
+        self.batch = None
 
 
 def serving_error_code(exc: Exception) -> str:

@@ -21,13 +21,26 @@ class TritonPythonModel:
         model_config = json.loads(args["model_config"])
         config, spec = params.decode(model_config)
         device_id = int(args.get("model_instance_device_id", 0) or 0)
+        depth = config.triton.engine_pipeline_depth
         self.impl = EngineModel(os.path.join(args["model_repository"], args["model_version"]), config, spec,
-                                device_id=device_id)
+                                device_id=device_id, lanes=depth)
         self.input_names = [i["name"] for i in model_config["input"]]
         self.metrics = glue.EngineMetrics(pb_utils, args["model_name"], glue.instance_name(args))
+        # 流水线（triton.engine_pipeline_depth > 1）：execute 启动后返回 None，结果由后台线程经 response sender 发回
+        self.pipeline = glue.Pipeline(self.impl, pb_utils, self.metrics, depth) if depth > 1 else None
         glue.settle_process()
 
     def execute(self, requests):
-        results = self.impl.execute(glue.read_requests(pb_utils, requests, self.input_names))
-        self.metrics.record(self.impl.stats)
+        feeds = glue.read_requests(pb_utils, requests, self.input_names)
+        if self.pipeline is not None:
+            self.pipeline.submit(requests, feeds)
+            return None
+        before = self.impl.stats.totals["executes"]
+        results = self.impl.execute(feeds)
+        if self.impl.stats.totals["executes"] > before:  # 整批都没通过校验时没有新的计时，不重复记上一次的
+            self.metrics.record(self.impl.stats)
         return glue.write_responses(pb_utils, results)
+
+    def finalize(self):
+        if self.pipeline is not None:
+            self.pipeline.close()

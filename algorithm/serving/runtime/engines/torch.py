@@ -57,18 +57,45 @@ def int8_transform(mode: str):
     return apply
 
 
-class _Slot:
-    """一个 (batch 桶, 长度桶) 的 CUDA Graph 与它的页锁定暂存区。"""
+class _Lane:
+    """一套页锁定的暂存区与输出区。lanes > 1（流水线，triton.engine_pipeline_depth）时每个桶有几套：同一张图的上一批
+    还在 GPU 上或还没回拷完时，下一批写另一套（设备上的静态输入 / 输出按流的顺序复用，不冲突）。"""
 
-    def __init__(self, graph, static_in, out, host_in, host_out):
-        self.graph, self.static_in, self.out = graph, static_in, out
-        self.host_in = host_in  # {名字: 页锁定 numpy 视图 [B, L]}
-        self.host_out = host_out  # (rec, scores) 页锁定 torch 张量
-        self.host_tensors: Dict[str, object] = {}  # 与 host_in 共享内存的页锁定张量
-        self.stream = None  # group_streams 时该长度桶的流（None = 当前流）
-        self.computed = None  # 重放结束 / 回拷结束的事件（group_streams 时主流据此等待）
+    def __init__(self, host_tensors: Dict[str, object], host_out):
+        self.host_tensors = host_tensors  # {名字: 页锁定张量}，给非阻塞 H2D
+        self.host_in = {n: t.numpy() for n, t in host_tensors.items()}  # 共享内存的 numpy 视图 [B, L]，给 fill 写
+        self.host_out = host_out  # (rec, scores) 页锁定张量
+        self.computed = None  # group_streams 时这一套的重放结束 / 回拷结束事件（主流据此等待）
         self.copied = None
+
+
+class _Slot:
+    """一个 (batch 桶, 长度桶) 的 CUDA Graph 与它的几套页锁定暂存区（_Lane）。"""
+
+    def __init__(self, graph, static_in, out, lanes: List[_Lane]):
+        self.graph, self.static_in, self.out = graph, static_in, out
+        self.lanes = lanes
+        self.next_lane = 0
+        self.stream = None  # group_streams 时该长度桶的流（None = 当前流）
         self.seconds: Optional[float] = None  # 一次重放的实测时间（捕获后测），用于合并长度组的代价
+
+    @property
+    def host_in(self) -> Dict[str, np.ndarray]:
+        return self.lanes[0].host_in
+
+    def take_lane(self) -> _Lane:
+        """轮流用几套暂存区：流水线最多 len(lanes) 批在途，每批每个桶至多一组，所以轮到的那套的上一批已经取走了结果。"""
+        lane = self.lanes[self.next_lane]
+        self.next_lane = (self.next_lane + 1) % len(self.lanes)
+        return lane
+
+
+class _Pending:
+    """launch_many 启动了、还没等的一次 execute：各组（图的 (桶, 那一套) 或 eager 的设备张量）与三个 CUDA 事件。"""
+
+    def __init__(self, items: list, events=None, outs=None, timing=None):
+        self.items, self.events = items, events
+        self.outs, self.timing = outs, timing  # CPU 上 launch 就算完了
 
 
 class TorchRunner:
@@ -77,7 +104,7 @@ class TorchRunner:
     def __init__(self, path: str, contract: EngineContract, device: str = "cpu", device_id: int = 0,
                  compile_mode: str = "default", cuda_graphs: bool = True, batch_buckets: Sequence[int] = (),
                  seq_buckets: Sequence[int] = (), cache_dir: str = "", warmup: bool = True,
-                 transform=None, group_streams: bool = False):
+                 transform=None, group_streams: bool = False, lanes: int = 1):
         torch = _torch()
         if device == "cuda" and not torch.cuda.is_available():
             raise MissingDependencyError("engine.device=cuda，但 PyTorch 看不到 GPU（torch.cuda.is_available() 为 False）")
@@ -108,7 +135,9 @@ class TorchRunner:
         self.seq_buckets = tuple(sorted(seq_buckets))
         # 键：(batch 桶, 长度桶)；拼行时 (行数桶, 历史数桶, 宽)
         self.slots: Dict[Tuple[int, ...], _Slot] = {}
-        self._slot_of_buffer: Dict[int, _Slot] = {}  # id(暂存区字典) -> 它所属的桶（run_many 据此找到图）
+        # id(暂存区字典) -> 它所属的桶与那一套（launch_many 据此找到图）
+        self._slot_of_buffer: Dict[int, Tuple[_Slot, _Lane]] = {}
+        self.lanes = max(1, int(lanes))
         # 同时重放的图不能共用任何工作区。group_streams 时每个长度桶（一次 execute 里每个长度桶至多一组）有自己的
         # 图内存池与流（在它上面捕获，之后也在它上面重放）：cuBLAS 的工作区按 (句柄, 流) 缓存，在同一个流上捕获的图
         # 共用同一块工作区，即使内存池不同（pytorch/pytorch#193402）。H100 上 c0f0373 只分了内存池、都在默认捕获流上捕获，同时重放时
@@ -123,12 +152,12 @@ class TorchRunner:
             self.capture_all()
 
     @classmethod
-    def from_spec(cls, path: str, contract: EngineContract, spec, device_id: int = 0) -> "TorchRunner":
-        """服务进程里：spec 为 runtime.params.RuntimeSpec（构建时算好的桶、设备、编译设置）。"""
+    def from_spec(cls, path: str, contract: EngineContract, spec, device_id: int = 0, lanes: int = 1) -> "TorchRunner":
+        """服务进程里：spec 为 runtime.params.RuntimeSpec（构建时算好的桶、设备、编译设置）；lanes 见 _Lane。"""
         return cls(path, contract, spec.device, device_id, spec.compile_mode, spec.cuda_graphs,
                    spec.batch_buckets, spec.seq_buckets, spec.compile_cache_dir,
                    transform=int8_transform(spec.int8_mode) if spec.precision == "int8" else None,
-                   group_streams=spec.group_streams)
+                   group_streams=spec.group_streams, lanes=lanes)
 
     # ---- CUDA Graph ----
     def _capture(self, b: int, length: int) -> _Slot:
@@ -160,16 +189,20 @@ class TorchRunner:
         with torch.cuda.graph(graph, pool=self._pools[pool], stream=self._capture_streams[pool]), torch.no_grad():
             out = self.fn(*static)
         # 页锁定的暂存区：numpy 视图给 batching.fill / rowpack.fill 写，张量给非阻塞 H2D；零初始化（填充处的 id 必须合法）
-        host_t = {name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)
-                  for name, t in zip(self.input_names, static)}
-        host_out = (torch.empty(out[0].shape, dtype=out[0].dtype, pin_memory=True),
-                    torch.empty(out[1].shape, dtype=torch.float32, pin_memory=True))
-        slot = _Slot(graph, static, out, {n: t.numpy() for n, t in host_t.items()}, host_out)
-        slot.host_tensors = host_t
+        lanes = []
+        for _ in range(self.lanes):
+            lane = _Lane({name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)
+                          for name, t in zip(self.input_names, static)},
+                         (torch.empty(out[0].shape, dtype=out[0].dtype, pin_memory=True),
+                          torch.empty(out[1].shape, dtype=torch.float32, pin_memory=True)))
+            if self.group_streams:
+                lane.computed, lane.copied = torch.cuda.Event(), torch.cuda.Event()
+            lanes.append(lane)
+        slot = _Slot(graph, static, out, lanes)
         if self.group_streams:  # 同一长度桶的图共用池与流：一次 execute 里每个长度桶至多一组，它们从不同时跑
             slot.stream = self._capture_streams[pool]
-            slot.computed, slot.copied = torch.cuda.Event(), torch.cuda.Event()
-        self._slot_of_buffer[id(slot.host_in)] = slot
+        for lane in lanes:
+            self._slot_of_buffer[id(lane.host_in)] = (slot, lane)
         self.slots[key] = slot
         return slot
 
@@ -233,48 +266,63 @@ class TorchRunner:
         slot = self._slot_for(rows, length)
         if slot is None:
             return {s.name: np.zeros((rows, length), dtype=s.dtype) for s in self.contract.inputs}
-        slot.host_in["encoder_mask"].fill(0)  # 填充处 mask 必须为 0；其它输入的旧值都是校验过的合法值
-        return slot.host_in
+        lane = slot.take_lane()
+        lane.host_in["encoder_mask"].fill(0)  # 填充处 mask 必须为 0；其它输入的旧值都是校验过的合法值
+        return lane.host_in
 
     def run_many(self, staged: List[Dict[str, np.ndarray]]) -> Tuple[List[Outputs], Dict[str, float]]:
-        """启动各组（组间不同步；group_streams 时各在自己的流上同时跑），最后等一次；
-        返回各组输出（新数组，[B, K, 3] / [B, K]）与计时（毫秒：开始到全部重放结束、到全部回拷结束）。"""
+        """启动各组并等它们做完：launch_many + finish。返回各组输出（新数组，[B, K, 3] / [B, K]）与计时
+        （毫秒：开始到全部重放结束、到全部回拷结束）。"""
+        return self.finish(self.launch_many(staged))
+
+    def launch_many(self, staged: List[Dict[str, np.ndarray]]) -> _Pending:
+        """启动各组（组间不同步；group_streams 时各在自己的流上同时跑），不等：流水线（triton.engine_pipeline_depth）
+        在这批还在 GPU 上时去准备下一批，之后由 finish 等它。CPU 上直接算完。"""
         torch = self.torch
         if self.device.type != "cuda":
             t0 = time.perf_counter()
             outs = [self._eager(f) for f in staged]
-            return outs, {"device_ms": (time.perf_counter() - t0) * 1e3, "copy_back_ms": 0.0}
+            return _Pending([], outs=outs, timing={"device_ms": (time.perf_counter() - t0) * 1e3, "copy_back_ms": 0.0})
         ev_start, ev_compute, ev_end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         pending = []
         main = torch.cuda.current_stream(self.device)
         ev_start.record(main)
         for feeds in staged:
-            slot = self._slot_of_buffer.get(id(feeds))
-            if slot is None:
+            found = self._slot_of_buffer.get(id(feeds))
+            if found is None:
                 pending.append(("eager", self._eager_async(feeds)))
                 continue
+            slot, lane = found
             if slot.stream is None:
-                self._launch(slot)
+                self._launch(slot, lane)
             else:
-                slot.stream.wait_event(ev_start)  # 不早于主流上此前的工作（上一次 execute 已同步，这里是保险）
+                slot.stream.wait_event(ev_start)  # 不早于主流上此前的工作（上一批的同一桶按流的顺序排在前面）
                 with torch.cuda.stream(slot.stream):
-                    self._launch(slot)
-            pending.append(("graph", slot))
-        side = [item for kind, item in pending if kind == "graph" and item.stream is not None]
-        for slot in side:
-            main.wait_event(slot.computed)
+                    self._launch(slot, lane)
+            pending.append(("graph", (slot, lane)))
+        side = [item[1] for kind, item in pending if kind == "graph" and item[0].stream is not None]
+        for lane in side:
+            main.wait_event(lane.computed)
         ev_compute.record(main)
         for kind, item in pending:
-            if kind == "graph" and item.stream is None:
-                self._copy_back(item)
-        for slot in side:
-            main.wait_event(slot.copied)
+            if kind == "graph" and item[0].stream is None:
+                self._copy_back(item[0], item[1])
+        for lane in side:
+            main.wait_event(lane.copied)
         ev_end.record(main)
+        return _Pending(pending, events=(ev_start, ev_compute, ev_end))
+
+    def finish(self, p: _Pending) -> Tuple[List[Outputs], Dict[str, float]]:
+        """等 launch_many 启动的一批做完（只等这一次），取回各组输出（拷出页锁定区：那一套随后给别的批用）。"""
+        if p.events is None:
+            return p.outs, p.timing
+        ev_start, ev_compute, ev_end = p.events
         ev_end.synchronize()
         outs: List[Outputs] = []
-        for kind, item in pending:
+        for kind, item in p.items:
             if kind == "graph":
-                outs.append((item.host_out[0].numpy().copy(), item.host_out[1].numpy().copy()))
+                host_out = item[1].host_out
+                outs.append((host_out[0].numpy().copy(), host_out[1].numpy().copy()))
             else:
                 outs.append((item[0].cpu().numpy(), item[1].float().cpu().numpy()))
         return outs, {"device_ms": ev_start.elapsed_time(ev_compute), "copy_back_ms": ev_compute.elapsed_time(ev_end)}
@@ -287,24 +335,25 @@ class TorchRunner:
         if self.use_graphs and p.histories <= self.batch_buckets[-1] and p.width in self.seq_buckets:
             key = (round_up(p.rows, self.batch_buckets), round_up(p.histories, self.batch_buckets), p.width)
             slot = self.slots.get(key) or self._capture_packed(*key)
-        bufs = slot.host_in if slot is not None else rowpack.alloc(self.contract, p.rows, p.width, p.histories)
+        bufs = slot.take_lane().host_in if slot is not None else rowpack.alloc(self.contract, p.rows, p.width,
+                                                                               p.histories)
         rowpack.fill(batch, p, bufs)
         return p, bufs
 
-    def _launch(self, slot: _Slot) -> None:
-        """在当前流上：H2D、重放；在自己的流上时接着回拷，并记下两个事件。"""
+    def _launch(self, slot: _Slot, lane: _Lane) -> None:
+        """在当前流上：从这一套暂存区 H2D、重放；在自己的流上时接着回拷，并记下这一套的两个事件。"""
         for name, dev in zip(self.input_names, slot.static_in):
-            dev.copy_(slot.host_tensors[name], non_blocking=True)
+            dev.copy_(lane.host_tensors[name], non_blocking=True)
         slot.graph.replay()
         if slot.stream is not None:
-            slot.computed.record()
-            self._copy_back(slot)
-            slot.copied.record()
+            lane.computed.record()
+            self._copy_back(slot, lane)
+            lane.copied.record()
 
     @staticmethod
-    def _copy_back(slot: _Slot) -> None:
-        slot.host_out[0].copy_(slot.out[0], non_blocking=True)
-        slot.host_out[1].copy_(slot.out[1], non_blocking=True)
+    def _copy_back(slot: _Slot, lane: _Lane) -> None:
+        lane.host_out[0].copy_(slot.out[0], non_blocking=True)
+        lane.host_out[1].copy_(slot.out[1], non_blocking=True)
 
     def _eager_async(self, feeds: Mapping[str, np.ndarray]):
         torch = self.torch
