@@ -210,7 +210,10 @@ class Pipeline:
             self.metrics.record(self.impl.stats)
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for r, resp in zip(requests, write_responses(self.pb, results)):
-            r.get_response_sender().send(resp, flags=final)
+            try:
+                r.get_response_sender().send(resp, flags=final)
+            except Exception as e:  # noqa: BLE001  一个请求发不回去（例如客户端已取消）不能让同批的其它请求没有回答
+                log.warning("发回响应失败（%s: %s）", type(e).__name__, e)
 
     def close(self, timeout_s: float = 30.0) -> None:
         """卸载模型时：发完在途的批再停。"""

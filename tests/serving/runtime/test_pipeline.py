@@ -169,3 +169,18 @@ def test_pipeline_depth_is_validated_and_only_for_python_hosted_engines(tmp_path
     with pytest.raises(ConfigError, match="python 运行器"):
         tiny_config(str(tmp_path), triton=piped, engine=EngineConfig(kind="onnxruntime", native=True))
     assert tiny_config(str(tmp_path), triton=piped).triton.engine_pipeline_depth == 2
+
+
+def test_a_response_that_cannot_be_sent_does_not_silence_the_rest_of_its_batch(engine_and_feeds):
+    eng, feeds = engine_and_feeds
+
+    class Gone(FakeRequest):  # 客户端已经走了：发回时抛异常
+        def send(self, response, flags=0):
+            raise RuntimeError("request cancelled")
+
+    pipe = glue.Pipeline(eng, FakePb, CountingMetrics(), 2)
+    reqs = [FakeRequest(), Gone(), FakeRequest()]
+    pipe.submit(reqs, feeds[:3])
+    pipe.close()
+    assert len(reqs[0].sent) == 1 and len(reqs[2].sent) == 1 and reqs[2].sent[0][0].error is None
+    assert pipe.inflight == 0
