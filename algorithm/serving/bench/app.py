@@ -194,8 +194,12 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
                 from algorithm.serving.bench.offline import offline_engine_throughput
 
                 bar.set_postfix_str("引擎离线吞吐")
-                report["offline_engine"] = offline_engine_throughput(repo, offline, b, config.export.max_seq_length,
-                                                                     samples=b.offline_samples)
+                try:
+                    report["offline_engine"] = offline_engine_throughput(repo, offline, b, config.export.max_seq_length,
+                                                                         samples=b.offline_samples)
+                except Exception as e:  # noqa: BLE001  离线那一步失败（例如显存不够）不能让前面测好的服务数字丢掉
+                    log.error("引擎离线吞吐失败：%s: %s", type(e).__name__, e)
+                    report["offline_engine"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         finally:
             bar.close()
             _add_overhead(report)

@@ -191,6 +191,8 @@ def summary_table(report: Dict[str, Any]) -> str:
                      + ("通过" if ov["passed"] else f"未通过 {ov['checks']}"))
     off = report.get("offline_engine") or {}
     mixed = {k: v for k, v in off.items() if k.isdigit()}
+    if off.get("error"):
+        lines.append(f"  引擎离线吞吐：没有测到（{off['error']}）")
     if mixed:
         lines.append("  引擎离线吞吐（同一个 EngineModel，混合长度，与服务同一条路径）：" + "，".join(
             f"b{k} {v['throughput']:.0f}/s" for k, v in mixed.items()))

@@ -114,7 +114,10 @@ class GpuSampler:
     def __exit__(self, *exc) -> None:
         if self._thread:
             self._stop.set()
-            self._thread.join()
+            self._thread.join(timeout=5.0)  # NVML 调用卡住时不拖住整轮测量（采样线程是守护线程）
+            if self._thread.is_alive():
+                self.reason = "NVML 采样线程 5 s 内没有结束：这个点的 GPU 利用率不可信"
+                self.samples = []
 
     def result(self) -> Dict[str, Any]:
         if not self.samples:

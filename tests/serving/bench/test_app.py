@@ -143,3 +143,21 @@ def test_soak_and_overload_run_from_the_benchmark_config(built, tmp_path, capsys
     assert saved["soak"]["windows"][0]["p99_ms"] == sk["windows"][0]["p99_ms"]
     out = capsys.readouterr().out
     assert "浸泡 10/s x 2 s（2 窗）" in out and "过载 30/s x 1 s" in out and "最慢的被追踪请求在第" in out
+
+
+def test_an_offline_failure_keeps_the_served_numbers(built, tmp_path, monkeypatch, capsys):
+    """引擎离线那一步失败（例如 GPU 上显存不够）：报告照样写出，服务的数字都在，离线一节写明原因。"""
+    from algorithm.serving.bench import offline
+
+    def boom(*a, **k):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(offline, "offline_engine_throughput", boom)
+    cfg, _ = built
+    b = dataclasses.replace(cfg.benchmark, repeats=1, concurrency=[1], sla_search=False, light_rate=0.0, floor=False,
+                            trace_rate=0, offline_samples=10, warmup_requests=2, processes=1, length_median=20,
+                            duration_s=1.0, output_dir=str(tmp_path / "bench"))
+    report = app.benchmark_from_config(dataclasses.replace(cfg, benchmark=b), str(tmp_path))
+    assert report["offline_engine"] == {"error": "RuntimeError: CUDA out of memory"}
+    assert report["runs"][0]["closed_loop"][0]["ok"] > 0 and os.path.isfile(report["files"]["json"])
+    assert "引擎离线吞吐：没有测到（RuntimeError: CUDA out of memory）" in capsys.readouterr().out
