@@ -88,20 +88,29 @@ def test_length_groups_of_one_execute_match_eager_on_gpu(exported, group_streams
     for i in range(8):  # 小组与大组交替：大组的矩阵乘更可能用到工作区
         shapes = ((5, 30), (2, 200)) if i % 2 == 0 else ((16, 60), (13, 250))  # 导出的 batch 上限是 16
         feeds = [contract.random_inputs(b, n, rng) for b, n in shapes]
-        staged = []
-        for f in feeds:
-            b, n = f["encoder_mask"].shape
-            buf = runner.staging(b, n)
-            for name in contract.input_names:
-                buf[name][:b, :n] = f[name]
-            staged.append(buf)
-        outs, timing = runner.run_many(staged)
+        outs, timing = runner.run_many(stage_groups(runner, contract, feeds))
         assert timing["device_ms"] > 0
-        for f, (rec, scores) in zip(feeds, outs):
-            b = f["encoder_mask"].shape[0]
-            ref = torch_reference(model, f, contract)
-            assert np.array_equal(rec[:b], ref[0])
-            np.testing.assert_allclose(scores[:b], ref[1], atol=1e-3)
+        assert_matches_reference(model, contract, feeds, outs)
+
+
+def stage_groups(runner, contract, feeds):
+    """每组请求写进它那个桶的暂存区（与 EngineModel 按长度分组后做的相同）。"""
+    staged = []
+    for f in feeds:
+        b, n = f["encoder_mask"].shape
+        buf = runner.staging(b, n)
+        for name in contract.input_names:
+            buf[name][:b, :n] = f[name]
+        staged.append(buf)
+    return staged
+
+
+def assert_matches_reference(model, contract, feeds, outs):
+    for f, (rec, scores) in zip(feeds, outs):
+        b = f["encoder_mask"].shape[0]
+        ref = torch_reference(model, f, contract)
+        assert np.array_equal(rec[:b], ref[0])
+        np.testing.assert_allclose(scores[:b], ref[1], atol=1e-3)
 
 
 @pytest.mark.gpu
@@ -151,21 +160,9 @@ def test_two_batches_in_flight_on_the_same_buckets_keep_their_own_buffers_on_gpu
     rng = np.random.default_rng(13)
     for _ in range(4):
         batches = [[contract.random_inputs(b, n, rng) for b, n in ((5, 30), (2, 200))] for _ in range(2)]
-        pending = []
-        for feeds in batches:  # 两批都启动了再取：第二批的暂存与启动发生在第一批的 GPU 工作之后、finish 之前
-            staged = []
-            for f in feeds:
-                b, n = f["encoder_mask"].shape
-                buf = runner.staging(b, n)
-                for name in contract.input_names:
-                    buf[name][:b, :n] = f[name]
-                staged.append(buf)
-            pending.append(runner.launch_many(staged))
+        # 两批都启动了再取：第二批的暂存与启动发生在第一批的 GPU 工作之后、finish 之前
+        pending = [runner.launch_many(stage_groups(runner, contract, feeds)) for feeds in batches]
         for feeds, p in zip(batches, pending):
             outs, timing = runner.finish(p)
             assert timing["device_ms"] > 0
-            for f, (rec, scores) in zip(feeds, outs):
-                b = f["encoder_mask"].shape[0]
-                ref = torch_reference(model, f, contract)
-                assert np.array_equal(rec[:b], ref[0])
-                np.testing.assert_allclose(scores[:b], ref[1], atol=1e-3)
+            assert_matches_reference(model, contract, feeds, outs)
