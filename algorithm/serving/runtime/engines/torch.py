@@ -22,7 +22,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from algorithm.errors import MissingDependencyError
+from algorithm.errors import InternalError, MissingDependencyError
 from algorithm.interfaces import EngineContract
 from algorithm.serving.runtime import rowpack
 from algorithm.serving.runtime.batching import RequestBatch, collect
@@ -293,6 +293,9 @@ class TorchRunner:
                 pending.append(("eager", self._eager_async(feeds)))
                 continue
             slot, lane = found
+            if any(kind == "graph" and item[0] is slot for kind, item in pending):
+                # 同一张图的两组会共用设备上的静态输入 / 输出（后一组的结果覆盖前一组）：EngineModel 不会这样分组
+                raise InternalError(f"一次 execute 里两组落到同一张图 {next(k for k, v in self.slots.items() if v is slot)}")
             if slot.stream is None:
                 self._launch(slot, lane)
             else:
