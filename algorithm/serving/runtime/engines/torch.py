@@ -258,7 +258,12 @@ class TorchRunner:
         if not self.use_graphs or rows > self.batch_buckets[-1] or length > self.seq_buckets[-1]:
             return None
         key = (round_up(rows, self.batch_buckets), round_up(length, self.seq_buckets))
-        return self.slots.get(key) or self._capture(*key)
+        return self.slots.get(key) or self._lazy(self._capture, key)
+
+    def _lazy(self, capture, key) -> Optional[_Slot]:
+        """缺桶时才捕获（warmup=False）。流水线（lanes > 1）时不捕获、这一组 eager 运行：另一个线程正在 finish 里等 CUDA 事件，
+        全局模式的流捕获期间别的线程做同步会让捕获失败。"""
+        return capture(*key) if self.lanes == 1 else None
 
     # ---- 运行 ----
     def staging(self, rows: int, length: int) -> Dict[str, np.ndarray]:
@@ -337,7 +342,7 @@ class TorchRunner:
         slot = None
         if self.use_graphs and p.histories <= self.batch_buckets[-1] and p.width in self.seq_buckets:
             key = (round_up(p.rows, self.batch_buckets), round_up(p.histories, self.batch_buckets), p.width)
-            slot = self.slots.get(key) or self._capture_packed(*key)
+            slot = self.slots.get(key) or self._lazy(self._capture_packed, key)
         bufs = slot.take_lane().host_in if slot is not None else rowpack.alloc(self.contract, p.rows, p.width,
                                                                                p.histories)
         rowpack.fill(batch, p, bufs)
