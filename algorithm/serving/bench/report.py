@@ -35,7 +35,7 @@ def write_report(report: Dict[str, Any], out_dir: str) -> Dict[str, str]:
     cols = ["repeat", "model", "mode", "offered_rate", "concurrency", "sent", "ok", "error_rate", "throughput", "p50",
             "p90", "p95", "p99", "p99.9", "p99_ci_low", "p99_ci_high", "lag_p99", "engine_avg_batch",
             "engine_queue_ms", "engine_compute_ms", "engine_compute_per_execute_ms", "exec_host_ms", "exec_device_ms",
-            "gpu_util", "client_cpu_util_max"]
+            "exec_gpu_gap_ms", "gpu_util", "client_cpu_util_max"]
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -49,7 +49,7 @@ def write_report(report: Dict[str, Any], out_dir: str) -> Dict[str, str]:
                         _fmt((p.get("schedule_lag_ms") or {}).get("p99")), _fmt(eng.get("avg_batch")),
                         _fmt(eng.get("queue_ms")), _fmt(eng.get("compute_ms")),
                         _fmt(eng.get("compute_per_execute_ms")), _fmt(ex.get("host_ms")),
-                        _fmt(ex.get("device_ms")), _fmt(p["gpu"].get("util_mean")),
+                        _fmt(ex.get("device_ms")), _fmt(ex.get("gpu_gap_ms")), _fmt(p["gpu"].get("util_mean")),
                         _fmt(max(p["client_cpu_util"]))])
     _plot(clean, points, paths["png"])
     return paths
@@ -127,7 +127,8 @@ def summary_table(report: Dict[str, Any]) -> str:
                      f"{fmt_spread(h.get('sla_engine_host_ms'), 2)} ms，运行 {fmt_spread(h.get('sla_engine_device_ms'), 2)} ms（GPU 上为 CUDA 事件），"
                      f"回拷 {fmt_spread(h.get('sla_engine_copy_back_ms'), 2)} ms，整个 execute "
                      f"{fmt_spread(h.get('sla_engine_execute_ms'), 2)} ms，填充占 "
-                     f"{fmt_spread(h.get('sla_engine_padding_share'), 2)}")
+                     f"{fmt_spread(h.get('sla_engine_padding_share'), 2)}；每批开始前这个实例的 GPU 空了 "
+                     f"{fmt_spread(h.get('sla_engine_gpu_gap_ms'), 2)} ms")
         if piped:
             lines.append(f"       引擎流水线（triton.engine_pipeline_depth={piped}）：Triton 记的 execute 到启动为止、引擎自己量的"
                          "从启动到回答，“execute 之外”的拆分不适用；上面的 execute 是从启动到回答的墙钟时间")

@@ -172,4 +172,5 @@ class EngineMetricsScraper:
         return {"executes": int(n), "requests_per_execute": per("requests_total"), "rows_per_execute": per("rows_total"),
                 "launches_per_execute": per("groups_total"),
                 "padding_share": (1 - valid / padded) if padded else None,
-                **{f"{s}_ms": per(f"ms_total:{s}") for s in ("host", "device", "copy_back", "respond", "execute")}}
+                **{f"{s}_ms": per(f"ms_total:{s}") for s in ("host", "device", "copy_back", "respond", "execute",
+                                                             "gpu_gap")}}

@@ -387,8 +387,8 @@ def headline(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     h["sla_gpu_util"] = spread(s.get("gpu_util") for s in sla)
     h["sla_avg_batch"] = spread(s.get("avg_batch") for s in sla)
     h["sla_throughput"] = spread(s.get("throughput") for s in sla)
-    for k in ("host_ms", "device_ms", "copy_back_ms", "execute_ms", "requests_per_execute", "launches_per_execute",
-              "padding_share"):
+    for k in ("host_ms", "device_ms", "copy_back_ms", "execute_ms", "gpu_gap_ms", "requests_per_execute",
+              "launches_per_execute", "padding_share"):
         h[f"sla_engine_{k}"] = spread((s.get("engine_execute") or {}).get(k) for s in sla)
     h["sla_engine_triton_execute_ms"] = spread(s.get("engine_triton_execute_ms") for s in sla)
     h["sla_engine_outside_execute_ms"] = spread(s.get("engine_outside_execute_ms") for s in sla)

@@ -69,7 +69,7 @@ class EngineMetrics:
 
     指标（计数器，标签 model、instance）：ugt_engine_executes_total、ugt_engine_requests_total、
     ugt_engine_rows_total、ugt_engine_groups_total、ugt_engine_tokens_total{kind=valid|padded}、
-    ugt_engine_ms_total{stage=host|device|copy_back|respond|execute}。
+    ugt_engine_ms_total{stage=host|device|copy_back|respond|execute|gpu_gap}。
     压测在每个负载点前后各抓一次 /metrics，差值除以 execute 数就是“服务中的一批”的各阶段时间，
     可与同一 batch 的离线时间对比。python backend 不支持自定义指标时（旧版本）只记日志，不影响服务。
 
@@ -101,7 +101,8 @@ class EngineMetrics:
                 "groups": counter("ugt_engine_groups_total", "按长度分组后的启动次数"),
                 "tokens": counter("ugt_engine_tokens_total", "有效 / 填充后的 token 数"),
                 "ms": counter("ugt_engine_ms_total", "各阶段累计毫秒：host=启动前的 Python，device=GPU（CUDA 事件），"
-                                                     "copy_back=回拷，respond=拆分结果，execute=整个 execute"),
+                                                     "copy_back=回拷，respond=拆分结果，execute=整个 execute，"
+                                                     "gpu_gap=这一批开始前 GPU 空着的时间"),
             }
             # 留住 MetricFamily 的引用：python backend 里 family 对象被回收时会注销它（连同它的指标）
             self._fams = fams

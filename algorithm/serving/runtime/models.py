@@ -78,8 +78,9 @@ class PostprocessModel:
 class ExecuteStats:
     """引擎一次 execute 的计时（毫秒）与形状；累计值导出为 Triton 自定义指标（runtime/glue.py）。"""
 
+    # gpu_gap_ms：这一批开始前这个实例的 GPU 空了多久（上一批的结束到这一批的开始，CUDA 事件；torch 运行器在 GPU 上才有）
     FIELDS = ("executes", "requests", "rows", "groups", "padded_tokens", "valid_tokens", "host_ms", "device_ms",
-              "copy_back_ms", "respond_ms", "execute_ms")
+              "copy_back_ms", "respond_ms", "execute_ms", "gpu_gap_ms")
 
     def __init__(self):
         self.totals = {f: 0.0 for f in self.FIELDS}
@@ -194,7 +195,7 @@ class EngineModel:
                         "valid_tokens": float(batch.flat["encoder_mask"].sum()),
                         "host_ms": (t.t_launch - t.t0) * 1e3, "device_ms": timing.get("device_ms", 0.0),
                         "copy_back_ms": timing.get("copy_back_ms", 0.0), "respond_ms": (t_end - t_run) * 1e3,
-                        "execute_ms": (t_end - t.t0) * 1e3})
+                        "execute_ms": (t_end - t.t0) * 1e3, "gpu_gap_ms": timing.get("gap_ms", 0.0)})
         return results
 
 

@@ -93,9 +93,10 @@ class _Slot:
 class _Pending:
     """launch_many 启动了、还没等的一次 execute：各组（图的 (桶, 那一套) 或 eager 的设备张量）与三个 CUDA 事件。"""
 
-    def __init__(self, items: list, events=None, outs=None, timing=None):
+    def __init__(self, items: list, events=None, outs=None, timing=None, prev_end=None):
         self.items, self.events = items, events
         self.outs, self.timing = outs, timing  # CPU 上 launch 就算完了
+        self.prev_end = prev_end  # 同一运行器上一批的结束事件（算两批之间 GPU 空着的时间）
 
 
 class TorchRunner:
@@ -138,6 +139,7 @@ class TorchRunner:
         # id(暂存区字典) -> 它所属的桶与那一套（launch_many 据此找到图）
         self._slot_of_buffer: Dict[int, Tuple[_Slot, _Lane]] = {}
         self.lanes = max(1, int(lanes))
+        self._last_end = None  # 上一次 launch_many 的结束事件
         # 同时重放的图不能共用任何工作区。group_streams 时每个长度桶（一次 execute 里每个长度桶至多一组）有自己的
         # 图内存池与流（在它上面捕获，之后也在它上面重放）：cuBLAS 的工作区按 (句柄, 流) 缓存，在同一个流上捕获的图
         # 共用同一块工作区，即使内存池不同（pytorch/pytorch#193402）。H100 上 c0f0373 只分了内存池、都在默认捕获流上捕获，同时重放时
@@ -292,6 +294,9 @@ class TorchRunner:
         pending = []
         main = torch.cuda.current_stream(self.device)
         ev_start.record(main)
+        # 上一批的结束事件：两者之间的 GPU 时间 = 这个实例的 GPU 在两批之间空着的时间（同一流上，不会为负；
+        # 流水线把下一批排在上一批还在跑时，它接近 0）
+        prev_end, self._last_end = self._last_end, ev_end
         for feeds in staged:
             found = self._slot_of_buffer.get(id(feeds))
             if found is None:
@@ -318,7 +323,7 @@ class TorchRunner:
         for lane in side:
             main.wait_event(lane.copied)
         ev_end.record(main)
-        return _Pending(pending, events=(ev_start, ev_compute, ev_end))
+        return _Pending(pending, events=(ev_start, ev_compute, ev_end), prev_end=prev_end)
 
     def finish(self, p: _Pending) -> Tuple[List[Outputs], Dict[str, float]]:
         """等 launch_many 启动的一批做完（只等这一次），取回各组输出（拷出页锁定区：那一套随后给别的批用）。"""
@@ -333,7 +338,9 @@ class TorchRunner:
                 outs.append((host_out[0].numpy().copy(), host_out[1].numpy().copy()))
             else:
                 outs.append((item[0].cpu().numpy(), item[1].float().cpu().numpy()))
-        return outs, {"device_ms": ev_start.elapsed_time(ev_compute), "copy_back_ms": ev_compute.elapsed_time(ev_end)}
+        gap = p.prev_end.elapsed_time(ev_start) if p.prev_end is not None else 0.0
+        return outs, {"device_ms": ev_start.elapsed_time(ev_compute), "copy_back_ms": ev_compute.elapsed_time(ev_end),
+                      "gap_ms": gap}
 
     def stage_packed(self, batch: RequestBatch) -> Tuple[rowpack.RowPlan, Dict[str, np.ndarray]]:
         """拼行的程序：一次 execute 的全部历史拼成一组，写进 (行数桶, 历史数桶, 宽) 那张图的页锁定暂存区；
