@@ -18,8 +18,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from algorithm.serving.bench.report import summary_table, write_report
 from algorithm.errors import StalledError
+from algorithm.serving.bench.report import summary_table, write_report
 from algorithm.serving.bench.suite import Benchmark, headline, run_once, strip_private
 from algorithm.serving.bench.tail import fmt_spread
 from algorithm.serving.build import paths
@@ -230,9 +230,9 @@ def measure_runs(bench: Benchmark, b, report: Dict[str, Any], once) -> None:
     """重复 b.repeats 次整套测量，结果追加到 report["runs"]。某次卡住（StalledError）时不再继续：
     report["incomplete"] 写明第几次、哪一步、服务器当时的状态，那次已测完的负载点放在 report["interrupted_points"]；
     之前几次的结果照样进报告（中位数只按完成的几次算）。"""
-    points: List[Dict[str, Any]] = []
     from tqdm import tqdm
 
+    points: List[Dict[str, Any]] = []
     bench.on_point = points.append
     try:
         for i in range(b.repeats):
