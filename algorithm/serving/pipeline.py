@@ -21,10 +21,11 @@ def read_runtime(repo: str, name: str):
 
 
 class InProcessPipeline:
-    def __init__(self, repository: str, engine: bool = True):
+    def __init__(self, repository: str, engine: bool = True, lanes: int = 1):
+        """lanes：引擎运行器每个桶几套暂存区（离线吞吐测流水线时要 2 套，见 bench/offline.pipelined）。"""
         d = lambda name: os.path.join(repository, name, "1")  # noqa: E731
         self.pre = PreprocessModel(d(PREPROCESS), *read_runtime(repository, PREPROCESS))
-        self.engine = EngineModel(d(ENGINE), *read_runtime(repository, ENGINE)) if engine else None
+        self.engine = EngineModel(d(ENGINE), *read_runtime(repository, ENGINE), lanes=lanes) if engine else None
         self.post = PostprocessModel(d(POSTPROCESS), *read_runtime(repository, POSTPROCESS))
 
     def recommend(self, item_ids: Sequence[int], behavior_types: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:

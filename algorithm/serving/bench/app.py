@@ -307,6 +307,7 @@ def update_sweep_summary(sweep_dir: str, run_dir: str, report: Dict[str, Any], o
     h = report.get("headline") or {}
     off = report.get("offline_engine") or {}
     big = off.get(max((k for k in off if k.isdigit()), key=int, default=""), {}) if off else {}
+    piped = (off.get("pipelined") or {}).get(str(big["batch"])) if big else None  # 同一 batch 两批同时在途
     closed = h.get("closed_loop") or {}
     top_c = max(closed, key=int) if closed else None
     rows.append({"run": os.path.basename(run_dir), "overrides": " ".join(overrides),
@@ -317,6 +318,7 @@ def update_sweep_summary(sweep_dir: str, run_dir: str, report: Dict[str, Any], o
                  f"closed_c{top_c}_throughput" if top_c else "closed_throughput":
                      fmt_spread(closed[top_c]["throughput"]) if top_c else "-",
                  "offline_max_batch_throughput": f"{big['throughput']:.1f}" if big else "-",
+                 "offline_max_batch_pipelined": f"{piped['throughput']:.1f}" if piped else "-",
                  "sla_rate_median": (h.get("sla_rate") or {}).get("median"),
                  # 中断过的运行：中位数只按完成的几次（h["repeats"]）算
                  "completed_repeats": h.get("repeats"),

@@ -201,4 +201,8 @@ def summary_table(report: Dict[str, Any]) -> str:
         if grouped:
             lines.append("  引擎离线吞吐（每批同一长度组，按占比加权，旧定义）：" + "，".join(
                 f"b{k} {v['throughput']:.0f}/s" for k, v in grouped.items()))
+        piped = {k: v for k, v in (off.get("pipelined") or {}).items() if k.isdigit()}
+        if piped:
+            lines.append("  引擎离线吞吐（同样的混合长度批，两批同时在途，像 engine_pipeline_depth=2）：" + "，".join(
+                f"b{k} {v['throughput']:.0f}/s" for k, v in piped.items()))
     return "\n".join(lines)

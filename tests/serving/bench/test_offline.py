@@ -26,3 +26,8 @@ def test_offline_engine_throughput_on_the_built_repository(built):
         g = out["grouped"][str(b)]
         assert set(g["seconds_by_length"]) == set(share) and all(t > 0 for t in g["seconds_by_length"].values())
         assert g["throughput"] > 0
+    # 两批同时在途（流水线）：每个 batch 都有数；CPU 上 launch 就算完了，与逐批等完的同一量级
+    p = out["pipelined"]
+    assert p["depth"] == 2
+    for b in (1, 4):
+        assert p[str(b)]["throughput"] > 0.3 * out[str(b)]["throughput"], (p, out[str(b)])
