@@ -486,7 +486,7 @@ def render_markdown(data: Dict[str, Any]) -> str:
                                        ("flops_ratio", "FLOPs 比（模型）", ".3f"), ("request_share", "各桶请求", "")]))
         if pad.get("per_execute"):
             md.append("一次 execute 有 batch 个请求时（按仓库的长度桶分组、行数补到 batch 桶；拼行宽 W = 不超过 W 的历史拼进宽 W 的行、"
-                      "更长的照旧分组，0 = 按长度分组；engine.pack_rows 的做法是 W = 最长者的长度桶、全部拼行）的估算：编码器算的 token ÷ 需要的 token，与长度组数\n")
+                      "更长的照旧分组，0 = 按长度分组，-1 = engine.pack_rows 的做法：W = 最长者的长度桶、全部拼行）的估算：编码器算的 token ÷ 需要的 token，与长度组数\n")
             md.append(_table(pad["per_execute"], [("batch", "batch", ""), ("pack_width", "拼行宽 W", ""),
                                                   ("token_ratio", "token 比", ".2f"), ("launches", "组数", ".2f")]))
     for key in ["throughput", "throughput_planned", "throughput_planned_8"] + sorted(k for k in s if k.startswith("throughput_int8")):
@@ -793,7 +793,7 @@ def run_profile(args) -> Dict[str, Any]:
         seq = meta["seq_buckets"] or [max_len]
         bb = meta["batch_buckets"] or [1]
         per_execute = [execute_padding(lengths, b, seq, bb, pack_width=w, trials=200 if args.quick else 2000)
-                       for b in sorted({2, *batches}) for w in (0, 256, 512) if w <= max_len]
+                       for b in sorted({2, *batches}) for w in (0, -1, 256, 512) if w <= max_len]
         return {"rows": rows, "mean_flops_unpadded": float(np.mean(flops(lengths))), "planned_4": planned(4),
                 "per_execute": per_execute}
     rep.section("padding", padding)

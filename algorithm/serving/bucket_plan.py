@@ -160,9 +160,11 @@ def execute_padding(lengths, batch: int, seq_buckets: Sequence[int], batch_bucke
 
     padding_report 只看每个请求补到自己的桶；服务时一次 execute 的请求还要按长度分组、每组行数补到 batch 桶，
     填充更多（H100 上 execute 里填充占 token 的 0.55–0.65，benchmarks/h100-2026-11-28）。
-    pack_width=0：现在运行器的做法（按长度桶分组，不含它按实测代价合并相邻组）；
+    pack_width=0：按长度桶分组（engine.pack_rows=false 的运行器，不含它按实测代价合并相邻组）；
     pack_width=W：把不超过 W 的历史按首次适应递减（runtime/rowpack.first_fit_decreasing）拼进宽 W 的行（行数补到
-    batch 桶），更长的照旧按长度桶分组。engine.pack_rows 实现的是其中一种：W = 最长者的长度桶、全部拼行。都是估算，不是测量。"""
+    batch 桶），更长的照旧按长度桶分组；
+    pack_width=-1：engine.pack_rows 实现的拼法（runtime/rowpack.plan）：W = 这次最长者所在的长度桶、全部拼行、一次启动。
+    都是估算，不是测量（只算编码器的 token；拼行时解码器的记忆也补到 W，不在这里）。"""
     from algorithm.serving.runtime.buckets import round_up
     from algorithm.serving.runtime.rowpack import first_fit_decreasing
 
@@ -181,6 +183,10 @@ def execute_padding(lengths, batch: int, seq_buckets: Sequence[int], batch_bucke
         need += ls.sum()
         if not pack_width:
             t, g = grouped(ls)
+        elif pack_width < 0:
+            width = int(bucket_of(np.array([ls.max()]), seq_buckets)[0])
+            _, _, rows = first_fit_decreasing(ls, width)
+            t, g = round_up(rows, batch_buckets) * width, 1
         else:
             _, _, rows = first_fit_decreasing(ls[ls <= pack_width], pack_width)
             t = round_up(rows, batch_buckets) * pack_width if rows else 0

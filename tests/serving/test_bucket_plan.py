@@ -109,6 +109,9 @@ def test_execute_padding_counts_groups_batch_buckets_and_packed_rows():
     assert r["token_ratio"] == pytest.approx(2 * 512 / 1000) and r["launches"] == 1.0
     r = execute_padding(np.array([600]), 1, sb, bb, pack_width=512, trials=3)
     assert r["token_ratio"] == pytest.approx(2 * 1024 / 600) and r["launches"] == 1.0
+    # 实现的拼法（-1）：W = 这次最长者的桶。全是 100 时 W = 128，一行只放得下一条：10 行补到 16，与分组相同（16 * 128 / 1000）
+    r = execute_padding(np.full(10, 100), 10, sb, bb, pack_width=-1, trials=3)
+    assert r["token_ratio"] == pytest.approx(16 * 128 / 1000) and r["launches"] == 1.0
     # 默认分布下（同一种子）：每次 execute 的填充比 padding_report 的每请求填充多；拼行在 16 个请求时更少、组更少
     lengths = default_lengths(n=20_000)
     now = execute_padding(lengths, 16, sb, bb, trials=500)
@@ -116,3 +119,5 @@ def test_execute_padding_counts_groups_batch_buckets_and_packed_rows():
     per_request = 1 / (1 - padding_report(lengths, sb)["padded_token_share"])
     assert now["token_ratio"] > per_request > 1
     assert packed["token_ratio"] < now["token_ratio"] and packed["launches"] < now["launches"]
+    served = execute_padding(lengths, 16, sb, bb, pack_width=-1, trials=500)
+    assert served["launches"] == 1.0 and served["token_ratio"] < now["token_ratio"]
