@@ -611,8 +611,9 @@ def run_profile(args) -> Dict[str, Any]:
     def load():
         t = time.time()
         program = torch.export.load(meta["engine_file"])
-        # 拼行的程序（engine.pack_rows）比契约多一个输入（运行器也这样认）
-        packed = len(program.graph_signature.user_inputs) == len(INPUT_NAMES) + 1
+        from algorithm.serving.runtime.rowpack import is_packed_program
+
+        packed = is_packed_program(program, cfg.contract())  # engine.pack_rows 的程序（运行器也这样认）
         gm = program.module().to(device)
         model = eager_from_pt2(gm, meta["model"], meta["decoder_kv_cache"])
         state.update(gm=gm, model=model, dtype=next(model.parameters()).dtype, packed=packed)

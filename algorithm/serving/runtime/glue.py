@@ -84,6 +84,7 @@ class EngineMetrics:
     def __init__(self, pb_utils, model_name: str, instance: str, flush_s: float = FLUSH_S):
         self.ok = False
         self._pending: dict = {}
+        self._recorded = 0.0  # 已记到的 ExecuteStats.totals["executes"]
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._flush_s = flush_s
@@ -120,6 +121,11 @@ class EngineMetrics:
             log.warning("自定义指标不可用（%s: %s）；引擎计时只在日志里", type(e).__name__, e)
 
     def record(self, stats: ExecuteStats) -> None:
+        """记下 stats 的最近一次 execute；自上次以来没有新的（整批都没通过校验、引擎失败）就不记，不重复计上一次的。"""
+        n = stats.totals["executes"]
+        if n <= self._recorded:
+            return
+        self._recorded = n
         d = stats.last
         if not self.ok or not d:
             return
@@ -167,7 +173,7 @@ class Pipeline:
         self._queue: "queue.Queue" = queue.Queue()
         self._cv = threading.Condition()
         self.inflight = 0
-        self.max_inflight = 0  # 测试与日志用：在途批数的最大值（不应超过 depth）
+        self.max_inflight = 0  # 测试用：在途批数的最大值（不应超过 depth）
         self._thread = threading.Thread(target=self._run, name="ugt-engine-complete", daemon=True)
         self._thread.start()
 
@@ -202,13 +208,11 @@ class Pipeline:
                     self._cv.notify_all()
 
     def _complete(self, requests, ticket, err) -> None:
-        before = self.impl.stats.totals["executes"]
         try:
             results = self.impl.complete(ticket) if err is None else [err] * len(requests)
         except Exception as e:  # noqa: BLE001
             results = [RuntimeError(f"引擎执行失败：{type(e).__name__}: {e}")] * len(requests)
-        if self.impl.stats.totals["executes"] > before:
-            self.metrics.record(self.impl.stats)
+        self.metrics.record(self.impl.stats)
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for r, resp in zip(requests, write_responses(self.pb, results)):
             try:

@@ -18,11 +18,16 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from algorithm.interfaces import EngineContract
-from algorithm.serving.runtime.batching import MASK, Group, RequestBatch, split_rows
+from algorithm.serving.runtime.batching import MASK, Group, RequestBatch, collect, split_rows
 from algorithm.serving.runtime.buckets import round_up
 
 SEGMENTS = "segments"
 REQUEST_INDEX = "request_index"
+
+
+def is_packed_program(program, contract: EngineContract) -> bool:
+    """torch.export 的程序是不是拼行的（UGTModel.forward_packed）：它比契约多一个输入。运行器与剖析脚本都这样认，不另设开关。"""
+    return len(program.graph_signature.user_inputs) == len(contract.input_names) + 1
 
 
 def input_names(contract: EngineContract) -> Tuple[str, ...]:
@@ -131,8 +136,6 @@ def pack_requests(contract: EngineContract, requests: Sequence[Dict[str, np.ndar
                   rows: int = 0, histories: int = 0) -> Dict[str, np.ndarray]:
     """不经运行器把几个请求（各 {输入名: [b, L]}）拼成拼行程序的一组输入；行数 / 历史数可以多于需要。
     导出、CUDA Graph 捕获与剖析用（服务时由运行器把它们写进页锁定的暂存区）。"""
-    from algorithm.serving.runtime.batching import collect
-
     batch, errors = collect(requests, contract)
     if errors or batch is None:
         raise ValueError(f"输入不合法：{errors}")
@@ -150,4 +153,4 @@ def example_inputs(contract: EngineContract, lengths: Sequence[int], width: int,
 
 
 __all__ = ["REQUEST_INDEX", "SEGMENTS", "RowPlan", "alloc", "buffer_specs", "example_inputs", "fill",
-           "first_fit_decreasing", "input_names", "pack_requests", "plan", "row_lengths", "split"]
+           "first_fit_decreasing", "input_names", "is_packed_program", "pack_requests", "plan", "row_lengths", "split"]

@@ -119,8 +119,7 @@ class TorchRunner:
             torch.cuda.set_device(self.device)
         t0 = time.time()
         program = torch.export.load(path)
-        # 拼行的程序（engine.pack_rows，UGTModel.forward_packed）比契约多一个输入：按输入个数认出，不另设开关
-        self.packed = len(program.graph_signature.user_inputs) == len(contract.input_names) + 1
+        self.packed = rowpack.is_packed_program(program, contract)  # engine.pack_rows 导出的程序
         self.input_names = rowpack.input_names(contract) if self.packed else tuple(contract.input_names)
         module = program.module()
         module.to(self.device)
@@ -297,15 +296,17 @@ class TorchRunner:
         # 上一批的结束事件：两者之间的 GPU 时间 = 这个实例的 GPU 在两批之间空着的时间（同一流上，不会为负；
         # 流水线把下一批排在上一批还在跑时，它接近 0）
         prev_end, self._last_end = self._last_end, ev_end
+        launched = set()
         for feeds in staged:
             found = self._slot_of_buffer.get(id(feeds))
             if found is None:
                 pending.append(("eager", self._eager_async(feeds)))
                 continue
             slot, lane = found
-            if any(kind == "graph" and item[0] is slot for kind, item in pending):
+            if id(slot) in launched:
                 # 同一张图的两组会共用设备上的静态输入 / 输出（后一组的结果覆盖前一组）：EngineModel 不会这样分组
                 raise InternalError(f"一次 execute 里两组落到同一张图 {next(k for k, v in self.slots.items() if v is slot)}")
+            launched.add(id(slot))
             if slot.stream is None:
                 self._launch(slot, lane)
             else:

@@ -167,7 +167,7 @@ def test_two_batches_in_flight_on_the_same_buckets_keep_their_own_buffers_on_gpu
             outs, timing = runner.finish(p)
             assert timing["device_ms"] > 0 and timing["gap_ms"] >= 0  # 同一流上上一批的结束到这一批的开始
             assert_matches_reference(model, contract, feeds, outs)
-    # 同一次 execute 的两组落到同一张图（两套暂存区让 EngineModel 的“同一暂存区”检查看不出来）：拒绝，而不是给出错的结果
+    # 同一次 execute 的两组落到同一张图（各拿到一套暂存区，按暂存区看不出来）：运行器拒绝，而不是给出错的结果
     same = stage_groups(runner, contract, [contract.random_inputs(3, 30, rng), contract.random_inputs(4, 40, rng)])
     with pytest.raises(InternalError, match="同一张图"):
         runner.launch_many(same)
