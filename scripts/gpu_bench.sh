@@ -63,6 +63,19 @@ profile_repo() {
       ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/$2.log" || true
 }
 
+# 剖析与 int8 用的已构建仓库：build 阶段写的 $G/new/model_repository；只跑过 sweep 时（它按产物选项构建到
+# $G/new/variants/*，2026-11-28 H200 上 profile 因此找不到仓库）取唯一的变体；PROFILE_REPO 可直接指定
+built_repo() {
+  if [ -n "${PROFILE_REPO:-}" ]; then echo "$PROFILE_REPO"; return; fi
+  if [ -f $G/new/model_repository/ugt_engine/config.pbtxt ]; then echo $G/new/model_repository; return; fi
+  local v=() r
+  for r in $G/new/variants/*/model_repository; do [ -f "$r/ugt_engine/config.pbtxt" ] && v+=("$r"); done
+  if [ ${#v[@]} -eq 1 ]; then echo "${v[0]}"; return; fi
+  echo "找不到要剖析的仓库：$G/new/model_repository 不存在，$G/new/variants 下有 ${#v[@]} 个构建好的变体" \
+       "（先跑 build 阶段，或用 PROFILE_REPO=… 指定）" >&2
+  return 1
+}
+
 case "$STAGE" in
   setup)
     # .carry/ 由 scripts/make_carry.sh 生成：site312.tar.xz（numpy<2、tritonclient[grpc]、hydra、torchao 等解开的 wheel）、
@@ -137,7 +150,8 @@ PYEOF
         checkpoint=$G/new/checkpoints/ugt_base.pt 2>&1 | tee "$OUT/build_old.log")
     ;;
   profile)
-    profile_repo $G/new/model_repository profile
+    REPO=$(built_repo) || exit 1
+    profile_repo "$REPO" profile
     ;;
   profile_variants)
     # 压测的 multirun 按产物选项构建的变体（$G/new/variants/*，例如 SWEEP='export.decoder_kv_cache=false,true' 的 false）
@@ -153,12 +167,13 @@ PYEOF
     # INT8_MODES 用空格或逗号分隔；TORCH_LOGS=recompiles 记下重新编译的原因。底本默认与构建相同（GPU 上 bf16；2026-11-27 那次
     # 还是 fp16，输出因溢出而错），INT8_BASE=fp16 可复现那次
     MODES=${INT8_MODES:-weight_only dynamic}
+    REPO=$(built_repo) || exit 1
     for m in ${MODES//,/ }; do
       CM=()
       [ -n "${INT8_COMPILE_MODE:-}" ] && CM=(--compile-mode "$INT8_COMPILE_MODE")
       [ -n "${INT8_BASE:-}" ] && CM+=(--int8-base "$INT8_BASE")
       rc=0
-      TORCH_LOGS=recompiles timeout -k 10 ${INT8_TIMEOUT:-240} $PY scripts/engine_profile.py --repo $G/new/model_repository \
+      TORCH_LOGS=recompiles timeout -k 10 ${INT8_TIMEOUT:-240} $PY scripts/engine_profile.py --repo "$REPO" \
           --out $G/profile_int8_$m${INT8_COMPILE_MODE:+_$INT8_COMPILE_MODE} --only throughput,int8 --int8-modes $m \
           --batches ${INT8_BATCHES:-16,64} ${CM[@]+"${CM[@]}"} --budget-s $(( ${INT8_TIMEOUT:-240} - 10 )) 2>&1 | tee "$OUT/profile_int8_$m.log" || rc=$?
       echo "int8 $m：退出码 $rc（124 = 超时）" | tee -a "$OUT/profile_int8_$m.log"
