@@ -37,7 +37,7 @@ BASE=(model=ugt_base "export.validation_shapes=[[1,5],[7,37],[16,256]]" server.s
       engine=torch precision=fp16 "engine.seq_buckets=[128,256,512,1024]")
 COMMON=("${BASE[@]}" "engine.batch_buckets=$NEW_BUCKETS")
 COMMON_OLD=("${BASE[@]}" "engine.batch_buckets=$OLD_BUCKETS")
-# Triton 设置：conf/triton/h100.yaml（引擎 2 实例、前/后处理各 4 实例、preferred [8,16,32,64]、500 µs），新旧路径相同，
+# Triton 设置：conf/triton/h100.yaml（引擎 2 实例、前/后处理各 4 实例、preferred [8,16,32,64]、500 µs、引擎流水线 2 层），新旧路径相同（旧代码没有流水线），
 # 差别只在代码；ENGINE_INSTANCES / QUEUE_DELAY_US 覆盖其中两项
 TRITON=(triton=h100 ${ENGINE_INSTANCES:+triton.instance_count=$ENGINE_INSTANCES} ${QUEUE_DELAY_US:+triton.max_queue_delay_us=$QUEUE_DELAY_US})
 # 旧提交的代码（/tmp/old）没有 conf/triton/h100.yaml：同样的设置逐项给出

@@ -441,7 +441,8 @@ class ServingConfig:
         if self.triton.engine_pipeline_depth > 1 and (self.engine.native or self.engine.kind == "tensorrt"):
             raise ConfigError("triton.engine_pipeline_depth > 1 只对 python 运行器托管的引擎有效（engine.native=false 的 "
                               f"torch / onnxruntime）；engine.kind={self.engine.kind}、native={self.engine.native} "
-                              "由 Triton 的原生后端托管，用 triton.instance_count 让几批同时在途")
+                              "由 Triton 的原生后端托管，用 triton.instance_count 让几批同时在途；预设 triton=h100 设了 2，"
+                              "与原生后端一起用时加 triton.engine_pipeline_depth=1")
 
 
     def contract(self) -> EngineContract:

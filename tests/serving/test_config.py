@@ -118,4 +118,5 @@ def test_triton_presets_compose_and_keys_still_override_them():
         to_serving_config(_compose([f"triton={name}"]))
     h100 = to_serving_config(_compose(["triton=h100"])).triton
     assert (h100.instance_count, h100.preprocess_instance_count, h100.max_queue_delay_us) == (2, 4, 500)
+    assert h100.engine_pipeline_depth == 2
     assert to_serving_config(_compose(["triton=h100", "triton.instance_count=1"])).triton.instance_count == 1
