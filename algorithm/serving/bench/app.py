@@ -195,8 +195,10 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
 
                 bar.set_postfix_str("引擎离线吞吐")
                 try:
-                    report["offline_engine"] = offline_engine_throughput(repo, offline, b, config.export.max_seq_length,
-                                                                         samples=b.offline_samples)
+                    with bench.gpu:  # 同时记 GPU 的忙时时钟与功耗：离线数字在两次运行之间差很多时分得出是不是机器降频
+                        report["offline_engine"] = offline_engine_throughput(repo, offline, b, config.export.max_seq_length,
+                                                                             samples=b.offline_samples)
+                    report["offline_engine"]["gpu"] = bench.gpu.result()
                 except Exception as e:  # noqa: BLE001  离线那一步失败（例如显存不够）不能让前面测好的服务数字丢掉
                     log.error("引擎离线吞吐失败：%s: %s", type(e).__name__, e)
                     report["offline_engine"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -299,6 +301,10 @@ def add_flops(report: Dict[str, Any], flops_per_request: float, peak_tflops: flo
                 v.update(mfu(v["throughput"]))
 
 
+def _fmt_opt(v: Optional[float], digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
 def update_sweep_summary(sweep_dir: str, run_dir: str, report: Dict[str, Any], overrides: List[str]) -> str:
     """multirun：把本次运行加入 sweep 目录下的 summary.json / summary.csv / summary.md（一行一个变体）。"""
     os.makedirs(sweep_dir, exist_ok=True)
@@ -319,6 +325,8 @@ def update_sweep_summary(sweep_dir: str, run_dir: str, report: Dict[str, Any], o
                      fmt_spread(closed[top_c]["throughput"]) if top_c else "-",
                  "offline_max_batch_throughput": f"{big['throughput']:.1f}" if big else "-",
                  "offline_max_batch_pipelined": f"{piped['throughput']:.1f}" if piped else "-",
+                 # 离线那段时间 GPU 忙时的 SM 时钟：同一个 multirun 里几行的离线差很多时先看它（机器降频）
+                 "offline_sm_clock_mhz": _fmt_opt((off.get("gpu") or {}).get("sm_clock_mhz"), 0),
                  "sla_rate_median": (h.get("sla_rate") or {}).get("median"),
                  # 中断过的运行：中位数只按完成的几次（h["repeats"]）算
                  "completed_repeats": h.get("repeats"),

@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any, Dict, List
 
+from algorithm.serving.bench.stats import clock_note
 from algorithm.serving.bench.suite import engine_stats, strip_private
 from algorithm.serving.bench.tail import PERCENTILES, fmt_spread
 
@@ -35,7 +36,7 @@ def write_report(report: Dict[str, Any], out_dir: str) -> Dict[str, str]:
     cols = ["repeat", "model", "mode", "offered_rate", "concurrency", "sent", "ok", "error_rate", "throughput", "p50",
             "p90", "p95", "p99", "p99.9", "p99_ci_low", "p99_ci_high", "lag_p99", "engine_avg_batch",
             "engine_queue_ms", "engine_compute_ms", "engine_compute_per_execute_ms", "exec_host_ms", "exec_device_ms",
-            "exec_gpu_gap_ms", "gpu_util", "client_cpu_util_max"]
+            "exec_gpu_gap_ms", "gpu_util", "gpu_sm_clock_mhz", "gpu_power_w", "client_cpu_util_max"]
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -50,6 +51,7 @@ def write_report(report: Dict[str, Any], out_dir: str) -> Dict[str, str]:
                         _fmt(eng.get("queue_ms")), _fmt(eng.get("compute_ms")),
                         _fmt(eng.get("compute_per_execute_ms")), _fmt(ex.get("host_ms")),
                         _fmt(ex.get("device_ms")), _fmt(ex.get("gpu_gap_ms")), _fmt(p["gpu"].get("util_mean")),
+                        _fmt(p["gpu"].get("sm_clock_mhz")), _fmt(p["gpu"].get("power_w")),
                         _fmt(max(p["client_cpu_util"]))])
     _plot(clean, points, paths["png"])
     return paths
@@ -120,7 +122,9 @@ def summary_table(report: Dict[str, Any]) -> str:
                  + (f"（{len(rates)} 次中 {missing} 次没有达标的速率，中位数只取其余的）" if missing else ""))
     lines.append(f"       该点 P99 {fmt_spread(h.get('sla_p99_ms'))} ms（上界 {fmt_spread(h.get('sla_p99_ci_high_ms'))}），"
                  f"P50 {fmt_spread(h.get('sla_p50_ms'))} ms，GPU {fmt_spread(h.get('sla_gpu_util'))} %，"
-                 f"平均 batch {fmt_spread(h.get('sla_avg_batch'), 2)}")
+                 f"平均 batch {fmt_spread(h.get('sla_avg_batch'), 2)}"
+                 + (f"，忙时 SM {fmt_spread(h['sla_gpu_sm_clock_mhz'], 0)} MHz、{fmt_spread(h.get('sla_gpu_power_w'), 0)} W"
+                    if (h.get("sla_gpu_sm_clock_mhz") or {}).get("median") is not None else ""))
     if (h.get("sla_engine_execute_ms") or {}).get("median") is not None:
         lines.append(f"       引擎每次 execute：{fmt_spread(h.get('sla_engine_requests_per_execute'))} 个请求、"
                      f"{fmt_spread(h.get('sla_engine_launches_per_execute'))} 次启动；Python 启动前 "
@@ -195,8 +199,9 @@ def summary_table(report: Dict[str, Any]) -> str:
     if off.get("error"):
         lines.append(f"  引擎离线吞吐：没有测到（{off['error']}）")
     if mixed:
+        note = clock_note(off.get("gpu") or {})
         lines.append("  引擎离线吞吐（同一个 EngineModel，混合长度，与服务同一条路径）：" + "，".join(
-            f"b{k} {v['throughput']:.0f}/s" for k, v in mixed.items()))
+            f"b{k} {v['throughput']:.0f}/s" for k, v in mixed.items()) + (f"（{note}）" if note else ""))
         grouped = {k: v for k, v in (off.get("grouped") or {}).items() if k.isdigit()}
         if grouped:
             lines.append("  引擎离线吞吐（每批同一长度组，按占比加权，旧定义）：" + "，".join(

@@ -66,45 +66,95 @@ class ServerStats:
         return out
 
 
-class GpuSampler:
-    """后台线程每 interval 秒读一次 NVML 的 GPU 利用率；没有 NVML 或 GPU 时给出原因。"""
+# NVML 的限频原因位（nvmlClocksEventReason*，数值是 NVML API 的一部分）；GpuIdle 与应用时钟设置不算“被限”
+CLOCK_LIMIT_REASONS = {0x4: "SwPowerCap", 0x8: "HwSlowdown", 0x10: "SyncBoost", 0x20: "SwThermalSlowdown",
+                       0x40: "HwThermalSlowdown", 0x80: "HwPowerBrakeSlowdown"}
+BUSY_UTIL = 50  # 只在 GPU 忙（利用率 ≥ 50 %）的样本里看时钟与功耗：空闲时时钟本来就降
 
-    def __init__(self, interval: float = 0.1):
+
+class GpuSampler:
+    """后台线程每 interval 秒读一次 NVML：GPU 利用率，以及 SM 时钟、功耗与限频原因；没有 NVML 或 GPU 时给出原因。
+
+    为什么记时钟：2026-11-28 H200 上同一段离线测量隔 10 分钟慢了 1.3–1.45 倍而 b1 不变，报告里分不出是机器降频还是代码；
+    忙时的 SM 时钟（对最高时钟）与限频原因能直接回答。时钟、功耗或原因读不到（有的 GPU 不支持）时只少这几项，利用率照常。
+    nvml 参数给测试注入替身。"""
+
+    def __init__(self, interval: float = 0.1, nvml=None):
         self.interval = interval
         self.samples: List[float] = []
+        self.extra: List[tuple] = []  # 与 samples 对齐：(SM MHz, 功耗 W, 限频原因位)，读不到的是 None
         self.reason: Optional[str] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.handles = []
         self.name = None
+        self.max_sm_mhz: Optional[float] = None
+        self.power_limit_w: Optional[float] = None
         try:
-            import pynvml
+            if nvml is None:
+                import pynvml as nvml
 
-            pynvml.nvmlInit()
-            self.nvml = pynvml
-            count = pynvml.nvmlDeviceGetCount()
-            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            nvml.nvmlInit()
+            self.nvml = nvml
+            count = nvml.nvmlDeviceGetCount()
+            self.handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
             if not self.handles:
                 self.reason = "NVML 没有发现 GPU"
             else:
-                name = pynvml.nvmlDeviceGetName(self.handles[0])
+                name = nvml.nvmlDeviceGetName(self.handles[0])
                 self.name = name.decode() if isinstance(name, bytes) else name
+                self.max_sm_mhz = self._optional(lambda h: nvml.nvmlDeviceGetMaxClockInfo(h, nvml.NVML_CLOCK_SM))
+                self.power_limit_w = self._optional(lambda h: nvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0)
         except ImportError:
             self.reason = "未安装 nvidia-ml-py（pip install -e '.[gpu]'）"
         except Exception as e:
             self.reason = f"NVML 不可用：{e}"
+        # 新版 NVML 叫 ClocksEventReasons，旧版叫 ClocksThrottleReasons
+        self._reasons_fn = None
+        if self.handles:
+            self._reasons_fn = getattr(self.nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+                getattr(self.nvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
+        self._no_extra: set = set()
+
+    def _optional(self, read) -> Optional[float]:
+        """各 GPU 的平均；读不到（不支持）时 None。"""
+        try:
+            return float(np.mean([read(h) for h in self.handles]))
+        except Exception:  # noqa: BLE001  NVMLError_NotSupported 等：只少这一项
+            return None
+
+    def _read_extra(self, key: str, read):
+        if key in self._no_extra:
+            return None
+        try:
+            return read()
+        except Exception:  # noqa: BLE001  第一次读不到就不再试（每次都抛异常的调用也有代价）
+            self._no_extra.add(key)
+            return None
+
+    def sample(self) -> None:
+        """读一次（采样线程调用；测试直接调用）。"""
+        nvml = self.nvml
+        self.samples.append(float(np.mean([nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles])))
+        sm = self._read_extra("sm", lambda: float(np.mean([nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM)
+                                                            for h in self.handles])))
+        power = self._read_extra("power", lambda: sum(nvml.nvmlDeviceGetPowerUsage(h) for h in self.handles) / 1000.0)
+        bits = None
+        if self._reasons_fn is not None:
+            bits = self._read_extra("reasons", lambda: int(np.bitwise_or.reduce([int(self._reasons_fn(h))
+                                                                                 for h in self.handles])))
+        self.extra.append((sm, power, bits))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                vals = [self.nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles]
-                self.samples.append(float(np.mean(vals)))
+                self.sample()
             except Exception as e:  # pragma: no cover
                 self.reason = f"NVML 读数失败：{e}"
                 return
 
     def __enter__(self) -> "GpuSampler":
-        self.samples = []
+        self.samples, self.extra = [], []
         if self.handles:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, daemon=True)
@@ -117,13 +167,39 @@ class GpuSampler:
             self._thread.join(timeout=5.0)  # NVML 调用卡住时不拖住整轮测量（采样线程是守护线程）
             if self._thread.is_alive():
                 self.reason = "NVML 采样线程 5 s 内没有结束：这个点的 GPU 利用率不可信"
-                self.samples = []
+                self.samples, self.extra = [], []
 
     def result(self) -> Dict[str, Any]:
         if not self.samples:
             return {"util_mean": None, "reason": self.reason or "采样窗口太短"}
-        return {"util_mean": float(np.mean(self.samples)), "util_p50": float(np.median(self.samples)),
-                "samples": len(self.samples), "device": self.name}
+        out = {"util_mean": float(np.mean(self.samples)), "util_p50": float(np.median(self.samples)),
+               "samples": len(self.samples), "device": self.name}
+        busy = [e for u, e in zip(self.samples, self.extra) if u >= BUSY_UTIL]
+        sm = [e[0] for e in busy if e[0] is not None]
+        power = [e[1] for e in busy if e[1] is not None]
+        bits = [e[2] for e in busy if e[2] is not None]
+        # 忙时：SM 时钟与功耗的中位数、限频原因出现在多少比例的忙样本里（没有忙样本时这几项为 None / 空）
+        out |= {"busy_samples": len(busy), "sm_clock_mhz": float(np.median(sm)) if sm else None,
+                "sm_clock_min_mhz": float(min(sm)) if sm else None, "sm_clock_max_mhz": self.max_sm_mhz,
+                "power_w": float(np.median(power)) if power else None, "power_limit_w": self.power_limit_w,
+                "clock_limits": {name: round(sum(bool(b & bit) for b in bits) / len(bits), 3)
+                                 for bit, name in CLOCK_LIMIT_REASONS.items() if any(b & bit for b in bits)}}
+        return out
+
+
+def clock_note(gpu: Dict[str, Any]) -> str:
+    """一行说明忙时的时钟与功耗（报告用）；没有读数时空串。"""
+    sm = gpu.get("sm_clock_mhz")
+    if sm is None:
+        return ""
+    top = gpu.get("sm_clock_max_mhz")
+    text = f"忙时 SM {sm:.0f}" + (f"/{top:.0f}" if top else "") + " MHz"
+    if gpu.get("power_w") is not None:
+        text += f"、{gpu['power_w']:.0f}" + (f"/{gpu['power_limit_w']:.0f}" if gpu.get("power_limit_w") else "") + " W"
+    limits = gpu.get("clock_limits") or {}
+    if limits:
+        text += "、限频 " + " ".join(f"{k} {v:.0%}" for k, v in limits.items())
+    return text
 
 
 _METRIC_RE = re.compile(r'^(ugt_engine_[a-z_]+)\{([^}]*)\}\s+([0-9.eE+-]+)$')

@@ -29,7 +29,7 @@ def test_sweep_summary_is_one_table(tmp_path):
         return {"engine": "onnxruntime", "precision": precision,
                 "headline": {"repeats": 2, "sla_rate": {"median": rate, "min": rate - 1, "max": rate + 1, "values": [rate - 1, rate + 1]},
                              "closed_loop": {"4": {"throughput": {"median": 3.0, "min": 2.0, "max": 4.0, "values": [2.0, 4.0]}}}},
-                "offline_engine": {"64": {"batch": 64, "throughput": 100.0}}}
+                "offline_engine": {"64": {"batch": 64, "throughput": 100.0}, "gpu": {"sm_clock_mhz": 1700.0 + rate}}}
 
     sweep = str(tmp_path / "sweep")
     common = ["model=ugt_tiny", "triton.instance_count=1"]
@@ -38,6 +38,7 @@ def test_sweep_summary_is_one_table(tmp_path):
     lines = open(path).read().splitlines()
     assert len(lines) == 4 and "| precision=fp32 |" in lines[2] and "| precision=int8 |" in lines[3]
     assert "20.0 [19.0–21.0]" in lines[3] and "100.0" in lines[3]
+    assert "offline_sm_clock_mhz" in lines[0] and "| 1720 |" in lines[3]  # 离线那段时间忙时的 SM 时钟
     # 各行相同的覆盖不进表（在 summary.json / csv 的 overrides 里）
     assert "model=ugt_tiny" not in open(path).read()
     assert json.load(open(os.path.join(sweep, "summary.json")))[0]["overrides"].startswith("model=ugt_tiny")
