@@ -38,7 +38,14 @@ class ServerError(UGTServingError, RuntimeError):
 
 
 class StalledError(UGTServingError, RuntimeError):
-    """压测的一步在限时内没有完成（发压进程崩溃或卡住、服务器不回答）：消息写明哪一步、限时与服务器当时的状态。"""
+    """压测的一步在限时内没有完成（发压进程崩溃或卡住、服务器不回答）：消息写明哪一步、限时与服务器当时的状态。
+
+    partial_run：卡住之前这次重复已经完整测好的部分（例如 SLA 搜索与确认都已做完、卡在其后开着追踪的点上），
+    压测把它照样算进结果；None = 这次重复没有可用的部分。"""
+
+    def __init__(self, *args, partial_run=None):
+        super().__init__(*args)
+        self.partial_run = partial_run
 
 
 class InternalError(UGTServingError, RuntimeError):

@@ -20,6 +20,7 @@ INSTANCE_KINDS = ("auto", "gpu", "cpu")
 UNKNOWN_ITEM_POLICIES = ("skip", "error")
 BENCH_TARGETS = ("ensemble", "engine")
 PROTOCOLS = ("grpc", "http")
+TRACE_SLA_POINT = ("auto", "on", "off")
 
 
 def _choice(section: str, name: str, value, allowed) -> None:
@@ -357,8 +358,12 @@ class BenchmarkConfig:
     light_duration_s: float = 10.0
     # 地板：同一发压端、同样速率下打一个不做计算、与 ensemble 同 I/O 的模型（ugt_floor），得到客户端与 Triton 前端的份额
     floor: bool = True
-    # Triton 追踪（TIMESTAMPS）：在每次重复的 SLA 确认点上开启，每 trace_rate 个请求追踪一个；0 = 不追踪
+    # Triton 追踪（TIMESTAMPS）：每次重复的轻负载点与 SLA 确认之后同一速率上单独的一个点（确认点本身不开），每 trace_rate 个请求追踪一个；0 = 不追踪
     trace_rate: int = 10
+    # SLA 速率上的追踪点：auto = Triton >= 2.57 时测（之前的版本高速率追踪会让服务器崩溃后卡死：追踪的释放里有
+    # use-after-free，server#7795，PR #8144 修于 2.57；内嵌的 pytriton 0.7.0 是 2.51，2026-11-28 两次卡住都是它），
+    # on = 照测（自担风险），off = 不测。轻负载点（每秒几个被追踪的请求）照常追踪
+    trace_sla_point: str = "auto"
     processes: int = 1  # 发压进程数
     warmup_requests: int = 50
     timeout_s: float = 10.0
@@ -385,6 +390,7 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         _choice("benchmark", "target", self.target, BENCH_TARGETS)
         _choice("benchmark", "protocol", self.protocol, PROTOCOLS)
+        _choice("benchmark", "trace_sla_point", self.trace_sla_point, TRACE_SLA_POINT)
         for f in ("num_requests", "min_requests", "length_median", "duration_s", "sla_start_rate", "sla_max_rate",
                   "processes", "timeout_s", "repeats", "max_point_s", "light_duration_s"):
             _positive("benchmark", f, getattr(self, f))

@@ -42,6 +42,9 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 SHM_DIR = "/dev/shm"
 # python backend 为每个存根建一个 POSIX 共享内存区，名字（前缀 + UUID）是存根命令行的第 3 个参数：
 #   triton_python_backend_stub <model.py> <区名> <默认大小> <增长步长> <父 pid> <backend 目录> ... <实例名> ...
+# 崩溃的信号（不含 SIGINT 2 / SIGTERM 15）与 glibc 的堆错误
+_CRASH_RE = re.compile(r"Signal \((?:4|6|7|8|11)\) received|corrupted (?:double-linked|size|top size)|double free|"
+                       r"free\(\): invalid|malloc\(\): ")
 _SHM_REGION_RE = re.compile(r"^triton_python_backend_shm_region_[0-9A-Za-z-]+$")
 
 
@@ -399,6 +402,24 @@ class EmbeddedTritonServer:
             return e.code
         except (urllib.error.URLError, OSError):
             return 0
+
+    def crash_lines(self, limit: int = 5) -> List[str]:
+        """日志里崩溃的痕迹（“行号: 内容”）：Triton 的崩溃处理打印的 Signal (6/7/11…) received，glibc 的堆错误。
+
+        为什么要看日志：Triton 2.51 在堆损坏时，崩溃处理函数在信号里再分配内存而卡在 malloc 的锁上，进程不退出、
+        请求不再回答，外面看只是“卡住”（2026-11-28 H200；原因见 bench/trace.SAFE_TRACE_VERSION）。正常退出的 SIGTERM / SIGINT 不算。"""
+        out: List[str] = []
+        try:
+            with open(self.log_path, "rb") as f:
+                for i, raw in enumerate(f, 1):
+                    line = raw.decode(errors="replace").strip()
+                    if _CRASH_RE.search(line):
+                        out.append(f"{i}: {line[:200]}")
+                        if len(out) >= limit:
+                            break
+        except (OSError, TypeError):
+            pass
+        return out
 
     def log_tail(self, n: int = 40) -> str:
         try:

@@ -151,3 +151,18 @@ def test_pipelined_engine_gives_the_same_answers_under_concurrent_load(pipelined
     d = EngineMetricsScraper.delta(before, after)
     # 后台线程记的计时与 Triton 记的执行数一致：每批恰好一次
     assert d["executes"] == s1.execution_count - s0.execution_count, (d, s0, s1)
+
+
+def test_crash_signs_are_found_in_the_server_log(tmp_path):
+    """Triton 2.51 堆损坏后不退出、只在日志里留一行信号（2026-11-28 H200 那次卡住）：crash_lines 找出它，正常退出的 SIGTERM 不算。"""
+    from algorithm.serving.server import EmbeddedTritonServer
+
+    log = tmp_path / "tritonserver.log"
+    log.write_text('I1128 07:41:01 server.cc:325] "Model \'ugt_postprocess\' (version 1) has 20 in-flight inferences"\n'
+                   "Signal (11) received.\nSignal (15) received.\n"
+                   "corrupted double-linked list (not small)\nSignal (6) received.\n")
+    lines = EmbeddedTritonServer(str(tmp_path), log_path=str(log)).crash_lines()
+    assert lines == ["2: Signal (11) received.", "4: corrupted double-linked list (not small)", "5: Signal (6) received."]
+    log.write_text("Signal (15) received.\nSignal (2) received.\n")
+    assert EmbeddedTritonServer(str(tmp_path), log_path=str(log)).crash_lines() == []
+    assert EmbeddedTritonServer(str(tmp_path), log_path=str(tmp_path / "none.log")).crash_lines() == []

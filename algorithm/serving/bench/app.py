@@ -142,7 +142,7 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
     slo_ms = b.slo_ms or config.export.target_latency_ms
 
     def suite(url: str, metrics_url: Optional[str], http_url: Optional[str], trace_file: Optional[str],
-              floor: Optional[str], rss_fn=None) -> Dict[str, Any]:
+              floor: Optional[str], rss_fn=None, crash_fn=None) -> Dict[str, Any]:
         bench = Benchmark(url, target, b, catalog, config.export.max_seq_length, contract_kwargs,
                           progress=True, metrics_url=metrics_url, kind=b.target)
         tracer = None
@@ -151,7 +151,18 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
                                       [PREPROCESS, ENGINE, POSTPROCESS])
         report: Dict[str, Any] = {"model": target, "url": url, "slo_ms": slo_ms,
                                   "benchmark": dataclasses.asdict(b), "device": bench.gpu.name or "CPU", **meta}
-        steps = b.repeats * (len(b.concurrency) + len(b.rates) + 3) + 1
+        sla_tracer = None
+        if tracer is not None and b.trace_rate and b.sla_search:
+            version = trace_mod.triton_version(http_url)
+            traced_sla, note = trace_mod.sla_point_policy(b.trace_sla_point, version)
+            sla_tracer = tracer if traced_sla else None
+            if version:
+                report["triton_version"] = ".".join(map(str, version))
+            if note:
+                report["trace_note"] = note
+                log.warning(note)
+        # 每次重复：各并发、各速率、轻负载、SLA 搜索、地板，再加 SLA 速率上的追踪点（测的话）
+        steps = b.repeats * (len(b.concurrency) + len(b.rates) + 3 + (1 if sla_tracer is not None else 0)) + 1
         bar = tqdm(total=steps, desc="压测", unit="步", dynamic_ncols=True)
 
         def step(label: str) -> None:
@@ -162,7 +173,13 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
         try:
             bench.warmup()
             measure_runs(bench, b, report, lambda: run_once(bench, b, slo_ms, floor, tracer if b.trace_rate else None,
-                                                            step))
+                                                            step, sla_tracer=sla_tracer))
+            crashed = crash_fn() if crash_fn else []
+            if crashed:  # 服务器崩溃过（日志里的信号或 glibc 的堆错误）：卡住的原因写进报告
+                report["server_crash"] = crashed
+                if report.get("incomplete"):
+                    report["incomplete"] += f"；tritonserver 崩溃过（日志：{crashed[0]}）"
+                log.error("tritonserver 的日志里有崩溃的痕迹：%s", "；".join(crashed[:3]))
             report["headline"] = headline(report["runs"])
             if report.get("incomplete"):
                 return report  # 服务器或发压端卡住过：后面的几步（浸泡、离线）不再做，已测的照样写报告
@@ -220,7 +237,7 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
             from algorithm.serving.bench.soak import process_tree_rss_mb
 
             report = suite(url, server.metrics_url, server.http_url, trace_file, FLOOR,
-                           rss_fn=lambda: process_tree_rss_mb(server.process.pid))
+                           rss_fn=lambda: process_tree_rss_mb(server.process.pid), crash_fn=server.crash_lines)
     add_flops(report, flops, b.peak_tflops)
     report["files"] = write_report(report, out_dir)
     print(summary_table(report))
@@ -244,9 +261,13 @@ def measure_runs(bench: Benchmark, b, report: Dict[str, Any], once) -> None:
             try:
                 report["runs"].append(once())
             except StalledError as e:
+                if e.partial_run is not None:  # 卡在 SLA 测完之后（开着追踪的点）：这次的 SLA 等照样算进中位数
+                    e.partial_run["stalled"] = str(e)
+                    report["runs"].append(e.partial_run)
                 report["incomplete"] = f"第 {i + 1}/{b.repeats} 次重复中断：{e}"
                 report["interrupted_points"] = strip_private(list(points))
-                log.error("压测中断，已完成 %d 次重复：%s", i, e)
+                log.error("压测中断，已完成 %d 次重复%s：%s", i, "（中断的那次 SLA 已测完，算进结果）"
+                          if e.partial_run is not None else "", e)
                 return
     finally:
         bench.on_point = None

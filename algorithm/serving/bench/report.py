@@ -115,6 +115,10 @@ def summary_table(report: Dict[str, Any]) -> str:
     piped = depth if depth and depth > 1 else 0
     if report.get("incomplete"):
         lines.append(f"  ！压测中断，只有完成的 {n} 次算进中位数：{report['incomplete']}")
+    if report.get("server_crash"):
+        lines.append(f"  ！tritonserver 的日志里有崩溃的痕迹：{'；'.join(report['server_crash'][:3])}")
+    if report.get("trace_note"):
+        lines.append(f"  {report['trace_note']}")
     slo = report.get("slo_ms")
     rates = (h.get("sla_rate") or {}).get("values") or []
     missing = sum(v is None for v in rates)
@@ -161,7 +165,7 @@ def summary_table(report: Dict[str, Any]) -> str:
             lines.append(f"  第 {i + 1} 次：SLA {sla.get('note', '-')}")
     from algorithm.serving.bench.trace import format_breakdown
 
-    for key, title in (("light_trace", "轻负载点"), ("trace", "SLA 确认点")):
+    for key, title in (("light_trace", "轻负载点"), ("trace", "SLA 速率上的追踪点")):
         traces = [run.get(key) for run in report.get("runs", []) if run.get(key)]
         if traces:  # 最后一次重复的
             lines.append(f"  {title}的" + format_breakdown(traces[-1]).lstrip())

@@ -241,7 +241,7 @@ class Benchmark:
         keeps_up = point["throughput"] >= 0.9 * offered * point["ok"] / max(point["sent"], 1)
         return high is not None and high <= slo_ms and point["error_rate"] <= self.cfg.max_error_rate and keeps_up
 
-    def sla_search(self, slo_ms: float, confirm_hook=None) -> Dict[str, Any]:
+    def sla_search(self, slo_ms: float) -> Dict[str, Any]:
         """找 P99 <= slo_ms（按置信区间上界）且错误率达标的最高速率，再独立重测确认。
 
         从 sla_start_rate 起，达标就加倍、不达标就减半，找到相邻的“达标 / 不达标”两个速率后再二分 sla_steps 步。
@@ -287,7 +287,7 @@ class Benchmark:
         if good is not None:
             rate = good["offered_rate"]
             for _ in range(3 if self.cfg.sla_confirm else 0):
-                p = self.open_loop(rate, hook=confirm_hook)
+                p = self.open_loop(rate)
                 p["confirmation"] = True
                 points.append(p)
                 if self.meets(p, slo_ms):
@@ -331,8 +331,9 @@ def strip_private(obj):
 # ---------------------------------------------------------------- 整套压测（可重复）
 
 def run_once(bench: Benchmark, cfg: BenchmarkConfig, slo_ms: float, floor_model: Optional[str] = None,
-             tracer=None, progress=None) -> Dict[str, Any]:
-    """一次完整测量：闭环并发扫描 -> 开环速率 -> 轻负载点（开追踪）-> SLA 搜索（确认点上开追踪）-> 地板（同样速率）。"""
+             tracer=None, progress=None, sla_tracer=None) -> Dict[str, Any]:
+    """一次完整测量：闭环并发扫描 -> 开环速率 -> 轻负载点（开追踪）-> SLA 搜索与确认 -> SLA 速率上开着追踪的一个点
+    -> 地板（同样速率）。tracer 追踪轻负载点，sla_tracer 追踪 SLA 速率上的点（None = 不测那个点，见 trace.sla_point_policy）。"""
     run: Dict[str, Any] = {"closed_loop": [], "open_loop": []}
     step = progress or (lambda label: None)
     for c in cfg.concurrency:
@@ -350,12 +351,19 @@ def run_once(bench: Benchmark, cfg: BenchmarkConfig, slo_ms: float, floor_model:
             run["light_trace"] = tracer.breakdown(run["light"])
     if cfg.sla_search:
         step("SLA 搜索")
-        hook = tracer.session if tracer is not None else None
-        run["sla"] = bench.sla_search(slo_ms, confirm_hook=hook)
-        if tracer is not None:
-            confirm = next((p for p in reversed(run["sla"]["points"]) if p.get("confirmation")), None)
-            if confirm is not None:
-                run["trace"] = tracer.breakdown(confirm)
+        run["sla"] = bench.sla_search(slo_ms)
+        rate = run["sla"].get("max_rate")
+        if sla_tracer is not None and rate:
+            # 追踪单独测一个点（同一速率，不参与 SLA 的判定）：确认点不开追踪，量的是不被追踪打扰的服务；
+            # 2026-11-28 两次服务器卡住（H100 第 3 台、H200）都在开着追踪的高速率确认点上，分开之后再卡住也不丢这次的 SLA 数字，
+            # 也分得出卡住是否与追踪有关
+            step("SLA 速率上的追踪")
+            try:
+                traced = bench.open_loop(rate, hook=sla_tracer.session, label="SLA 追踪")
+            except StalledError as e:
+                raise StalledError(f"开着追踪的点（{rate:g}/s，SLA 已测完）：{e}", partial_run=run) from e
+            run["trace_point"] = traced
+            run["trace"] = sla_tracer.breakdown(traced)
     if floor_model and cfg.floor:
         step("地板")
         run["floor"] = {}

@@ -40,6 +40,37 @@ def server_args(trace_file: str, log_frequency: int = 50) -> List[str]:
             "--trace-config=level=OFF", "--trace-config=rate=1000", "--trace-config=count=-1"]
 
 
+# Triton 2.51（r24.10）的追踪在高速率下会破坏堆：TraceManager::TraceRelease 在持有锁时删掉了锁所在的对象
+# （server#7795；PR #8144 修复，最早在 2.57 = r25.04）。崩溃处理函数在信号里再分配内存，于是进程不退出、卡在 malloc 的锁上：
+# 请求不再回答、日志里只有一行 “Signal (11) received.”（2026-11-28 H200 上那次卡住的服务器日志，本机 2.51 上以每个请求都追踪复现）
+SAFE_TRACE_VERSION = (2, 57)
+
+
+def triton_version(http_url: str, timeout: float = 5.0) -> Optional[tuple]:
+    """服务器元数据（GET /v2）里的版本，例如 (2, 51, 0)；读不到时 None。"""
+    try:
+        with urllib.request.urlopen(f"http://{http_url}/v2", timeout=timeout) as r:
+            version = json.loads(r.read()).get("version", "")
+        return tuple(int(x) for x in version.split(".")[:3])
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def sla_point_policy(mode: str, version: Optional[tuple]) -> "tuple[bool, str]":
+    """SLA 速率上要不要开追踪（benchmark.trace_sla_point），以及一句说明（不测或自担风险时写进报告）。"""
+    shown = ".".join(map(str, version)) if version else "未知"
+    if mode == "off":
+        return False, "SLA 速率上的追踪点：benchmark.trace_sla_point=off，没有测"
+    safe = version is not None and version[:2] >= SAFE_TRACE_VERSION
+    if mode == "on":
+        return True, "" if safe else (f"SLA 速率上照样开追踪（trace_sla_point=on），但 Triton {shown} 的高速率追踪可能让服务器崩溃后"
+                                      "卡死（server#7795，2.57 修复）")
+    if safe:
+        return True, ""
+    return False, (f"SLA 速率上的追踪点没有测：Triton {shown} 的追踪在高速率下会让服务器崩溃后卡死（server#7795，2.57 修复；"
+                   "2026-11-28 两次卡住都是它）；要测用 benchmark.trace_sla_point=on，或用 Triton >= 2.57（生产镜像 25.10）")
+
+
 class Tracer:
     def __init__(self, http_url: str, trace_file: str, rate: int, ensemble: str, steps: List[str]):
         self.http_url = http_url

@@ -76,6 +76,57 @@ def test_a_stalled_repeat_keeps_the_finished_ones_and_says_where_it_stopped():
     assert bench.on_point is None and headline(report["runs"])["sla_rate"]["median"] == 100.0
 
 
+def _fake_sla_bench(stall_on_trace: bool):
+    """SLA 搜索确认 300/s 的替身压测；记下每个开环点是否开着追踪。stall_on_trace：开着追踪的点卡住。"""
+    from types import SimpleNamespace
+
+    from algorithm.errors import StalledError
+
+    points = []
+
+    def open_loop(rate, duration_s=None, label="", hook=None, **kw):
+        points.append({"rate": rate, "label": label, "traced": hook is not None})
+        if hook is not None and stall_on_trace:
+            raise StalledError("开环 300/s：发压进程卡住")
+        return {"offered_rate": rate, "label": label}
+
+    def sla_search(slo_ms):
+        points.append({"rate": 300.0, "label": "确认", "traced": False})  # 真的 sla_search 不再接受追踪的钩子
+        return {"max_rate": 300.0, "points": []}
+
+    tracer = SimpleNamespace(session=object(), breakdown=lambda p: {"traced": 7, "point": p["label"]})
+    return SimpleNamespace(open_loop=open_loop, sla_search=sla_search, on_point=None), tracer, points
+
+
+def test_the_sla_confirmation_is_not_traced_and_a_separate_point_is():
+    """确认点不开追踪（量的是不被追踪打扰的服务）；同一速率单独一个开着追踪的点给出分解，不参与 SLA 的判定。"""
+    from algorithm.serving.bench.suite import run_once
+    from algorithm.serving.config import BenchmarkConfig
+
+    bench, tracer, points = _fake_sla_bench(stall_on_trace=False)
+    cfg = BenchmarkConfig(concurrency=[], rates=[], light_rate=0.0, floor=False, trace_rate=10)
+    run = run_once(bench, cfg, 30.0, tracer=tracer)
+    assert points == [{"rate": 300.0, "label": "确认", "traced": False},
+                      {"rate": 300.0, "label": "SLA 追踪", "traced": True}]
+    assert run["sla"]["max_rate"] == 300.0 and run["trace"] == {"traced": 7, "point": "SLA 追踪"}
+
+
+def test_a_stall_on_the_traced_point_keeps_that_repeats_sla():
+    """卡在 SLA 之后开着追踪的点上：这次的 SLA 照样算进结果（2026-11-28 两次卡住都在开着追踪的确认点上，那时整次都丢了），
+    报告写明卡在哪里，不再做后面的重复。"""
+    from algorithm.serving.bench.suite import headline, run_once
+    from algorithm.serving.config import BenchmarkConfig
+
+    bench, tracer, points = _fake_sla_bench(stall_on_trace=True)
+    cfg = BenchmarkConfig(concurrency=[], rates=[], light_rate=0.0, floor=False, trace_rate=10, repeats=3)
+    report = {"runs": []}
+    app.measure_runs(bench, cfg, report, lambda: run_once(bench, cfg, 30.0, tracer=tracer))
+    assert len(report["runs"]) == 1 and headline(report["runs"])["sla_rate"]["median"] == 300.0
+    assert "开着追踪的点（300/s，SLA 已测完）" in report["incomplete"] and report["incomplete"].startswith("第 1/3 次")
+    assert "trace" not in report["runs"][0] and "卡住" in report["runs"][0]["stalled"]
+    assert len(points) == 2  # 没有再做第 2、3 次
+
+
 def test_soak_rate_falls_back_to_the_unconfirmed_search_rate():
     """浸泡的依据：确认过的 SLA 速率 > soak_rate 反推 > 搜索得到但没确认的速率（写明未确认）> 不做（写明原因）。"""
     from algorithm.serving.config import BenchmarkConfig

@@ -39,3 +39,26 @@ def test_stages_add_up_and_compute_split_is_reported_when_timestamps_exist(split
     else:  # 没有这两个时间戳的步（这里的 pre，以及 split=False 时的 engine）不拆
         assert not any(".compute." in k for k in r)
         assert b["compute_split"]["p50"] == {}
+
+
+def test_sla_point_is_traced_only_where_triton_tracing_is_safe():
+    """Triton < 2.57 的高速率追踪会让服务器崩溃后卡死（server#7795）：auto 时不测 SLA 速率上的追踪点并写明原因。"""
+    from algorithm.serving.bench.trace import sla_point_policy
+
+    on, note = sla_point_policy("auto", (2, 51, 0))
+    assert not on and "2.51.0" in note and "server#7795" in note and "trace_sla_point=on" in note
+    assert sla_point_policy("auto", (2, 57, 0)) == (True, "") and sla_point_policy("auto", (2, 62, 1)) == (True, "")
+    on, note = sla_point_policy("auto", None)  # 版本读不到：当作不安全
+    assert not on and "未知" in note
+    on, note = sla_point_policy("on", (2, 51, 0))
+    assert on and "可能让服务器崩溃" in note
+    assert sla_point_policy("on", (2, 60, 0)) == (True, "")
+    assert sla_point_policy("off", (2, 60, 0))[0] is False
+
+
+def test_triton_version_is_read_from_the_server_metadata(server):
+    from algorithm.serving.bench.trace import triton_version
+
+    version = triton_version(server.http_url)
+    assert version is not None and len(version) == 3 and version >= (2, 0, 0)
+    assert triton_version("127.0.0.1:9", timeout=0.5) is None  # 没有服务器：None，不抛异常
