@@ -105,10 +105,14 @@ def test_the_sla_confirmation_is_not_traced_and_a_separate_point_is():
 
     bench, tracer, points = _fake_sla_bench(stall_on_trace=False)
     cfg = BenchmarkConfig(concurrency=[], rates=[], light_rate=0.0, floor=False, trace_rate=10)
-    run = run_once(bench, cfg, 30.0, tracer=tracer)
+    run = run_once(bench, cfg, 30.0, tracer=tracer, sla_tracer=tracer)
     assert points == [{"rate": 300.0, "label": "确认", "traced": False},
                       {"rate": 300.0, "label": "SLA 追踪", "traced": True}]
     assert run["sla"]["max_rate"] == 300.0 and run["trace"] == {"traced": 7, "point": "SLA 追踪"}
+    # 不在 SLA 速率上追踪（Triton < 2.57 时的默认，trace.sla_point_policy）：没有那个点
+    points.clear()
+    run = run_once(bench, cfg, 30.0, tracer=tracer, sla_tracer=None)
+    assert points == [{"rate": 300.0, "label": "确认", "traced": False}] and "trace" not in run
 
 
 def test_a_stall_on_the_traced_point_keeps_that_repeats_sla():
@@ -120,7 +124,7 @@ def test_a_stall_on_the_traced_point_keeps_that_repeats_sla():
     bench, tracer, points = _fake_sla_bench(stall_on_trace=True)
     cfg = BenchmarkConfig(concurrency=[], rates=[], light_rate=0.0, floor=False, trace_rate=10, repeats=3)
     report = {"runs": []}
-    app.measure_runs(bench, cfg, report, lambda: run_once(bench, cfg, 30.0, tracer=tracer))
+    app.measure_runs(bench, cfg, report, lambda: run_once(bench, cfg, 30.0, tracer=tracer, sla_tracer=tracer))
     assert len(report["runs"]) == 1 and headline(report["runs"])["sla_rate"]["median"] == 300.0
     assert "开着追踪的点（300/s，SLA 已测完）" in report["incomplete"] and report["incomplete"].startswith("第 1/3 次")
     assert "trace" not in report["runs"][0] and "卡住" in report["runs"][0]["stalled"]
