@@ -84,8 +84,8 @@ class Benchmark:
                 "kind": kind or self.kind, "packed": self.packed_inputs}
 
     # 一个负载点的限时 = 计划时长 + 单个请求的超时 + 这个余量（生成请求、起进程）。超过就报 StalledError：
-    # multiprocessing.Pool.map 在某个工作进程死掉时会永远等下去（2026-11-28 第 3 台 H100 上一个 SLA 确认点停了 14 分钟，
-    # 之前三次重复的结果都没有写进报告）
+    # 服务器不再回答或某个发压进程死掉时 multiprocessing.Pool.map 会永远等下去（2026-11-28 第 3 台 H100 上一个 SLA 确认点
+    # 停了 14 分钟，之前的重复都没有写进报告；后来在 H200 上查明是 Triton 2.51 开着追踪时崩溃，见 trace.SAFE_TRACE_VERSION）
     STALL_MARGIN_S = 120.0
 
     def deadline_s(self, specs: List[Dict[str, Any]]) -> float:
