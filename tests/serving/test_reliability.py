@@ -142,6 +142,9 @@ def test_overload_is_shed_and_accepted_requests_keep_latency(small_queue_server,
     res = overload(b, 3 * capacity, 4.0, slo_ms=SHED_TIMEOUT_MS + 150.0, log=print)
     lat, refused = res["accepted_ms"], res["refused_ms"]
     assert set(res["errors"]) == {"UNAVAILABLE"} and res["refused_share"] > 0.3, res["errors"]
+    # 2026-11-28 全新克隆的 CI 里有一次这里失败（被接受的 P99 520 ms），单独重跑都通过：r24.10 的 WaitForPayloadSlotAvailable
+    # 在一个局部互斥量上 cv_.wait_for（dynamic_batch_scheduler.cc），入队与批完成的 notify 不经过它，落在“谓词为假之后、
+    # 进入等待之前”的那次唤醒会丢，批处理器睡满 500 ms。只在所有实例都忙（过载）时走到；再常出现就要按“台阶的次数”而不是有无来判
     assert res["checks"]["only_refusals"] and res["checks"]["no_500ms_steps"], res
     assert res["throughput"] >= 0.6 * capacity
     # 超时 + 一次执行 + 前/后处理；500 ms 的台阶会超过它
