@@ -322,10 +322,6 @@ def add_flops(report: Dict[str, Any], flops_per_request: float, peak_tflops: flo
                 v.update(mfu(v["throughput"]))
 
 
-def _fmt_opt(v: Optional[float], digits: int = 1) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
 def update_sweep_summary(sweep_dir: str, run_dir: str, report: Dict[str, Any], overrides: List[str]) -> str:
     """multirun：把本次运行加入 sweep 目录下的 summary.json / summary.csv / summary.md（一行一个变体）。"""
     os.makedirs(sweep_dir, exist_ok=True)
@@ -335,6 +331,7 @@ def update_sweep_summary(sweep_dir: str, run_dir: str, report: Dict[str, Any], o
     off = report.get("offline_engine") or {}
     big = off.get(max((k for k in off if k.isdigit()), key=int, default=""), {}) if off else {}
     piped = (off.get("pipelined") or {}).get(str(big["batch"])) if big else None  # 同一 batch 两批同时在途
+    clock = (off.get("gpu") or {}).get("sm_clock_mhz")
     closed = h.get("closed_loop") or {}
     top_c = max(closed, key=int) if closed else None
     rows.append({"run": os.path.basename(run_dir), "overrides": " ".join(overrides),
@@ -347,7 +344,7 @@ def update_sweep_summary(sweep_dir: str, run_dir: str, report: Dict[str, Any], o
                  "offline_max_batch_throughput": f"{big['throughput']:.1f}" if big else "-",
                  "offline_max_batch_pipelined": f"{piped['throughput']:.1f}" if piped else "-",
                  # 离线那段时间 GPU 忙时的 SM 时钟：同一个 multirun 里几行的离线差很多时先看它（机器降频）
-                 "offline_sm_clock_mhz": _fmt_opt((off.get("gpu") or {}).get("sm_clock_mhz"), 0),
+                 "offline_sm_clock_mhz": f"{clock:.0f}" if clock is not None else "-",
                  "sla_rate_median": (h.get("sla_rate") or {}).get("median"),
                  # 中断过的运行：中位数只按完成的几次（h["repeats"]）算
                  "completed_repeats": h.get("repeats"),

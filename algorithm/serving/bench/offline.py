@@ -58,7 +58,7 @@ def pipelined(eng, feeds, batch_sizes, repeats: int, depth: int = 2) -> Dict[str
     out: Dict[str, Any] = {"depth": depth}
     for b in batch_sizes:
         n = max(4 * repeats, 4)
-        batches = [[feeds[(r * b + i) % len(feeds)] for i in range(b)] for r in range(n + 1)]
+        batches = [_take(feeds, r, b) for r in range(n + 1)]
         _check(eng.execute(batches[0]))  # 预热
         inflight = []
         t0 = time.perf_counter()
@@ -71,6 +71,11 @@ def pipelined(eng, feeds, batch_sizes, repeats: int, depth: int = 2) -> Dict[str
         sec = time.perf_counter() - t0
         out[str(b)] = {"batch": b, "seconds_per_batch": sec / n, "throughput": float(b * n / sec)}
     return out
+
+
+def _take(feeds, r: int, b: int) -> list:
+    """第 r 批的 b 个请求：按顺序轮着取，各批内容不同、跨次运行相同。"""
+    return [feeds[(r * b + i) % len(feeds)] for i in range(b)]
 
 
 def _check(results) -> None:
@@ -94,7 +99,7 @@ def offline_engine_throughput(repository: str, batch_sizes: Sequence[int], cfg: 
     for b in batch_sizes:
         times, stats = [], []
         for r in range(repeats + 1):
-            picked = [feeds[(r * b + i) % len(feeds)] for i in range(b)]
+            picked = _take(feeds, r, b)
             t0 = time.perf_counter()
             res = eng.execute(picked)
             dt = time.perf_counter() - t0

@@ -205,7 +205,9 @@ class _Ticket:
         self.batch = None
         self.splits: list = []
         self.pending = None
-        self.waits = False  # True：pending 是 launch_many 的结果，要 runner.finish；False：已是 run_many 的 (outs, timing)
+        # True：pending 是 launch_many 的结果，要 runner.finish；False：已是 run_many 的 (outs, timing)。记在票上而不在构造时
+        # 按运行器定一次：runner 是可换的属性（测试换成计时的替身），一批按它启动时的运行器取回
+        self.waits = False
         self.groups = self.padded = 0
         self.t_launch = t0
 
