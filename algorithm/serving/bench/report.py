@@ -165,7 +165,7 @@ def summary_table(report: Dict[str, Any]) -> str:
             lines.append(f"  第 {i + 1} 次：SLA {sla.get('note', '-')}")
     from algorithm.serving.bench.trace import format_breakdown
 
-    for key, title in (("light_trace", "轻负载点"), ("trace", "SLA 速率上的追踪点")):
+    for key, title in (("light_trace", "轻负载点"), ("trace", "SLA 速率上")):
         traces = [run.get(key) for run in report.get("runs", []) if run.get(key)]
         if traces:  # 最后一次重复的
             lines.append(f"  {title}的" + format_breakdown(traces[-1]).lstrip())
