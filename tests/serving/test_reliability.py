@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from algorithm.models.train import SyntheticSequences
-from algorithm.serving.bench.soak import overload, process_tree_rss_mb, soak
+from algorithm.serving.bench.soak import overload, process_tree_rss_mb, soak, step_episodes
 from algorithm.serving.benchmark import Benchmark
 from algorithm.serving.client import RecommendClient
 from algorithm.serving.config import BenchmarkConfig
@@ -140,17 +140,29 @@ def test_overload_is_shed_and_accepted_requests_keep_latency(small_queue_server,
     b.warmup()
     capacity = b.closed_loop(4, duration_s=2)["throughput"]
     res = overload(b, 3 * capacity, 4.0, slo_ms=SHED_TIMEOUT_MS + 150.0, log=print)
+    # 2026-11-28 全新克隆的 CI 里 4 次有 1 次这里失败（被接受的 P99 520 ms），单独重跑都通过：r24.10 的 WaitForPayloadSlotAvailable
+    # 在一个局部互斥量上 cv_.wait_for（dynamic_batch_scheduler.cc），入队与批完成的 notify 不经过它，落在“谓词为假之后、
+    # 进入等待之前”的那次唤醒会丢，批处理器睡满 500 ms。只在所有实例都忙（过载）时走到。它的样子是恰好一次停顿、其余都对；
+    # 这时重测一次，重测仍须全部通过。以前的做法（max_queue_size）每次队列满都停、吞吐塌到三分之一，第一次就不通过
+    if res["step_episodes"] == 1 and res["checks"]["only_refusals"] and res["throughput"] >= 0.6 * capacity:
+        print(f"过载里有一次 >= 400 ms 的停顿（{res['accepted_over_step']} 个请求，Triton r24.10 批处理器丢失唤醒的样子），重测一次")
+        res = overload(b, 3 * capacity, 4.0, slo_ms=SHED_TIMEOUT_MS + 150.0, log=print)
     lat, refused = res["accepted_ms"], res["refused_ms"]
     assert set(res["errors"]) == {"UNAVAILABLE"} and res["refused_share"] > 0.3, res["errors"]
-    # 2026-11-28 全新克隆的 CI 里有一次这里失败（被接受的 P99 520 ms），单独重跑都通过：r24.10 的 WaitForPayloadSlotAvailable
-    # 在一个局部互斥量上 cv_.wait_for（dynamic_batch_scheduler.cc），入队与批完成的 notify 不经过它，落在“谓词为假之后、
-    # 进入等待之前”的那次唤醒会丢，批处理器睡满 500 ms。只在所有实例都忙（过载）时走到；再常出现就要按“台阶的次数”而不是有无来判
     assert res["checks"]["only_refusals"] and res["checks"]["no_500ms_steps"], res
     assert res["throughput"] >= 0.6 * capacity
     # 超时 + 一次执行 + 前/后处理；500 ms 的台阶会超过它
     assert lat["max"] < SHED_TIMEOUT_MS + 300.0
     assert refused["p50"] < SHED_TIMEOUT_MS + 200.0
     assert small_queue_server.is_ready()
+
+
+def test_step_episodes_groups_requests_delayed_by_the_same_stall():
+    """一次停顿耽误的请求几乎同时完成，算一次；相隔 > 0.2 s 的算另一次（过载测试据此只在“恰好一次”时重测）。"""
+    assert step_episodes([]) == 0
+    assert step_episodes([10.50, 10.51, 10.53]) == 1
+    assert step_episodes([12.0, 10.5, 10.52, 11.2]) == 3  # 不要求有序
+    assert step_episodes(np.array([1.0, 1.19, 1.38, 1.57])) == 1  # 一串相邻的也是一次
 
 
 def test_benchmark_reports_the_refused_share(small_queue_server, built):

@@ -196,7 +196,8 @@ def summary_table(report: Dict[str, Any]) -> str:
         acc, ref = ov["accepted_ms"], ov["refused_ms"]
         lines.append(f"  过载 {ov['rate']:.0f}/s x {ov['duration_s']:.0f} s：被拒 {ov['refused_share']:.1%}（P50 "
                      f"{_fmt(ref['p50'])} ms），接受 {ov['throughput']:.0f}/s，P99 {_fmt(acc['p99'])} / 最大 {_fmt(acc['max'])} ms，"
-                     f">= {ov['steps_over_ms']:g} ms 的 {ov['accepted_over_step']} 个："
+                     f">= {ov['steps_over_ms']:g} ms 的 {ov['accepted_over_step']} 个"
+                     + (f"（{ov['step_episodes']} 次停顿）" if ov.get("step_episodes") else "") + "："
                      + ("通过" if ov["passed"] else f"未通过 {ov['checks']}"))
     off = report.get("offline_engine") or {}
     mixed = {k: v for k, v in off.items() if k.isdigit()}
