@@ -337,7 +337,10 @@ def update_sweep_summary(sweep_dir: str, run_dir: str, report: Dict[str, Any], o
     rows.append({"run": os.path.basename(run_dir), "overrides": " ".join(overrides),
                  "engine": report.get("engine"), "precision": report.get("precision"),
                  "sla_rate": fmt_spread(h.get("sla_rate")), "sla_p99_ms": fmt_spread(h.get("sla_p99_ms")),
-                 "sla_gpu_util": fmt_spread(h.get("sla_gpu_util")), "sla_avg_batch": fmt_spread(h.get("sla_avg_batch"), 2),
+                 "sla_gpu_util": fmt_spread(h.get("sla_gpu_util")),
+                 # GPM 的 SM 活跃比例（Hopper 起；读不到时 -）：与 NVML 利用率并列，开 MPS 时两者会分开
+                 "sla_sm_active": fmt_spread(h.get("sla_gpu_sm_active")),
+                 "sla_avg_batch": fmt_spread(h.get("sla_avg_batch"), 2),
                  "light_p99_over_p50": fmt_spread(h.get("light_p99_over_p50"), 2),
                  f"closed_c{top_c}_throughput" if top_c else "closed_throughput":
                      fmt_spread(closed[top_c]["throughput"]) if top_c else "-",

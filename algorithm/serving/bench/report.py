@@ -36,7 +36,8 @@ def write_report(report: Dict[str, Any], out_dir: str) -> Dict[str, str]:
     cols = ["repeat", "model", "mode", "offered_rate", "concurrency", "sent", "ok", "error_rate", "throughput", "p50",
             "p90", "p95", "p99", "p99.9", "p99_ci_low", "p99_ci_high", "lag_p99", "engine_avg_batch",
             "engine_queue_ms", "engine_compute_ms", "engine_compute_per_execute_ms", "exec_host_ms", "exec_device_ms",
-            "exec_gpu_gap_ms", "gpu_util", "gpu_sm_clock_mhz", "gpu_power_w", "client_cpu_util_max"]
+            "exec_gpu_gap_ms", "gpu_util", "gpu_sm_clock_mhz", "gpu_power_w", "gpu_sm_active", "gpu_tensor_active",
+            "client_cpu_util_max"]
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -52,6 +53,7 @@ def write_report(report: Dict[str, Any], out_dir: str) -> Dict[str, str]:
                         _fmt(eng.get("compute_per_execute_ms")), _fmt(ex.get("host_ms")),
                         _fmt(ex.get("device_ms")), _fmt(ex.get("gpu_gap_ms")), _fmt(p["gpu"].get("util_mean")),
                         _fmt(p["gpu"].get("sm_clock_mhz")), _fmt(p["gpu"].get("power_w")),
+                        _fmt(p["gpu"].get("sm_active")), _fmt(p["gpu"].get("tensor_active")),
                         _fmt(max(p["client_cpu_util"]))])
     _plot(clean, points, paths["png"])
     return paths
@@ -128,7 +130,9 @@ def summary_table(report: Dict[str, Any]) -> str:
                  f"P50 {fmt_spread(h.get('sla_p50_ms'))} ms，GPU {fmt_spread(h.get('sla_gpu_util'))} %，"
                  f"平均 batch {fmt_spread(h.get('sla_avg_batch'), 2)}"
                  + (f"，忙时 SM {fmt_spread(h['sla_gpu_sm_clock_mhz'], 0)} MHz、{fmt_spread(h.get('sla_gpu_power_w'), 0)} W"
-                    if (h.get("sla_gpu_sm_clock_mhz") or {}).get("median") is not None else ""))
+                    if (h.get("sla_gpu_sm_clock_mhz") or {}).get("median") is not None else "")
+                 + (f"，SM 活跃 {fmt_spread(h['sla_gpu_sm_active'])} %、张量核 {fmt_spread(h.get('sla_gpu_tensor_active'))} %（GPM）"
+                    if (h.get("sla_gpu_sm_active") or {}).get("median") is not None else ""))
     if (h.get("sla_engine_execute_ms") or {}).get("median") is not None:
         lines.append(f"       引擎每次 execute：{fmt_spread(h.get('sla_engine_requests_per_execute'))} 个请求、"
                      f"{fmt_spread(h.get('sla_engine_launches_per_execute'))} 次启动；Python 启动前 "

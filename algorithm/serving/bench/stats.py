@@ -70,6 +70,11 @@ class ServerStats:
 CLOCK_LIMIT_REASONS = {0x4: "SwPowerCap", 0x8: "HwSlowdown", 0x10: "SyncBoost", 0x20: "SwThermalSlowdown",
                        0x40: "HwThermalSlowdown", 0x80: "HwPowerBrakeSlowdown"}
 BUSY_UTIL = 50  # 只在 GPU 忙（利用率 ≥ 50 %）的样本里看时钟与功耗：空闲时时钟本来就降
+# GPM（GPU 性能监视器，Hopper 起；与 DCGM 的 SM_ACTIVE / TENSOR_ACTIVE 同源）：一个负载点前后各取一个样本，NVML 给出这段时间的平均。
+# 为什么要它：NVML 的“利用率”只是“有内核在跑”的时间占比。2026-11-28 H200 上开 CUDA MPS 后两个引擎实例的内核同时跑，
+# 吞吐 +44 % 而利用率反而低 4 个百分点、功耗高 27 %：利用率不再反映 GPU 做了多少事，SM 活跃比例才反映
+GPM_METRICS = {"sm_active": "NVML_GPM_METRIC_SM_UTIL", "sm_occupancy": "NVML_GPM_METRIC_SM_OCCUPANCY",
+               "tensor_active": "NVML_GPM_METRIC_ANY_TENSOR_UTIL"}
 
 
 class GpuSampler:
@@ -77,6 +82,7 @@ class GpuSampler:
 
     为什么记时钟：2026-11-28 H200 上同一段离线测量隔 10 分钟慢了 1.3–1.45 倍而 b1 不变，报告里分不出是机器降频还是代码；
     忙时的 SM 时钟（对最高时钟）与限频原因能直接回答。时钟、功耗或原因读不到（有的 GPU 不支持）时只少这几项，利用率照常。
+    GPU 支持 GPM 时另记整段的 SM 活跃、占用与张量核活跃比例（GPM_METRICS）；不支持或没有权限时 gpm_reason 写明，其余照常。
     nvml 参数给测试注入替身。"""
 
     def __init__(self, interval: float = 0.1, nvml=None):
@@ -115,6 +121,64 @@ class GpuSampler:
             self._reasons_fn = getattr(self.nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
                 getattr(self.nvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
         self._no_extra: set = set()
+        self.gpm: Optional[Dict[str, Optional[float]]] = None  # 上一个窗口的 GPM 读数
+        self._gpm_start = None
+        self.gpm_reason: Optional[str] = self._gpm_support() if self.handles else None
+
+    # ---- GPM：窗口前后各一个样本 ----
+    def _gpm_support(self) -> Optional[str]:
+        """None = 可用；否则是不可用的原因。"""
+        nvml = self.nvml
+        if not hasattr(nvml, "nvmlGpmQueryDeviceSupport"):
+            return "这个 nvidia-ml-py 没有 GPM 接口"
+        try:
+            if not all(nvml.nvmlGpmQueryDeviceSupport(h).isSupportedDevice for h in self.handles):
+                return "这块 GPU 不支持 GPM（Hopper 起才有）"
+        except Exception as e:  # noqa: BLE001  旧驱动没有这个函数、容器里没有权限等
+            return f"GPM 不可用：{e}"
+        return None
+
+    def _gpm_take(self):
+        """每块 GPU 一个样本；失败时记下原因、以后不再试（返回 None）。"""
+        taken = []
+        try:
+            for h in self.handles:
+                sample = self.nvml.nvmlGpmSampleAlloc()
+                taken.append(sample)
+                self.nvml.nvmlGpmSampleGet(h, sample)
+            return taken
+        except Exception as e:  # noqa: BLE001  例如 NVML_ERROR_NO_PERMISSION（只许管理员读性能计数器的机器）
+            self._gpm_free(taken)
+            self.gpm_reason = f"GPM 取样失败：{e}"
+            return None
+
+    def _gpm_free(self, samples) -> None:
+        for sample in samples or []:
+            try:
+                self.nvml.nvmlGpmSampleFree(sample)
+            except Exception:  # noqa: BLE001  释放失败只漏一小块 NVML 内存
+                pass
+
+    def _gpm_metrics(self, start, end) -> Optional[Dict[str, Optional[float]]]:
+        """两组样本之间的 GPM_METRICS（各 GPU 平均，%）；某项在任一块 GPU 上读不到时该项为 None。"""
+        nvml = self.nvml
+        per: Dict[str, List[float]] = {k: [] for k in GPM_METRICS}
+        try:
+            for s1, s2 in zip(start, end):
+                mg = nvml.c_nvmlGpmMetricsGet_t()
+                mg.version = nvml.NVML_GPM_METRICS_GET_VERSION
+                mg.numMetrics = len(GPM_METRICS)
+                mg.sample1, mg.sample2 = s1, s2
+                for i, name in enumerate(GPM_METRICS.values()):
+                    mg.metrics[i].metricId = getattr(nvml, name)
+                nvml.nvmlGpmMetricsGet(mg)
+                for i, key in enumerate(GPM_METRICS):
+                    if mg.metrics[i].nvmlReturn == nvml.NVML_SUCCESS:
+                        per[key].append(float(mg.metrics[i].value))
+        except Exception as e:  # noqa: BLE001
+            self.gpm_reason = f"GPM 读数失败：{e}"
+            return None
+        return {k: float(np.mean(v)) if len(v) == len(start) else None for k, v in per.items()}
 
     def _optional(self, read) -> Optional[float]:
         """各 GPU 的平均；读不到（不支持）时 None。"""
@@ -155,6 +219,8 @@ class GpuSampler:
 
     def __enter__(self) -> "GpuSampler":
         self.samples, self.extra = [], []
+        self.gpm = None
+        self._gpm_start = self._gpm_take() if self.handles and self.gpm_reason is None else None
         if self.handles:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, daemon=True)
@@ -168,12 +234,21 @@ class GpuSampler:
             if self._thread.is_alive():
                 self.reason = "NVML 采样线程 5 s 内没有结束：这个点的 GPU 利用率不可信"
                 self.samples, self.extra = [], []
+                self._gpm_start = None  # NVML 卡住时不在主线程里再调它（样本漏掉）
+        if self._gpm_start is not None:
+            end = self._gpm_take()
+            if end is not None:
+                self.gpm = self._gpm_metrics(self._gpm_start, end)
+            self._gpm_free(self._gpm_start)
+            self._gpm_free(end)
+            self._gpm_start = None
 
     def result(self) -> Dict[str, Any]:
+        gpm = dict(self.gpm or dict.fromkeys(GPM_METRICS)) | {"gpm_reason": None if self.gpm else self.gpm_reason}
         if not self.samples:
-            return {"util_mean": None, "reason": self.reason or "采样窗口太短"}
+            return {"util_mean": None, "reason": self.reason or "采样窗口太短"} | gpm
         out = {"util_mean": float(np.mean(self.samples)), "util_p50": float(np.median(self.samples)),
-               "samples": len(self.samples), "device": self.name}
+               "samples": len(self.samples), "device": self.name} | gpm
         busy = [e for u, e in zip(self.samples, self.extra) if u >= BUSY_UTIL]
         sm = [e[0] for e in busy if e[0] is not None]
         power = [e[1] for e in busy if e[1] is not None]

@@ -303,6 +303,8 @@ class Benchmark:
                        "p50_ms": confirmed["latency_ms"]["p50"], "gpu_util": confirmed["gpu"].get("util_mean"),
                        "gpu_sm_clock_mhz": confirmed["gpu"].get("sm_clock_mhz"),
                        "gpu_power_w": confirmed["gpu"].get("power_w"),
+                       "gpu_sm_active": confirmed["gpu"].get("sm_active"),
+                       "gpu_tensor_active": confirmed["gpu"].get("tensor_active"),
                        "avg_batch": eng.get("avg_batch") if eng else None,
                        "engine_execute": confirmed.get("engine_execute"),
                        "engine_triton_execute_ms": eng.get("compute_per_execute_ms") if eng else None,
@@ -397,6 +399,9 @@ def headline(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     h["sla_gpu_util"] = spread(s.get("gpu_util") for s in sla)
     h["sla_gpu_sm_clock_mhz"] = spread(s.get("gpu_sm_clock_mhz") for s in sla)  # 忙时；机器降频时与别的运行不可比
     h["sla_gpu_power_w"] = spread(s.get("gpu_power_w") for s in sla)
+    # GPM（Hopper 起）：SM 活跃与张量核活跃的比例；开 MPS 时 NVML 利用率低估 GPU 做的事，这两项不会
+    h["sla_gpu_sm_active"] = spread(s.get("gpu_sm_active") for s in sla)
+    h["sla_gpu_tensor_active"] = spread(s.get("gpu_tensor_active") for s in sla)
     h["sla_avg_batch"] = spread(s.get("avg_batch") for s in sla)
     h["sla_throughput"] = spread(s.get("throughput") for s in sla)
     for k in ("host_ms", "device_ms", "copy_back_ms", "execute_ms", "gpu_gap_ms", "requests_per_execute",

@@ -217,3 +217,24 @@ def test_an_offline_failure_keeps_the_served_numbers(built, tmp_path, monkeypatc
     assert report["offline_engine"] == {"error": "RuntimeError: CUDA out of memory"}
     assert report["runs"][0]["closed_loop"][0]["ok"] > 0 and os.path.isfile(report["files"]["json"])
     assert "引擎离线吞吐：没有测到（RuntimeError: CUDA out of memory）" in capsys.readouterr().out
+
+
+def test_gpm_sm_activity_reaches_headline_report_and_summary(tmp_path):
+    """SLA 点的 GPM 读数（SM 活跃、张量核活跃）进头条的中位数 [最小–最大]、报告的 SLA 一行与 multirun 汇总表；
+    没有 GPM 的运行（CPU、旧 GPU）这几处不出现或写 -。"""
+    from algorithm.serving.bench.report import summary_table
+    from algorithm.serving.bench.suite import headline
+
+    runs = [{"sla": {"max_rate": 100.0, "gpu_util": 70.0, "gpu_sm_active": a, "gpu_tensor_active": a / 4}}
+            for a in (60.0, 80.0, 64.0)]
+    h = headline(runs)
+    assert h["sla_gpu_sm_active"] == {"median": 64.0, "min": 60.0, "max": 80.0, "values": [60.0, 80.0, 64.0]}
+    assert h["sla_gpu_tensor_active"]["median"] == 16.0
+    text = summary_table({"headline": h, "slo_ms": 30.0})
+    assert "SM 活跃 64.0 [60.0–80.0] %、张量核 16.0 [15.0–20.0] %（GPM）" in text
+    path = app.update_sweep_summary(str(tmp_path / "s"), str(tmp_path / "0"), {"headline": h}, ["server.mps=true"])
+    head, _, row = open(path).read().splitlines()
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert [c.strip() for c in row.strip("|").split("|")][cols.index("sla_sm_active")] == "64.0 [60.0–80.0]"
+    h0 = headline([{"sla": {"max_rate": 100.0, "gpu_util": 70.0}}])
+    assert "GPM" not in summary_table({"headline": h0, "slo_ms": 30.0})
