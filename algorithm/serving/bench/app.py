@@ -340,6 +340,7 @@ def update_sweep_summary(sweep_dir: str, run_dir: str, report: Dict[str, Any], o
                  "sla_gpu_util": fmt_spread(h.get("sla_gpu_util")),
                  # GPM 的 SM 活跃比例（Hopper 起；读不到时 -）：与 NVML 利用率并列，开 MPS 时两者会分开
                  "sla_sm_active": fmt_spread(h.get("sla_gpu_sm_active")),
+                 "sla_power_w": fmt_spread(h.get("sla_gpu_power_w"), 0),  # 忙时功耗：没有 GPM 时做了多少事的旁证
                  "sla_avg_batch": fmt_spread(h.get("sla_avg_batch"), 2),
                  "light_p99_over_p50": fmt_spread(h.get("light_p99_over_p50"), 2),
                  f"closed_c{top_c}_throughput" if top_c else "closed_throughput":

@@ -225,8 +225,8 @@ def test_gpm_sm_activity_reaches_headline_report_and_summary(tmp_path):
     from algorithm.serving.bench.report import summary_table
     from algorithm.serving.bench.suite import headline
 
-    runs = [{"sla": {"max_rate": 100.0, "gpu_util": 70.0, "gpu_sm_active": a, "gpu_tensor_active": a / 4}}
-            for a in (60.0, 80.0, 64.0)]
+    runs = [{"sla": {"max_rate": 100.0, "gpu_util": 70.0, "gpu_sm_active": a, "gpu_tensor_active": a / 4,
+                     "gpu_power_w": 400.0}} for a in (60.0, 80.0, 64.0)]
     h = headline(runs)
     assert h["sla_gpu_sm_active"] == {"median": 64.0, "min": 60.0, "max": 80.0, "values": [60.0, 80.0, 64.0]}
     assert h["sla_gpu_tensor_active"]["median"] == 16.0
@@ -235,6 +235,7 @@ def test_gpm_sm_activity_reaches_headline_report_and_summary(tmp_path):
     path = app.update_sweep_summary(str(tmp_path / "s"), str(tmp_path / "0"), {"headline": h}, ["server.mps=true"])
     head, _, row = open(path).read().splitlines()
     cols = [c.strip() for c in head.strip("|").split("|")]
-    assert [c.strip() for c in row.strip("|").split("|")][cols.index("sla_sm_active")] == "64.0 [60.0–80.0]"
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[cols.index("sla_sm_active")] == "64.0 [60.0–80.0]" and cells[cols.index("sla_power_w")] == "400"
     h0 = headline([{"sla": {"max_rate": 100.0, "gpu_util": 70.0}}])
     assert "GPM" not in summary_table({"headline": h0, "slo_ms": 30.0})
