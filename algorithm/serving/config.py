@@ -177,7 +177,8 @@ class EngineConfig:
     # 240 s 内没有编译完（benchmarks/h100-2026-11-27/machine2），测过、能用的是 none
     gpu_int8_compile_mode: str = "none"
     # 长度桶的规划：0 = 按 seq_buckets 原样；N > 0 = 构建时按压测的长度分布（benchmark.length_*）规划至多 N 个桶，
-    # 使期望的填充后计算量最小（bucket_plan.plan_seq_buckets，最后一个桶为 export.max_seq_length），代替 seq_buckets
+    # 使期望的填充后计算量最小（bucket_plan.plan_seq_buckets，最后一个桶为 export.max_seq_length），代替 seq_buckets；
+    # engine=tensorrt 时 TensorRT 的优化 profile 也由它得出（每个桶一个，optimize_trt.trt_profiles），代替 trt_seq_splits
     seq_bucket_plan: int = 0
     seq_bucket_align: int = 16
     # tensorrt
@@ -185,7 +186,8 @@ class EngineConfig:
     fp32_layers: bool = True  # softmax / layernorm / 打分路径保持 fp32
     opt_batch_size: int = 32
     opt_seq_length: int = 128
-    # 按长度切分优化 profile：[1, 256] 与 [257, max_seq_length] 各一个（长尾分布里短历史居多，内核按各段的 opt 调优）
+    # 按长度切分优化 profile：[1, 256] 与 [257, max_seq_length] 各一个（长尾分布里短历史居多，内核按各段的 opt 调优）；
+    # seq_bucket_plan > 0 时不用（profile 跟着规划的桶走）
     trt_seq_splits: List[int] = field(default_factory=lambda: [256])
     calibration_batches: int = 16
 

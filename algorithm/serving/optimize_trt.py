@@ -1,6 +1,6 @@
 """TensorRT 10+ 引擎构建：build_trt_engine(onnx_path, engine_path, config)（用户的名字）。
 
-- 优化 profile：六个输入都设 min/opt/max（由契约与配置推出）；按长度分成几段（engine.trt_seq_splits），
+- 优化 profile：六个输入都设 min/opt/max（由契约与配置推出）；按长度分成几段（engine.trt_seq_splits，或规划的长度桶），
   每段一个 profile，内核按该段的 opt 调优；Triton 的 TensorRT 后端对每批选能容纳其形状的 profile。
 - 精度：fp16；int8 用熵校准器（采样的历史，形状固定为校准 profile 的 opt），校准缓存复用；
   engine.fp32_layers=true 时 softmax / 归一化 / TopK / 归约与打分路径的层钉在 fp32。
@@ -83,18 +83,28 @@ def trt_profiles(config) -> List[Profile]:
 
     batch 总是 [1, max_batch_size]，opt 取 engine.opt_batch_size（不超过 max_batch_size）；第一段的 opt 长度取 engine.opt_seq_length
     （截到段内），后面各段取段内最小的长度桶（长尾分布里段内最常见的是短的一端）。
+
+    engine.seq_bucket_plan = N 时 profile 由同一个规划得出（#12），trt_seq_splits 不用：规划的每个长度桶一个 profile，
+    覆盖 (上一个桶, 这个桶]，opt 长度就是桶长——TensorRT 托管时前处理把每条历史补到它的桶（pad_in_preprocess），
+    引擎只见到桶长，所以每个 profile 按它真正会见到的长度调优。代价：N 个 profile，构建时间与引擎文件约随 N 增长。
     """
     cfg = _as_serving(config)
     e, x = cfg.engine, cfg.export
     max_b, max_l = x.max_batch_size, x.max_seq_length
-    splits = sorted(s for s in set(e.trt_seq_splits) if 1 <= s < max_l)  # 不小于 max_seq_length 的切点无意义，忽略
-    opt_b = min(e.opt_batch_size, max_b)
     buckets = cfg.seq_buckets()
+    from_plan = bool(e.seq_bucket_plan)
+    if from_plan:
+        splits = [b for b in buckets if b < max_l]
+    else:
+        splits = sorted(s for s in set(e.trt_seq_splits) if 1 <= s < max_l)  # 不小于 max_seq_length 的切点无意义，忽略
+    opt_b = min(e.opt_batch_size, max_b)
     edges = [0, *splits, max_l]
     out = []
     for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
         lo += 1
-        if i == 0:
+        if from_plan:
+            opt_l = hi
+        elif i == 0:
             opt_l = min(max(e.opt_seq_length, lo), hi)
         else:
             opt_l = next((b for b in buckets if lo <= b <= hi), hi)

@@ -51,6 +51,23 @@ def test_profiles_follow_config():
         EngineConfig(trt_seq_splits=[512, 128])
 
 
+def test_planned_buckets_give_one_profile_each_tuned_at_the_bucket_length():
+    """engine.seq_bucket_plan：profile 由同一个规划得出（#12），每个桶一个、opt 长度 = 桶长（前处理补到桶），
+    trt_seq_splits 不用；Triton 配置列出全部 profile。"""
+    cfg = base_config(seq_bucket_plan=5, trt_seq_splits=[256])
+    buckets = cfg.seq_buckets()
+    assert len(buckets) == 5 and buckets[-1] == 1024 and buckets != [128, 256, 512, 1024]
+    profiles = trt_profiles(cfg)
+    assert [p.max[1] for p in profiles] == buckets and [p.opt[1] for p in profiles] == buckets
+    assert [p.min[1] for p in profiles] == [1] + [b + 1 for b in buckets[:-1]]
+    for n in range(1, 1025):  # 每个长度恰好在一个 profile 里；补到桶之后的长度就是那个 profile 的 opt
+        assert sum(p.contains(32, n) for p in profiles) == 1
+    for b in buckets:
+        assert profiles[covering_profile(profiles, 64, b)].opt[1] == b
+    mc = build_model_configs(cfg, gpus=[0])["ugt_engine"]
+    assert list(mc.instance_group[0].profile) == [str(i) for i in range(5)]
+
+
 def test_engine_config_lists_every_profile():
     mc = build_model_configs(base_config(), gpus=[0])["ugt_engine"]
     assert mc.platform == "tensorrt_plan" and list(mc.instance_group[0].profile) == ["0", "1"]
