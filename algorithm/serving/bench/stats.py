@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import urllib.request
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -82,13 +83,20 @@ class GpuSampler:
 
     为什么记时钟：2026-11-28 H200 上同一段离线测量隔 10 分钟慢了 1.3–1.45 倍而 b1 不变，报告里分不出是机器降频还是代码；
     忙时的 SM 时钟（对最高时钟）与限频原因能直接回答。时钟、功耗或原因读不到（有的 GPU 不支持）时只少这几项，利用率照常。
-    GPU 支持 GPM 时另记整段的 SM 活跃、占用与张量核活跃比例（GPM_METRICS）；不支持或没有权限时 gpm_reason 写明，其余照常。
-    nvml 参数给测试注入替身。"""
+    GPU 支持 GPM 时每次采样另记上一次以来的 SM 活跃、占用与张量核活跃比例（GPM_METRICS）；不支持或没有权限时 gpm_reason 写明，
+    其余照常。所有 NVML 调用都在采样线程里（主线程只等它 5 s），NVML 卡住不会卡住整轮测量。
 
-    def __init__(self, interval: float = 0.1, nvml=None):
+    每个样本记下时刻：result(window=(t0, t1)) 只算负载期间的样本。采样窗口（with 块）还包括发压进程的启动、生成请求与收尾，
+    比负载长 1.1–1.4 s（2026-11-28 H200 上 4.5 s 的点：窗口 5.8 s）；以前把这段空闲一起平均，GPU 利用率被低估约四分之一。
+    nvml 参数给测试注入替身，clock 给测试注入时刻。"""
+
+    def __init__(self, interval: float = 0.1, nvml=None, clock=time.monotonic):
         self.interval = interval
+        self.clock = clock
         self.samples: List[float] = []
+        self.times: List[float] = []  # 与 samples 对齐：采样时刻（clock，与发压进程的 time.monotonic 同一个时钟）
         self.extra: List[tuple] = []  # 与 samples 对齐：(SM MHz, 功耗 W, 限频原因位)，读不到的是 None
+        self.gpm_points: List[Dict[str, Optional[float]]] = []  # 与 samples 对齐：上一次采样以来的 GPM 读数（没有时空字典）
         self.reason: Optional[str] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -121,11 +129,11 @@ class GpuSampler:
             self._reasons_fn = getattr(self.nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
                 getattr(self.nvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
         self._no_extra: set = set()
-        self.gpm: Optional[Dict[str, Optional[float]]] = None  # 上一个窗口的 GPM 读数
-        self._gpm_start = None
+        self._gpm_prev = None  # 上一次采样时取的 GPM 样本（每块 GPU 一个）
+        self.gpm_missing: Dict[str, int] = {}  # 读不到的 GPM 项 -> NVML 返回码
         self.gpm_reason: Optional[str] = self._gpm_support() if self.handles else None
 
-    # ---- GPM：窗口前后各一个样本 ----
+    # ---- GPM：相邻两次采样之间的读数 ----
     def _gpm_support(self) -> Optional[str]:
         """None = 可用；否则是不可用的原因。"""
         nvml = self.nvml
@@ -175,6 +183,8 @@ class GpuSampler:
                 for i, key in enumerate(GPM_METRICS):
                     if mg.metrics[i].nvmlReturn == nvml.NVML_SUCCESS:
                         per[key].append(float(mg.metrics[i].value))
+                    else:  # 这一项读不到：记下 NVML 的返回码，报告里写明
+                        self.gpm_missing[key] = int(mg.metrics[i].nvmlReturn)
         except Exception as e:  # noqa: BLE001
             self.gpm_reason = f"GPM 读数失败：{e}"
             return None
@@ -196,9 +206,20 @@ class GpuSampler:
             self._no_extra.add(key)
             return None
 
+    def begin(self) -> None:
+        """一个窗口开始（采样线程里调用；测试直接调用）：清空样本，取 GPM 的第一个样本。"""
+        self.samples, self.times, self.extra, self.gpm_points = [], [], [], []
+        self._gpm_free(self._gpm_prev)
+        self._gpm_prev = self._gpm_take() if self.handles and self.gpm_reason is None else None
+
+    def end(self) -> None:
+        self._gpm_free(self._gpm_prev)
+        self._gpm_prev = None
+
     def sample(self) -> None:
         """读一次（采样线程调用；测试直接调用）。"""
         nvml = self.nvml
+        self.times.append(self.clock())
         self.samples.append(float(np.mean([nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles])))
         sm = self._read_extra("sm", lambda: float(np.mean([nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM)
                                                             for h in self.handles])))
@@ -208,19 +229,27 @@ class GpuSampler:
             bits = self._read_extra("reasons", lambda: int(np.bitwise_or.reduce([int(self._reasons_fn(h))
                                                                                  for h in self.handles])))
         self.extra.append((sm, power, bits))
+        gpm: Dict[str, Optional[float]] = {}
+        if self._gpm_prev is not None:
+            cur = self._gpm_take()
+            if cur is not None:
+                gpm = self._gpm_metrics(self._gpm_prev, cur) or {}
+            self._gpm_free(self._gpm_prev)
+            self._gpm_prev = cur
+        self.gpm_points.append(gpm)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
+        try:
+            self.begin()
+            while not self._stop.wait(self.interval):
                 self.sample()
-            except Exception as e:  # pragma: no cover
-                self.reason = f"NVML 读数失败：{e}"
-                return
+        except Exception as e:  # pragma: no cover
+            self.reason = f"NVML 读数失败：{e}"
+        finally:
+            self.end()
 
     def __enter__(self) -> "GpuSampler":
-        self.samples, self.extra = [], []
-        self.gpm = None
-        self._gpm_start = self._gpm_take() if self.handles and self.gpm_reason is None else None
+        self.samples, self.times, self.extra, self.gpm_points = [], [], [], []
         if self.handles:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, daemon=True)
@@ -233,23 +262,32 @@ class GpuSampler:
             self._thread.join(timeout=5.0)  # NVML 调用卡住时不拖住整轮测量（采样线程是守护线程）
             if self._thread.is_alive():
                 self.reason = "NVML 采样线程 5 s 内没有结束：这个点的 GPU 利用率不可信"
-                self.samples, self.extra = [], []
-                self._gpm_start = None  # NVML 卡住时不在主线程里再调它（样本漏掉）
-        if self._gpm_start is not None:
-            end = self._gpm_take()
-            if end is not None:
-                self.gpm = self._gpm_metrics(self._gpm_start, end)
-            self._gpm_free(self._gpm_start)
-            self._gpm_free(end)
-            self._gpm_start = None
+                self.gpm_reason = self.gpm_reason or "NVML 采样线程卡住过，之后不再读 GPM"
+                self.samples, self.times, self.extra, self.gpm_points = [], [], [], []
 
-    def result(self) -> Dict[str, Any]:
-        gpm = dict(self.gpm or dict.fromkeys(GPM_METRICS)) | {"gpm_reason": None if self.gpm else self.gpm_reason}
-        if not self.samples:
+    def result(self, window: Optional[Tuple[float, float]] = None) -> Dict[str, Any]:
+        """window = (t0, t1)：只算这段时间里的样本（负载期间；没有落在里面的样本时用全部）。
+        util_mean_all 是整个采样窗口的平均（含发压进程启动与收尾的空闲），供对照以前的数字。"""
+        idx = list(range(len(self.samples)))
+        if window is not None:
+            inside = [i for i in idx if window[0] <= self.times[i] <= window[1]]
+            idx = inside or idx
+        gpm_vals = {k: [self.gpm_points[i][k] for i in idx if self.gpm_points[i].get(k) is not None]
+                    for k in GPM_METRICS}
+        gpm = {k: float(np.mean(v)) if v else None for k, v in gpm_vals.items()}
+        missing = [f"{k}（NVML 返回 {self.gpm_missing[k]}）" for k in GPM_METRICS if gpm[k] is None and k in self.gpm_missing]
+        if any(v is not None for v in gpm.values()):
+            gpm["gpm_reason"] = ("读不到：" + "、".join(missing)) if missing else None
+        else:
+            gpm["gpm_reason"] = self.gpm_reason or ("读不到：" + "、".join(missing) if missing else
+                                                    "GPM 没有读数" if self.samples and self.handles else None)
+        if not idx:
             return {"util_mean": None, "reason": self.reason or "采样窗口太短"} | gpm
-        out = {"util_mean": float(np.mean(self.samples)), "util_p50": float(np.median(self.samples)),
-               "samples": len(self.samples), "device": self.name} | gpm
-        busy = [e for u, e in zip(self.samples, self.extra) if u >= BUSY_UTIL]
+        util = [self.samples[i] for i in idx]
+        out = {"util_mean": float(np.mean(util)), "util_p50": float(np.median(util)), "samples": len(util),
+               "util_mean_all": float(np.mean(self.samples)), "samples_all": len(self.samples),
+               "device": self.name} | gpm
+        busy = [self.extra[i] for i in idx if self.samples[i] >= BUSY_UTIL]
         sm = [e[0] for e in busy if e[0] is not None]
         power = [e[1] for e in busy if e[1] is not None]
         bits = [e[2] for e in busy if e[2] is not None]

@@ -221,7 +221,8 @@ class Benchmark:
             "client_cpu_util": [float(r["cpu_util"]) for r in results],
             "server": ServerStats.delta(before, after),
             "engine_execute": EngineMetricsScraper.delta(m_before, m_after),
-            "gpu": self.gpu.result(),
+            # 只算负载期间 [计划起点, 最后一个回答] 的样本：采样窗口还包括发压进程的启动与收尾（约 1.1–1.4 s 的空闲）
+            "gpu": self.gpu.result(window=(t0, t1)),
         }
         if point["mode"] == "open" and point["schedule_lag_ms"]["p99"] is not None:
             point["behind_schedule"] = point["schedule_lag_ms"]["p99"] > 5.0

@@ -69,7 +69,8 @@ def test_idle_window_has_no_clock_note():
 
 class FakeGpm:
     """NVML 的 GPM 接口的替身：每块 GPU 有累计的时间与 SM 忙计数，样本记下取样时的计数，
-    nvmlGpmMetricsGet 像 NVML 一样由两个样本之差算出百分比（SM 活跃 = 忙 / 时间，占用恒为 30，张量核 = SM 活跃的一半）。"""
+    nvmlGpmMetricsGet 像 NVML 一样由两个样本之差算出百分比（SM 活跃 = 忙 / 时间，占用恒为 30，张量核 = SM 活跃的一半）。
+    broken：{(GPU 序号, 指标)} 这几项返回错误码 999。"""
 
     SM, OCC, TENSOR = 2, 3, 5
 
@@ -111,56 +112,138 @@ class FakeGpm:
     def metrics(self, mg):
         s1, s2 = mg.sample1, mg.sample2
         assert s1["dev"] == s2["dev"] and mg.version == 1
-        sm = 100.0 * (s2["busy"] - s1["busy"]) / (s2["t"] - s1["t"])
+        dt = s2["t"] - s1["t"]
+        sm = 100.0 * (s2["busy"] - s1["busy"]) / dt if dt else 0.0
         values = {self.SM: sm, self.OCC: 30.0, self.TENSOR: sm / 2}
         for m in mg.metrics[:mg.numMetrics]:
             self.requested.append(m.metricId)
-            m.nvmlReturn, m.value = (999, 0.0) if m.metricId in self.broken else (0, values[m.metricId])
+            m.nvmlReturn, m.value = (999, 0.0) if (s1["dev"], m.metricId) in self.broken else (0, values[m.metricId])
         return mg
 
 
-def test_gpm_window_averages_the_gpus_and_frees_its_samples():
+def ticking(g, gpm, steps):
+    """替身时钟：每次 sample 前让每块 GPU 各“跑”一段，steps = [(秒, [各 GPU 的 SM 忙比例]), ...]。"""
+    g.begin()
+    for seconds, shares in steps:
+        for dev, share in enumerate(shares):
+            gpm.run(dev, seconds, share)
+        g.sample()
+    g.end()
+
+
+def test_gpm_is_read_between_samples_averaged_over_gpus_and_freed():
     gpm = FakeGpm(devices=2)
-    g = GpuSampler(interval=60, nvml=gpm.install(fake_nvml([])))
+    g = GpuSampler(nvml=gpm.install(fake_nvml([(90, 1980, 600_000, 0)] * 6)))  # 3 次采样 × 2 块 GPU
     assert g.gpm_reason is None
-    with g:
-        gpm.run(0, 2.0, 0.9)
-        gpm.run(1, 2.0, 0.5)
+    ticking(g, gpm, [(0.1, [0.9, 0.5]), (0.1, [0.9, 0.5])])
     r = g.result()
-    assert r["sm_active"] == 70.0 and r["tensor_active"] == 35.0 and r["sm_occupancy"] == 30.0
-    assert r["gpm_reason"] is None
-    assert gpm.allocated == gpm.freed == 4  # 2 块 GPU × 窗口前后
+    assert r["sm_active"] == pytest.approx(70.0) and r["tensor_active"] == pytest.approx(35.0)
+    assert r["sm_occupancy"] == 30.0 and r["gpm_reason"] is None
+    assert gpm.allocated == gpm.freed == 6  # 2 块 GPU × （开始 + 2 次采样）
     assert sorted(set(gpm.requested)) == [FakeGpm.SM, FakeGpm.OCC, FakeGpm.TENSOR]
-    with g:  # 下一个窗口只算自己的那段
-        gpm.run(0, 1.0, 0.2)
-        gpm.run(1, 1.0, 0.2)
+    ticking(g, gpm, [(0.1, [0.2, 0.2])])  # 下一个窗口只算自己的那段
     assert g.result()["sm_active"] == pytest.approx(20.0)
 
 
+def test_only_samples_inside_the_load_window_count():
+    """发压进程启动与收尾时 GPU 空着：result(window) 只平均负载期间的样本，util_mean_all 保留整个窗口的平均。"""
+    now = {"t": 0.0}
+    gpm = FakeGpm()
+    readings = [(0, 345, 80_000, 0x1)] * 3 + [(90, 1980, 650_000, 0)] * 4 + [(0, 345, 80_000, 0x1)] * 3
+    g = GpuSampler(nvml=gpm.install(fake_nvml(readings)), clock=lambda: now["t"])
+    g.begin()
+    for i, (util, *_rest) in enumerate(readings):
+        now["t"] = 10.0 + 0.1 * i
+        gpm.run(0, 0.1, 0.8 if util else 0.0)
+        g.sample()
+    g.end()
+    r = g.result(window=(10.25, 10.65))  # 第 4–7 个样本（10.3 .. 10.6）
+    assert r["samples"] == 4 and r["util_mean"] == 90 and r["samples_all"] == 10 and r["util_mean_all"] == 36
+    assert r["sm_active"] == pytest.approx(80.0)  # GPM 也只算窗口里的几段
+    assert g.result()["sm_active"] == pytest.approx(32.0)
+    assert g.result(window=(50.0, 60.0))["samples"] == 10  # 没有样本落在里面：用全部（不丢掉这个点）
+
+
 def test_gpm_unavailable_is_explained_and_the_rest_still_works():
-    g = GpuSampler(interval=60, nvml=FakeGpm(supported=False).install(fake_nvml([(90, 1980, 600_000, 0)])))
-    with g:
-        pass
+    g = GpuSampler(nvml=FakeGpm(supported=False).install(fake_nvml([(90, 1980, 600_000, 0)])))
+    g.begin()
     g.sample()
+    g.end()
     r = g.result()
     assert r["util_mean"] == 90 and r["sm_active"] is None and "不支持 GPM" in r["gpm_reason"]
     # 没有权限读性能计数器：第一次取样失败后记下原因、不再取样
     gpm = FakeGpm(sample_error="NVML_ERROR_NO_PERMISSION")
-    g = GpuSampler(interval=60, nvml=gpm.install(fake_nvml([])))
-    with g:
-        pass
-    with g:
-        pass
+    g = GpuSampler(nvml=gpm.install(fake_nvml([(90, 1980, 600_000, 0)] * 2)))
+    ticking(g, gpm, [(0.1, [0.5])])
+    ticking(g, gpm, [(0.1, [0.5])])
     r = g.result()
-    assert r["sm_active"] is None and "NO_PERMISSION" in r["gpm_reason"]
+    assert r["util_mean"] == 90 and r["sm_active"] is None and "NO_PERMISSION" in r["gpm_reason"]
     assert gpm.allocated == gpm.freed == 1
 
 
-def test_gpm_metric_not_returned_for_one_gpu_is_none():
-    gpm = FakeGpm(devices=2, broken={FakeGpm.TENSOR})
-    g = GpuSampler(interval=60, nvml=gpm.install(fake_nvml([])))
-    with g:
-        gpm.run(0, 1.0, 0.6)
-        gpm.run(1, 1.0, 0.6)
+def test_gpm_metric_missing_on_one_gpu_is_none_with_the_nvml_code():
+    gpm = FakeGpm(devices=2, broken={(1, FakeGpm.TENSOR)})  # 只有第 2 块 GPU 读不到张量核那一项
+    g = GpuSampler(nvml=gpm.install(fake_nvml([(90, 1980, 600_000, 0)] * 2)))  # 1 次采样 × 2 块 GPU
+    ticking(g, gpm, [(1.0, [0.6, 0.6])])
     r = g.result()
     assert r["sm_active"] == 60.0 and r["tensor_active"] is None
+    assert r["gpm_reason"] == "读不到：tensor_active（NVML 返回 999）"
+
+
+def test_sampler_thread_takes_gpm_and_util_samples():
+    """真的采样线程：with 块里每 interval 秒一次，GPM 的取样也在线程里（主线程不调 NVML）。"""
+    import threading
+    import time
+
+    gpm = FakeGpm()
+    main = threading.get_ident()
+    seen = []
+    take = gpm.get
+    gpm.get = lambda h, sample: (seen.append(threading.get_ident()), take(h, sample))
+    g = GpuSampler(interval=0.01, nvml=gpm.install(fake_nvml([(50, 1980, 600_000, 0)] * 1000)))
+    with g:
+        time.sleep(0.1)
+    r = g.result()
+    assert r["samples"] >= 3 and r["util_mean"] == 50 and seen and main not in seen
+    assert gpm.allocated == gpm.freed
+
+
+def test_measure_averages_gpu_over_the_load_and_sla_result_keeps_gpm():
+    """Benchmark._measure 把负载的时间窗 [计划起点, 最后一个回答] 交给 GpuSampler；SLA 的结果带上该点的 SM 活跃与张量核活跃。"""
+    import numpy as np
+
+    from algorithm.serving.bench.suite import Benchmark
+    from algorithm.serving.config import BenchmarkConfig
+
+    class Gpu:
+        windows = []
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def result(self, window=None):
+            self.windows.append(window)
+            return {"util_mean": 80.0, "sm_active": 61.0, "tensor_active": 12.0}
+
+    b = Benchmark.__new__(Benchmark)
+    b.cfg = BenchmarkConfig(sla_start_rate=100.0, sla_steps=0, max_error_rate=0.01)
+    b.progress, b.on_point, b.gpu = False, None, Gpu()
+    b.stats = types.SimpleNamespace(snapshot=lambda: {})
+    b.engine_metrics = types.SimpleNamespace(url=None, snapshot=lambda: {})
+    n = 500
+    intended = 100.0 + np.arange(n) / 100.0  # 5 s 的负载，从 100.0 s 开始
+    b._run_workers = lambda specs: [{"intended": intended, "sent": intended, "done": intended + 0.005,
+                                     "failed": np.full(n, np.nan), "errors": {}, "start_at": 100.0,
+                                     "cpu_util": 0.1}]
+    p = b._measure([], {"mode": "open", "offered_rate": 100.0})
+    assert b.gpu.windows[-1] == (100.0, intended[-1] + 0.005) and p["gpu"]["sm_active"] == 61.0
+    # SLA 搜索：100/s 达标、200/s 不达标（替身：按速率决定 P99 上界），确认点的 GPM 进结果
+    b.open_loop = lambda rate, **kw: {"offered_rate": rate, "throughput": rate, "ok": 1000, "sent": 1000,
+                                      "error_rate": 0.0, "p99_ci": {"high": 10.0 if rate <= 100 else 50.0},
+                                      "latency_ms": {"p99": 9.0, "p50": 5.0}, "server": {},
+                                      "gpu": {"util_mean": 80.0, "sm_active": 61.0, "tensor_active": 12.0}}
+    sla = b.sla_search(30.0)
+    assert sla["max_rate"] == 100.0 and sla["gpu_sm_active"] == 61.0 and sla["gpu_tensor_active"] == 12.0
