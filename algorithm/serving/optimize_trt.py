@@ -133,13 +133,22 @@ def keep_in_fp32(layer_type: str, layer_name: str) -> bool:
 
 # ---------------------------------------------------------------- int8 校准（逻辑部分无需 TensorRT）
 
+def calibration_profile(config) -> int:
+    """int8 校准用的 profile：包含 engine.opt_seq_length 的那个（按长度切分时是第一个；按规划的桶时第一个只覆盖最短的历史，
+    只用它校准的尺度对长历史不具代表性）。"""
+    cfg = _as_serving(config)
+    profiles = trt_profiles(cfg)
+    length = min(max(cfg.engine.opt_seq_length, 1), cfg.export.max_seq_length)
+    return covering_profile(profiles, 1, length)
+
+
 def calibration_batches(config, catalog, num_batches: Optional[int] = None, seed: int = 777
                         ) -> Iterator[Dict[str, np.ndarray]]:
-    """校准数据：采样历史，形状恰为校准 profile（第一个）的 opt —— 动态形状下 TensorRT 用 opt 形状校准。"""
+    """校准数据：采样历史，形状恰为校准 profile（calibration_profile）的 opt —— 动态形状下 TensorRT 用 opt 形状校准。"""
     from algorithm.serving.gates import sample_feeds
 
     cfg = _as_serving(config)
-    p = trt_profiles(cfg)[0]
+    p = trt_profiles(cfg)[calibration_profile(cfg)]
     b, length = p.opt
     n = num_batches or cfg.engine.calibration_batches
     yield from sample_feeds(cfg, catalog, n * b, seed=seed, batch=b, max_len=length, pad_to=length)
@@ -323,7 +332,7 @@ def build_trt_engine(onnx_path: str, engine_path: str, config, catalog=None) -> 
         bc.set_flag(trt.BuilderFlag.INT8)
         calib_cache = os.path.splitext(os.path.abspath(engine_path))[0] + ".calib"
         bc.int8_calibrator = make_entropy_calibrator(trt, calibration_batches(cfg, catalog), calib_cache)
-        bc.set_calibration_profile(trt_profiles_[0])  # 校准在第一个 profile 的 opt 形状上进行
+        bc.set_calibration_profile(trt_profiles_[calibration_profile(cfg)])  # 与 calibration_batches 同一个 profile 的 opt 形状
     if precision != "fp32" and cfg.engine.fp32_layers:
         pinned = _pin_fp32(trt, network)
         bc.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
@@ -395,5 +404,5 @@ class TensorRTRunner:
         return rec.cpu().numpy().astype(np.int64), scores.float().cpu().numpy()
 
 
-__all__ = ["TensorRTRunner", "build_trt_engine", "trt_profiles", "covering_profile", "calibration_batches", "CalibratorLogic",
+__all__ = ["TensorRTRunner", "build_trt_engine", "trt_profiles", "covering_profile", "calibration_profile", "calibration_batches", "CalibratorLogic",
            "keep_in_fp32", "parser_errors", "Profile", "TensorRTBuildError"]

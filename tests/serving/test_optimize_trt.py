@@ -8,8 +8,8 @@ from algorithm.models.catalog import synthetic_catalog
 from algorithm.serving.config import EngineConfig, ExportConfig, ServingConfig
 from algorithm.serving.errors import ConfigError, MissingDependencyError
 from algorithm.serving.optimize_trt import (CalibratorLogic, TensorRTBuildError, build_trt_engine,
-                                            calibration_batches, covering_profile, keep_in_fp32, parser_errors,
-                                            trt_profiles)
+                                            calibration_batches, calibration_profile, covering_profile, keep_in_fp32,
+                                            parser_errors, trt_profiles)
 from algorithm.serving.triton_config import build_model_configs
 from conftest import tiny_config
 
@@ -66,6 +66,11 @@ def test_planned_buckets_give_one_profile_each_tuned_at_the_bucket_length():
         assert profiles[covering_profile(profiles, 64, b)].opt[1] == b
     mc = build_model_configs(cfg, gpus=[0])["ugt_engine"]
     assert list(mc.instance_group[0].profile) == [str(i) for i in range(5)]
+    # int8 校准用包含 opt_seq_length（128）的 profile，不是只覆盖最短历史的第一个；按长度切分时仍是第一个
+    i = calibration_profile(cfg)
+    assert profiles[i].contains(1, 128) and (i > 0 or buckets[0] >= 128)
+    assert calibration_profile(base_config()) == 0
+    assert calibration_profile(base_config(seq_bucket_plan=5, opt_seq_length=1000)) == 4
 
 
 def test_engine_config_lists_every_profile():

@@ -144,9 +144,13 @@ def test_overload_is_shed_and_accepted_requests_keep_latency(small_queue_server,
     # 在一个局部互斥量上 cv_.wait_for（dynamic_batch_scheduler.cc），入队与批完成的 notify 不经过它，落在“谓词为假之后、
     # 进入等待之前”的那次唤醒会丢，批处理器睡满 500 ms。只在所有实例都忙（过载）时走到。它的样子是恰好一次停顿、其余都对；
     # 这时重测一次，重测仍须全部通过。以前的做法（max_queue_size）每次队列满都停、吞吐塌到三分之一，第一次就不通过
-    if res["step_episodes"] == 1 and res["checks"]["only_refusals"] and res["throughput"] >= 0.6 * capacity:
+    first = None
+    if (res["step_episodes"] == 1 and res["accepted_over_step"] <= 0.05 * res["ok"] and res["checks"]["only_refusals"]
+            and res["checks"]["refused_fast"] and res["throughput"] >= 0.6 * capacity):
         print(f"过载里有一次 >= 400 ms 的停顿（{res['accepted_over_step']} 个请求，Triton r24.10 批处理器丢失唤醒的样子），重测一次")
+        first = {k: res[k] for k in ("accepted_over_step", "step_episodes", "throughput", "accepted_ms")}
         res = overload(b, 3 * capacity, 4.0, slo_ms=SHED_TIMEOUT_MS + 150.0, log=print)
+    res["first_attempt"] = first  # 失败时断言信息里带上第一次的样子
     lat, refused = res["accepted_ms"], res["refused_ms"]
     assert set(res["errors"]) == {"UNAVAILABLE"} and res["refused_share"] > 0.3, res["errors"]
     assert res["checks"]["only_refusals"] and res["checks"]["no_500ms_steps"], res
