@@ -178,7 +178,8 @@ class EngineConfig:
     gpu_int8_compile_mode: str = "none"
     # 长度桶的规划：0 = 按 seq_buckets 原样；N > 0 = 构建时按压测的长度分布（benchmark.length_*）规划至多 N 个桶，
     # 使期望的填充后计算量最小（bucket_plan.plan_seq_buckets，最后一个桶为 export.max_seq_length），代替 seq_buckets；
-    # engine=tensorrt 时 TensorRT 的优化 profile 也由它得出（每个桶一个，optimize_trt.trt_profiles），代替 trt_seq_splits
+    # engine=tensorrt 时 TensorRT 的优化 profile 也由它得出（每个桶一个，opt 长度 = 桶长，optimize_trt.trt_profiles），
+    # 代替 trt_seq_splits；这时 opt_seq_length 只决定 int8 校准用哪个 profile
     seq_bucket_plan: int = 0
     seq_bucket_align: int = 16
     # tensorrt
