@@ -36,8 +36,8 @@ def write_report(report: Dict[str, Any], out_dir: str) -> Dict[str, str]:
     cols = ["repeat", "model", "mode", "offered_rate", "concurrency", "sent", "ok", "error_rate", "throughput", "p50",
             "p90", "p95", "p99", "p99.9", "p99_ci_low", "p99_ci_high", "lag_p99", "engine_avg_batch",
             "engine_queue_ms", "engine_compute_ms", "engine_compute_per_execute_ms", "exec_host_ms", "exec_device_ms",
-            "exec_gpu_gap_ms", "gpu_util", "gpu_sm_clock_mhz", "gpu_power_w", "gpu_sm_active", "gpu_tensor_active",
-            "client_cpu_util_max"]
+            "exec_gpu_gap_ms", "gpu_util", "gpu_util_window_all", "gpu_sm_clock_mhz", "gpu_power_w", "gpu_sm_active",
+            "gpu_tensor_active", "client_cpu_util_max"]
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -52,6 +52,7 @@ def write_report(report: Dict[str, Any], out_dir: str) -> Dict[str, str]:
                         _fmt(eng.get("queue_ms")), _fmt(eng.get("compute_ms")),
                         _fmt(eng.get("compute_per_execute_ms")), _fmt(ex.get("host_ms")),
                         _fmt(ex.get("device_ms")), _fmt(ex.get("gpu_gap_ms")), _fmt(p["gpu"].get("util_mean")),
+                        _fmt(p["gpu"].get("util_mean_all")),  # 含发压进程启动与收尾的整个窗口（2026-11-28 之前的定义）
                         _fmt(p["gpu"].get("sm_clock_mhz")), _fmt(p["gpu"].get("power_w")),
                         _fmt(p["gpu"].get("sm_active")), _fmt(p["gpu"].get("tensor_active")),
                         _fmt(max(p["client_cpu_util"]))])
