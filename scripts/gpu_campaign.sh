@@ -71,8 +71,10 @@ if [ -n "${OUT:-}" ] && [ -d $C/out ]; then
   ls -la "$OUT"
 fi
 echo "== 状态"; cat $C/out/status.txt 2>/dev/null
-# tritonserver 崩溃的痕迹（2026-11-28 H200：Triton 2.51 开着追踪时段错误，进程不退出、只留一行 Signal (11)）：在回复里直接看到
-crash=$(grep -H -m3 -E "Signal \((4|6|7|8|11)\) received|corrupted (double-linked|size)|double free" $C/out/server_tails/* 2>/dev/null | head -5)
+# tritonserver 崩溃的痕迹（2026-11-28 H200：Triton 2.51 开着追踪时段错误，进程不退出、只留一行 Signal (11)）：在回复里直接看到。
+# 模式与 algorithm/serving/server.py 的 _CRASH_RE 相同（改一处要改另一处）
+crash=$(grep -H -m3 -E "Signal \((4|6|7|8|11)\) received|corrupted (double-linked|size|top size)|double free|free\(\): invalid|malloc\(\): " \
+        $C/out/server_tails/* 2>/dev/null | head -5)
 [ -n "$crash" ] && { echo "== tritonserver 崩溃过："; echo "$crash"; }
 [ -f $C/running ] && echo "（仍在运行）"
 # 当前阶段的最后几行

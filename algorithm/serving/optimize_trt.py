@@ -133,11 +133,11 @@ def keep_in_fp32(layer_type: str, layer_name: str) -> bool:
 
 # ---------------------------------------------------------------- int8 校准（逻辑部分无需 TensorRT）
 
-def calibration_profile(config) -> int:
+def calibration_profile(config, profiles: Optional[Sequence[Profile]] = None) -> int:
     """int8 校准用的 profile：包含 engine.opt_seq_length 的那个（按长度切分时是第一个；按规划的桶时第一个只覆盖最短的历史，
-    只用它校准的尺度对长历史不具代表性）。"""
+    只用它校准的尺度对长历史不具代表性）。profiles：已算好的 trt_profiles(config)（规划桶时每次都要重新规划）。"""
     cfg = _as_serving(config)
-    profiles = trt_profiles(cfg)
+    profiles = profiles if profiles is not None else trt_profiles(cfg)
     length = min(max(cfg.engine.opt_seq_length, 1), cfg.export.max_seq_length)
     return covering_profile(profiles, 1, length)
 
@@ -148,7 +148,8 @@ def calibration_batches(config, catalog, num_batches: Optional[int] = None, seed
     from algorithm.serving.gates import sample_feeds
 
     cfg = _as_serving(config)
-    p = trt_profiles(cfg)[calibration_profile(cfg)]
+    profiles = trt_profiles(cfg)
+    p = profiles[calibration_profile(cfg, profiles)]
     b, length = p.opt
     n = num_batches or cfg.engine.calibration_batches
     yield from sample_feeds(cfg, catalog, n * b, seed=seed, batch=b, max_len=length, pad_to=length)
@@ -332,7 +333,7 @@ def build_trt_engine(onnx_path: str, engine_path: str, config, catalog=None) -> 
         bc.set_flag(trt.BuilderFlag.INT8)
         calib_cache = os.path.splitext(os.path.abspath(engine_path))[0] + ".calib"
         bc.int8_calibrator = make_entropy_calibrator(trt, calibration_batches(cfg, catalog), calib_cache)
-        bc.set_calibration_profile(trt_profiles_[calibration_profile(cfg)])  # 与 calibration_batches 同一个 profile 的 opt 形状
+        bc.set_calibration_profile(trt_profiles_[calibration_profile(cfg, profiles)])  # 与 calibration_batches 同一个 profile 的 opt 形状
     if precision != "fp32" and cfg.engine.fp32_layers:
         pinned = _pin_fp32(trt, network)
         bc.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
