@@ -7,6 +7,7 @@
 #   bash scripts/gpu_bench.sh profile    # 引擎剖析（scripts/engine_profile.py，不含 int8）；PROFILE_ARGS 追加参数
 #   bash scripts/gpu_bench.sh profile_variants # 同样剖析 sweep 按产物选项构建的变体（$G/new/variants/*）
 #   bash scripts/gpu_bench.sh int8       # int8 两种方式各一个限时的进程（只测 fp16 与 int8 的离线吞吐与门禁）
+#   bash scripts/gpu_bench.sh int8mm     # 单个线性层：fp16、int8 两种权重布局、fp8、编译的 int8 各自多快、用哪个内核（scripts/int8_gemm_probe.py）
 #   bash scripts/gpu_bench.sh profile_old # 同一剖析脚本对旧路径的仓库（旧代码导出的 .pt2，新运行器）：同一运行里的引擎对照
 #   bash scripts/gpu_bench.sh bench_old  # 旧路径的服务器 + 新的压测工具（benchmark.url），3 次重复
 #   bash scripts/gpu_bench.sh bench_new  # 新路径，同样的 Triton 设置与压测，3 次重复，含地板、追踪、离线吞吐
@@ -19,7 +20,7 @@
 # 构建产物在 /tmp/gpubuild（不在带来的目录里，同一台机器热着时各阶段复用）。
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?用法：gpu_bench.sh setup|gputest|build|oldbuild|profile|profile_variants|int8|profile_old|bench_old|bench_new|floor|sweep|sweep_mps|soak|overload}
+STAGE=${1:?用法：gpu_bench.sh setup|gputest|build|oldbuild|profile|profile_variants|int8|int8mm|profile_old|bench_old|bench_new|floor|sweep|sweep_mps|soak|overload}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 VENV=/tmp/ugtvenv
@@ -179,6 +180,10 @@ PYEOF
       echo "int8 $m：退出码 $rc（124 = 超时）" | tee -a "$OUT/profile_int8_$m.log"
     done
     ;;
+  int8mm)
+    # 不需要构建：随机张量、ugt_base 的线性层形状；结果 $OUT/int8mm/int8_gemm_probe.json
+    timeout -k 10 ${INT8MM_TIMEOUT:-240} $PY scripts/int8_gemm_probe.py --out "$OUT/int8mm" --budget-s $(( ${INT8MM_TIMEOUT:-240} - 60 )) 2>&1 | tee "$OUT/int8mm.log"
+    ;;
   profile_old)
     profile_repo $G/old/model_repository profile_old 200
     ;;
@@ -228,9 +233,10 @@ PYEOF
     kill $SP; wait $SP 2>/dev/null || true
     ;;
   bench_new)
-    # BENCH_EXTRA：追加的覆盖（例如设备时间不够时减少负载点）
+    # BENCH_EXTRA：追加的覆盖（例如设备时间不够时减少负载点）；NEW_EXTRA：只加在本阶段的覆盖（例如 server.mps=true，
+    # 同一轮的 sweep 另扫 server.mps=false,true 时不能放进 BENCH_EXTRA）
     $PY scripts/benchmark.py "${COMMON[@]}" "${TRITON[@]}" build_dir=$G/new "${BENCH[@]}" benchmark.offline_samples=1000 \
-        benchmark.output_dir=$G/bench_new ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/bench_new.log"
+        benchmark.output_dir=$G/bench_new ${BENCH_EXTRA:-} ${NEW_EXTRA:-} 2>&1 | tee "$OUT/bench_new.log"
     ;;
   floor)
     # 共享的地板探针：三步恒等模型的 ensemble，与 ugt_recommend 同样的 I/O；只跑 4/2 实例，并发 16 与 64，每点 5 s
