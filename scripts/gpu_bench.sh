@@ -192,7 +192,8 @@ PYEOF
     SWEEP_ARGS=${SWEEP:-triton.instance_count=1,2 triton.max_queue_delay_us=500,2000}
     # sweep_mps：每组都开 server.mps（服务器自己起停 CUDA MPS 守护进程，日志在各组目录的 mps_log/）；SWEEP_MPS 是
     # 开着 MPS 时另扫的设置（同一轮里 sweep 与 sweep_mps 可以扫不同的键），默认同 SWEEP。
-    # 同一个 multirun 里对照有无 MPS：SWEEP='server.mps=false,true' bash scripts/gpu_bench.sh sweep
+    # 同一个 multirun 里对照有无 MPS：SWEEP='server.mps=false,true' bash scripts/gpu_bench.sh sweep。不给时 server.mps=auto：
+    # 引擎 >= 2 个 GPU 实例的组开 MPS（h100.yaml 是 2 个），1 个实例的组不开；各组报告的 mps 一项写明
     if [ "$STAGE" = sweep_mps ]; then SWEEP_ARGS="${SWEEP_MPS:-$SWEEP_ARGS} server.mps=true"; fi
     # 每组：重启服务器、SLA 搜索、轻负载点、c=64，SWEEP_REPEATS 次（默认 1；比较设置要 3 次：同一设置重复间的 SLA 范围约 ±10–18 %）；
     # 不测地板与离线（主测量里有）。例：SWEEP='triton.max_queue_delay_us=500,3000' SWEEP_REPEATS=3

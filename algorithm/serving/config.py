@@ -307,9 +307,10 @@ class ServerConfig:
     # 停止时等在途请求的上限（--exit-timeout-secs）：请求打到已死的存根时旧版本模型一直算“在用”，停止要等满这么久
     exit_timeout_s: float = 30.0
     # CUDA MPS：服务器自己起一个私有的 MPS 守护进程，引擎的几个实例（各是一个进程）的内核可以同时在 GPU 上跑
-    # （algorithm/serving/mps.py）。需要 nvidia-cuda-mps-control；GPU 已由别的 MPS 守护进程管着时不要开。
-    # H100 上引擎 2 实例：SLA 1000 -> 1237.5 req/s（各 3 次，benchmarks/h100-2026-11-27/machine6）；默认关：只在一台机器上测过
-    mps: bool = False
+    # （algorithm/serving/mps.py）。auto：python 引擎在一块 GPU 上有 >= 2 个实例、有 nvidia-cuda-mps-control、
+    # 没有别的 MPS 守护进程时开，否则关（CPU 上总是关）；true：总是开（没有控制程序时报错）；false：不开。
+    # H200 上同一个 multirun 各 3 次：SLA 2250 -> 3250 req/s（benchmarks/h200-2026-11-28-run2/sweep）
+    mps: str = "auto"
 
     def __post_init__(self) -> None:
         for f in ("http_port", "grpc_port", "metrics_port"):
@@ -319,6 +320,11 @@ class ServerConfig:
         _positive("server", "startup_timeout_s", self.startup_timeout_s)
         _positive("server", "supervise_interval_s", self.supervise_interval_s)
         _positive("server", "exit_timeout_s", self.exit_timeout_s, allow_zero=True)
+        # Hydra 把命令行的 true / false 解析成布尔值，写进字符串字段时成了 "True" / "False"
+        m = str(self.mps).strip().lower()
+        self.mps = {"1": "true", "on": "true", "yes": "true", "0": "false", "off": "false", "no": "false"}.get(m, m)
+        if self.mps not in ("auto", "true", "false"):
+            raise ConfigError(f"server.mps 应为 auto、true 或 false，得到 {self.mps!r}")
 
 
 @dataclass

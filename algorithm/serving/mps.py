@@ -1,8 +1,14 @@
-"""CUDA MPS（多进程服务）：内嵌服务器自己起、自己停的一个 MPS 控制守护进程（server.mps=true）。
+"""CUDA MPS（多进程服务）：内嵌服务器自己起、自己停的一个 MPS 控制守护进程（server.mps=auto 时按仓库决定，true 总是开）。
 
 为什么：引擎的每个实例是一个 python backend 存根进程。没有 MPS 时几个进程的 CUDA 上下文在 GPU 上分时，
 小 batch 的内核占不满 SM 也不能同时跑；开着 MPS 时它们的内核可以同时跑。H100 上（ugt_base fp16，引擎 2 实例）
-SLA 速率 1000 -> 1237.5 req/s、c=64 1855 -> 1958 req/s（各 3 次，benchmarks/h100-2026-11-27/machine6）。
+SLA 速率 1000 -> 1237.5 req/s、c=64 1855 -> 1958 req/s（各 3 次，benchmarks/h100-2026-11-27/machine6）；
+H200 上同一个 multirun 里 SLA 2250 -> 3250、c=64 3210 -> 3842（各 3 次，benchmarks/h200-2026-11-28-run2/sweep）。
+
+auto（默认）只在确实有几个进程共用一块 GPU 时开：引擎是 python 后端（每个实例一个进程；原生后端的实例是
+tritonserver 进程里的线程，同一个 CUDA 上下文，MPS 没有用处）、实例在 GPU 上、每块 GPU 至少 2 个，
+PATH 里有控制程序，且没有别的 MPS 守护进程在管这块 GPU。决定与原因记在服务器上（EmbeddedTritonServer.mps_state），
+压测报告里写出来。
 
 只起用户态的守护进程（管道与日志目录是私有的），不改卡的任何设置（计算模式、时钟都不动）；服务器停止时退出。
 这块 GPU 已由别的 MPS 守护进程或独占计算模式管着时不要开（CUDA 客户端会连错或连不上）。"""
@@ -13,13 +19,56 @@ import logging
 import os
 import shutil
 import subprocess
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from algorithm.errors import MissingDependencyError, ServerError
 
 log = logging.getLogger(__name__)
 
 CONTROL = "nvidia-cuda-mps-control"
+SETTINGS = ("auto", "true", "false")
+# 默认的 MPS 管道目录：有人（运维、别的服务）已经用默认设置起了守护进程时，这里有 control 套接字
+DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"
+
+
+def engine_processes_per_gpu(repository: str, engine: str = "ugt_engine") -> Tuple[int, str]:
+    """仓库里引擎模型在每块 GPU 上有几个进程（python 后端的 KIND_GPU 实例数；不是则 0），与一句说明。"""
+    from algorithm.serving.triton_config import parse_pbtxt, pb
+
+    path = os.path.join(repository, engine, "config.pbtxt")
+    try:
+        with open(path) as f:
+            mc = parse_pbtxt(f.read())
+    except FileNotFoundError:
+        return 0, f"仓库里没有 {engine}/config.pbtxt"
+    except Exception as e:  # noqa: BLE001  读不懂的配置：不开 MPS，照常让 Triton 报它的错
+        return 0, f"{path} 解析失败（{type(e).__name__}: {e}）"
+    if mc.backend != "python":
+        return 0, f"引擎是原生后端（{mc.platform or mc.backend}），实例是同一进程里的线程"
+    counts = [g.count for g in mc.instance_group if g.kind == pb().ModelInstanceGroup.KIND_GPU]
+    if not counts:
+        return 0, "引擎实例不在 GPU 上"
+    n = max(counts)
+    return n, f"引擎 {n} 个实例（各一个进程）共用一块 GPU"
+
+
+def decide(setting: str, repository: str) -> Tuple[bool, str]:
+    """server.mps 的取值 + 仓库 -> (是否起 MPS 守护进程, 原因)。true / false 照办；auto 见模块文档。"""
+    if setting == "true":
+        return True, "server.mps=true"
+    if setting == "false":
+        return False, "server.mps=false"
+    n, why = engine_processes_per_gpu(repository)
+    if n < 2:
+        return False, f"auto：{why}"
+    if not shutil.which(CONTROL):
+        return False, f"auto：{why}，但 PATH 里没有 {CONTROL}"
+    external = os.environ.get("CUDA_MPS_PIPE_DIRECTORY")
+    if not external and os.path.exists(os.path.join(DEFAULT_PIPE_DIR, "control")):
+        external = DEFAULT_PIPE_DIR
+    if external:
+        return False, f"auto：已有别的 MPS 守护进程（管道 {external}），不另起；要用它请自己保证客户端连得上"
+    return True, f"auto：{why}"
 
 
 class MpsDaemon:
@@ -74,4 +123,4 @@ class MpsDaemon:
             log.warning("MPS 守护进程没有正常退出（%s: %s）；管道目录 %s", type(e).__name__, e, self.pipe_dir)
 
 
-__all__ = ["CONTROL", "MpsDaemon"]
+__all__ = ["CONTROL", "SETTINGS", "MpsDaemon", "decide", "engine_processes_per_gpu"]

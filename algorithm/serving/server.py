@@ -35,6 +35,7 @@ from typing import Dict, List, Optional
 
 from algorithm.serving.config import ServerConfig
 from algorithm.errors import MissingDependencyError, ServerError
+from algorithm.serving import mps as mps_mod
 from algorithm.serving.mps import MpsDaemon
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,9 @@ class EmbeddedTritonServer:
         self._lock_fd: Optional[int] = None
         self.restarts: Dict[str, int] = {}  # 监护线程重新加载各模型的次数
         self.removed_shm_regions: List[str] = []  # 本服务器删掉的（死存根留下的）共享内存区
-        self.mps: Optional[MpsDaemon] = None  # server.mps 时本服务器起的 MPS 守护进程
+        self.mps: Optional[MpsDaemon] = None  # 本服务器起的 MPS 守护进程（server.mps 决定，见 mps.decide）
+        # 这次启动是否用了 MPS 与原因（压测报告写出来）：{"setting", "active", "reason"}
+        self.mps_state: Dict[str, object] = {}
 
     # ---- 地址 ----
     @property
@@ -251,15 +254,17 @@ class EmbeddedTritonServer:
         env["UGT_PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("UGT_PYTHONPATH", "")]))
         log_path = self.log_path or os.path.join(self._tmp, "tritonserver.log")
         self.log_path = log_path
-        if c.mps:
-            # 管道放在短的临时目录里（unix 套接字路径有长度上限）；日志放在服务器日志旁边，停止后还在
-            self.mps = MpsDaemon(os.path.join(self._tmp, "mps"), os.path.join(os.path.dirname(log_path), "mps_log"))
-            self.mps.start()
-            env.update(self.mps.env())  # 存根由 tritonserver 起，继承这两个变量
+        env.update(self._start_mps(log_path))
         self._log_file = open(log_path, "ab")
         self.process = subprocess.Popen(self._command(binary, backend_dir), stdout=self._log_file,
                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except ServerError as e:
+            if self.mps is not None and c.mps == "auto":  # 自动开的 MPS 可能就是原因：说出来，别让人去猜
+                raise ServerError(f"{e}\n（server.mps=auto 开了 CUDA MPS（{self.mps_state['reason']}）；"
+                                  f"若怀疑是 MPS 的问题，用 server.mps=false 再试；MPS 日志在 {self.mps.log_dir}）") from e
+            raise
         log.info("Triton 就绪：HTTP %s  gRPC %s  metrics %s", self.http_url, self.grpc_url, self.metrics_url)
         if self.mps is not None:
             # MPS 服务器在第一个 CUDA 客户端连上时才起：引擎在 GPU 上时，就绪时它应该已在
@@ -267,12 +272,35 @@ class EmbeddedTritonServer:
             if servers:
                 log.info("CUDA MPS：服务器进程 %s（客户端记录在 %s/server.log）", servers, self.mps.log_dir)
             else:
-                log.warning("server.mps=true，但没有 CUDA 进程经 MPS 运行（引擎不在 GPU 上？）；日志 %s", self.mps.log_dir)
+                log.warning("开着 MPS（%s），但没有 CUDA 进程经它运行（引擎不在 GPU 上？）；日志 %s",
+                            self.mps_state.get("reason"), self.mps.log_dir)
         self._stubs = self._by_model(self._scan_stubs())
         if self.config.supervise:
             self._stop_event = threading.Event()
             self._supervisor = threading.Thread(target=self._supervise, name="ugt-triton-supervisor", daemon=True)
             self._supervisor.start()
+
+    def _start_mps(self, log_path: str) -> Dict[str, str]:
+        """按 server.mps 决定是否起 MPS 守护进程；返回 tritonserver 要加的环境变量（存根由它起，继承这两个变量）。
+        auto 时守护进程起不来只记警告、不用 MPS 照常启动（true 时照样报错）。"""
+        c = self.config
+        active, reason = mps_mod.decide(c.mps, self.repository)
+        self.mps_state = {"setting": c.mps, "active": active, "reason": reason}
+        log.info("CUDA MPS：%s（%s）", "开" if active else "不开", reason)
+        if not active:
+            return {}
+        # 管道放在短的临时目录里（unix 套接字路径有长度上限）；日志放在服务器日志旁边，停止后还在
+        daemon = MpsDaemon(os.path.join(self._tmp, "mps"), os.path.join(os.path.dirname(log_path), "mps_log"))
+        try:
+            daemon.start()
+        except (ServerError, MissingDependencyError, OSError, subprocess.SubprocessError) as e:
+            if c.mps != "auto":
+                raise
+            log.warning("server.mps=auto：%s；不用 MPS 启动", e)
+            self.mps_state.update(active=False, reason=f"{reason}；但守护进程起不来：{str(e)[:200]}")
+            return {}
+        self.mps = daemon
+        return daemon.env()
 
     # ---- 监护：重启死掉的 python backend 存根 ----
     def stub_processes(self) -> Dict[str, List[int]]:

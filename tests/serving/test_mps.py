@@ -6,9 +6,9 @@ import stat
 
 import pytest
 
-from algorithm.errors import MissingDependencyError, ServerError
+from algorithm.errors import ConfigError, MissingDependencyError, ServerError
 from algorithm.serving.config import ServerConfig
-from algorithm.serving.mps import CONTROL, MpsDaemon
+from algorithm.serving.mps import CONTROL, MpsDaemon, decide
 from algorithm.serving.server import EmbeddedTritonServer
 
 FAKE = """#!/bin/sh
@@ -91,3 +91,98 @@ def test_server_with_mps_passes_the_pipe_to_tritonserver_and_stubs(sleep_repo, t
         assert stubs and all(_environ(p).get("CUDA_MPS_PIPE_DIRECTORY") == pipe for p in stubs)
     assert s.mps is None
     assert [c[:2] for c in calls(record)] == [["-d", ""], ["", "get_server_list"], ["", "quit"]]
+
+
+# ---- server.mps=auto：按仓库决定 ----
+
+ENGINE_PBTXT = """name: "ugt_engine"
+{backend}
+max_batch_size: 64
+instance_group {{ count: {count} kind: {kind} {gpus} }}
+"""
+
+
+def engine_repo(tmp_path, count=2, kind="KIND_GPU", backend='backend: "python"', name="repo"):
+    """只有 ugt_engine/config.pbtxt 的仓库（decide 只读它）。"""
+    d = tmp_path / name / "ugt_engine"
+    d.mkdir(parents=True)
+    gpus = "gpus: [0]" if kind == "KIND_GPU" else ""
+    (d / "config.pbtxt").write_text(ENGINE_PBTXT.format(backend=backend, count=count, kind=kind, gpus=gpus))
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("given,expected", [(True, "true"), (False, "false"), ("True", "true"), ("off", "false"),
+                                            ("auto", "auto"), (" AUTO ", "auto")])
+def test_mps_setting_accepts_hydra_booleans_and_auto(given, expected):
+    assert ServerConfig(mps=given).mps == expected
+
+
+def test_mps_setting_rejects_other_values():
+    with pytest.raises(ConfigError, match="server.mps"):
+        ServerConfig(mps="sometimes")
+
+
+def test_auto_turns_mps_on_only_for_several_python_engine_processes_on_one_gpu(tmp_path, monkeypatch):
+    bindir, _ = fake_control(tmp_path)
+    monkeypatch.setenv("PATH", bindir + os.pathsep + os.environ["PATH"])
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    monkeypatch.setattr("algorithm.serving.mps.DEFAULT_PIPE_DIR", str(tmp_path / "no-default-daemon"))
+    on, why = decide("auto", engine_repo(tmp_path, count=2))
+    assert on and "2 个实例" in why
+    cases = {"one": dict(count=1), "cpu": dict(kind="KIND_CPU"),
+             "native": dict(backend='platform: "tensorrt_plan"')}
+    for name, kw in cases.items():
+        on, why = decide("auto", engine_repo(tmp_path, name=name, **kw))
+        assert not on and why.startswith("auto："), (name, why)
+    assert "原生后端" in decide("auto", str(tmp_path / "native"))[1]
+    assert decide("auto", str(tmp_path / "empty")) == (False, "auto：仓库里没有 ugt_engine/config.pbtxt")
+    # 显式的设置不看仓库
+    assert decide("true", str(tmp_path / "empty"))[0] and not decide("false", str(tmp_path / "repo"))[0]
+
+
+def test_auto_leaves_mps_off_without_the_control_program_or_beside_another_daemon(tmp_path, monkeypatch):
+    repo = engine_repo(tmp_path, count=3)
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    monkeypatch.setattr("algorithm.serving.mps.DEFAULT_PIPE_DIR", str(tmp_path / "default-pipe"))
+    monkeypatch.setattr("shutil.which", lambda name, *a, **k: None)
+    on, why = decide("auto", repo)
+    assert not on and CONTROL in why
+    monkeypatch.undo()
+    bindir, _ = fake_control(tmp_path)
+    monkeypatch.setenv("PATH", bindir + os.pathsep + os.environ["PATH"])
+    monkeypatch.setattr("algorithm.serving.mps.DEFAULT_PIPE_DIR", str(tmp_path / "default-pipe"))
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", "/run/ops-mps")
+    on, why = decide("auto", repo)
+    assert not on and "/run/ops-mps" in why
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY")
+    (tmp_path / "default-pipe").mkdir()
+    (tmp_path / "default-pipe" / "control").write_text("")  # 默认管道目录里有控制套接字：有人已经起了守护进程
+    on, why = decide("auto", repo)
+    assert not on and "default-pipe" in why
+
+
+def test_auto_falls_back_without_mps_when_the_daemon_fails_but_true_raises(tmp_path, monkeypatch):
+    bindir, record = fake_control(tmp_path, fail="cannot start")
+    monkeypatch.setenv("PATH", bindir + os.pathsep + os.environ["PATH"])
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    monkeypatch.setattr("algorithm.serving.mps.DEFAULT_PIPE_DIR", str(tmp_path / "no-default-daemon"))
+    repo = engine_repo(tmp_path, count=2)
+    log_path = str(tmp_path / "out" / "tritonserver.log")
+    s = EmbeddedTritonServer(repo, ServerConfig())
+    s._tmp = str(tmp_path / "tmp")
+    assert s._start_mps(log_path) == {} and s.mps is None
+    assert s.mps_state["setting"] == "auto" and s.mps_state["active"] is False
+    assert "cannot start" in s.mps_state["reason"]
+    s = EmbeddedTritonServer(repo, ServerConfig(mps=True))
+    s._tmp = str(tmp_path / "tmp")
+    with pytest.raises(ServerError, match="cannot start"):
+        s._start_mps(log_path)
+    # 守护进程起得来时：auto 开 MPS，返回给 tritonserver 的环境变量
+    (tmp_path / "ok").mkdir()
+    bindir2, _ = fake_control(tmp_path / "ok")
+    monkeypatch.setenv("PATH", bindir2 + os.pathsep + os.environ["PATH"])
+    s = EmbeddedTritonServer(repo, ServerConfig())
+    s._tmp = str(tmp_path / "tmp2")
+    env = s._start_mps(log_path)
+    assert s.mps is not None and env == s.mps.env() and s.mps_state["active"] is True
+    s.mps.stop()

@@ -238,6 +238,7 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
 
             report = suite(url, server.metrics_url, server.http_url, trace_file, FLOOR,
                            rss_fn=lambda: process_tree_rss_mb(server.process.pid), crash_fn=server.crash_lines)
+            report["mps"] = dict(server.mps_state)  # 这次是否开了 CUDA MPS 与原因（server.mps=auto 时由仓库决定）
     add_flops(report, flops, b.peak_tflops)
     report["files"] = write_report(report, out_dir)
     print(summary_table(report))

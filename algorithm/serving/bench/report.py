@@ -122,6 +122,9 @@ def summary_table(report: Dict[str, Any]) -> str:
         lines.append(f"  ！tritonserver 的日志里有崩溃的痕迹：{'；'.join(report['server_crash'][:3])}")
     if report.get("trace_note"):
         lines.append(f"  {report['trace_note']}")
+    if report.get("mps"):
+        m = report["mps"]
+        lines.append(f"  CUDA MPS：{'开' if m.get('active') else '不开'}（{m.get('reason')}）")
     slo = report.get("slo_ms")
     rates = (h.get("sla_rate") or {}).get("values") or []
     missing = sum(v is None for v in rates)

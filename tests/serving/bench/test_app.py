@@ -161,7 +161,11 @@ def test_light_load_point_is_traced(built, tmp_path, capsys):
     t = run["light_trace"]
     assert t["traced"] >= 0.9 * run["light"]["ok"] and t["trace_rate"] == 1, (t, run["light"]["ok"])
     assert t["slowest_request"]["ugt_engine.compute"] > 0 and "trace" not in run  # 没有 SLA 搜索
-    assert "轻负载点的追踪（20.0/s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "轻负载点的追踪（20.0/s" in out
+    # 默认 server.mps=auto：CPU 上的引擎不开 MPS，报告与摘要写明原因
+    assert report["mps"] == {"setting": "auto", "active": False, "reason": "auto：引擎实例不在 GPU 上"}
+    assert "CUDA MPS：不开（auto：引擎实例不在 GPU 上）" in out
 
 
 def test_soak_and_overload_run_from_the_benchmark_config(built, tmp_path, capsys):
