@@ -233,7 +233,11 @@ class GpuSampler:
         if self._gpm_prev is not None:
             cur = self._gpm_take()
             if cur is not None:
-                gpm = self._gpm_metrics(self._gpm_prev, cur) or {}
+                m = self._gpm_metrics(self._gpm_prev, cur)
+                if m is None:  # 读数失败（原因已记下）：这个窗口里不再取样，以后的窗口 begin() 也不取
+                    self._gpm_free(cur)
+                    cur = None
+                gpm = m or {}
             self._gpm_free(self._gpm_prev)
             self._gpm_prev = cur
         self.gpm_points.append(gpm)

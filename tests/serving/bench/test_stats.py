@@ -181,6 +181,24 @@ def test_gpm_unavailable_is_explained_and_the_rest_still_works():
     assert gpm.allocated == gpm.freed == 1
 
 
+def test_gpm_read_failure_stops_sampling_gpm_for_the_rest_of_the_window():
+    gpm = FakeGpm()
+    calls = []
+
+    def failing(mg):
+        calls.append(1)
+        raise RuntimeError("NVML_ERROR_UNKNOWN")
+
+    nvml = gpm.install(fake_nvml([(90, 1980, 600_000, 0)] * 4))
+    nvml.nvmlGpmMetricsGet = failing
+    g = GpuSampler(nvml=nvml)
+    ticking(g, gpm, [(0.1, [0.5])] * 3)
+    ticking(g, gpm, [(0.1, [0.5])])  # 下一个窗口不再取 GPM 样本
+    r = g.result()
+    assert len(calls) == 1 and gpm.allocated == gpm.freed == 2  # 开始一个 + 第 1 次采样一个，之后不再取
+    assert r["util_mean"] == 90 and r["sm_active"] is None and "NVML_ERROR_UNKNOWN" in r["gpm_reason"]
+
+
 def test_gpm_metric_missing_on_one_gpu_is_none_with_the_nvml_code():
     gpm = FakeGpm(devices=2, broken={(1, FakeGpm.TENSOR)})  # 只有第 2 块 GPU 读不到张量核那一项
     g = GpuSampler(nvml=gpm.install(fake_nvml([(90, 1980, 600_000, 0)] * 2)))  # 1 次采样 × 2 块 GPU
