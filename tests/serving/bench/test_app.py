@@ -213,6 +213,10 @@ def test_an_offline_failure_keeps_the_served_numbers(built, tmp_path, monkeypatc
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(offline, "offline_engine_throughput", boom)
+    # 顺带：服务器日志里的崩溃痕迹（crash_lines）经 app 的接线进报告与摘要
+    from algorithm.serving.server import EmbeddedTritonServer
+
+    monkeypatch.setattr(EmbeddedTritonServer, "crash_lines", lambda self: ["Signal (11) received."])
     cfg, _ = built
     b = dataclasses.replace(cfg.benchmark, repeats=1, concurrency=[1], sla_search=False, light_rate=0.0, floor=False,
                             trace_rate=0, offline_samples=10, warmup_requests=2, processes=1, length_median=20,
@@ -220,7 +224,10 @@ def test_an_offline_failure_keeps_the_served_numbers(built, tmp_path, monkeypatc
     report = app.benchmark_from_config(dataclasses.replace(cfg, benchmark=b), str(tmp_path))
     assert report["offline_engine"] == {"error": "RuntimeError: CUDA out of memory"}
     assert report["runs"][0]["closed_loop"][0]["ok"] > 0 and os.path.isfile(report["files"]["json"])
-    assert "引擎离线吞吐：没有测到（RuntimeError: CUDA out of memory）" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "引擎离线吞吐：没有测到（RuntimeError: CUDA out of memory）" in out
+    assert report["server_crash"] == ["Signal (11) received."]
+    assert "！tritonserver 的日志里有崩溃的痕迹：Signal (11) received." in out
 
 
 def test_gpm_sm_activity_reaches_headline_report_and_summary(tmp_path):
