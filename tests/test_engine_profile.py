@@ -78,7 +78,7 @@ def test_engine_profile_quick_on_cpu(torch_repo, tmp_path):
         assert g["rows"] == 32 and g["passed"] == (g["overlap"] >= 0.95 and g["top1_agreement"] >= 0.97)
         # int8 也有最小 batch 的内核（CPU 上是算子）表，与 fp16 的对照（GPU 上用来找 int8 慢在哪里）
         # int8 矩阵乘各条路的次数（CPU 上 torchao 走自己的 CPU 实现，不经过 capture_safe_int_mm，所以都是 0；GPU 上看回退）
-        assert set(s["throughput_int8_dynamic"]["int_mm_paths"]) == {"compiled", "cublas_int8", "cpu_int32", "fp32_fallback"}
+        assert set(s["throughput_int8_dynamic"]["int_mm_paths"]) == {"compiled", "cublas_int8", "cublas_int8_tn", "cpu_int32", "fp32_fallback"}
         k8 = s["throughput_int8_dynamic"]["kernels"]
         assert [r["shape"].split("x")[0] for r in k8] == [f"b{min(tb)}"] and k8[0]["launches"] > 0
         assert "int8_dynamic，b" in (out / "profile.md").read_text()

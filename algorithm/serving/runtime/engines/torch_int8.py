@@ -47,7 +47,37 @@ def _torchao_config(mode: str):
 
 # capture_safe_int_mm 每条路走过几次（进程内累计）：int8 慢时先看矩阵乘是不是落到了回退路径（CPU 上的 int32 乘、
 # cuBLAS 拒绝后的 fp32 乘）而不是 int8 张量核。CUDA Graph 重放不经过 Python，所以这里数的是预热与捕获时的调用
-INT_MM_PATHS = {"compiled": 0, "cublas_int8": 0, "cpu_int32": 0, "fp32_fallback": 0}
+INT_MM_PATHS = {"compiled": 0, "cublas_int8": 0, "cublas_int8_tn": 0, "cpu_int32": 0, "fp32_fallback": 0}
+# 各设备上 torch._int_mm 能否直接吃 TN 布局（见 tn_layout_ok）：第一次在 eager 下用到时自检一次
+_TN_OK: dict = {}
+
+
+def tn_layout_ok(device) -> bool:
+    """这台设备上 torch._int_mm(a, w.t())（w 是 N×K 连续的权重，转置视图 = cuBLASLt int8 张量核要的 TN 布局）
+    是否与先拷成连续的 K×N 给出同样的结果。
+
+    为什么要它：torchao 的 safe_int_mm 把不连续的 mat2 一律拷成连续（注释说 cuBLAS 对某些转置组合静默算错），
+    torchao 的 int8 张量传进来的正是转置视图，于是每次矩阵乘先拷一次权重，再用 NN 布局。H200 上（torch 2.11 + CUDA 13，
+    ugt_base 的线性层形状，benchmarks/h200-2026-11-28-run3/int8mm）NN 布局落到 A100 代的 WMMA 兼容内核
+    （cutlass_80_wmma_..._forwardCompat_..._nn_align4），TN 布局用 cutlass_80_tensorop_i16832gemm_s8_..._tn_align16：
+    M=8192 时快 3.1-3.6 倍，12 个形状的结果都与 float64 参考完全相同。仍按设备自检一次（结果不同就照旧拷成连续），
+    不同的 torch / cuBLAS 版本上也不会静默算错。自检要同步：CUDA Graph 捕获中还没自检过时不自检，先走拷贝的路。"""
+    import torch
+
+    key = str(device)
+    if key in _TN_OK:
+        return _TN_OK[key]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randint(-128, 128, (32, 256), dtype=torch.int8, generator=g).to(device)
+    w = torch.randint(-128, 128, (128, 256), dtype=torch.int8, generator=g).to(device)
+    try:
+        ok = bool(torch.equal(torch._int_mm(a, w.t()), torch._int_mm(a, w.t().contiguous())))
+    except RuntimeError:  # 这个版本不接受转置视图
+        ok = False
+    _TN_OK[key] = ok
+    return ok
 
 
 def capture_safe_int_mm(input, mat2):
@@ -73,13 +103,16 @@ def capture_safe_int_mm(input, mat2):
     if input.device.type != "cuda" or not dims_ok:  # 回退：与 torchao 相同（在 CPU 上用 int32 乘）
         INT_MM_PATHS["cpu_int32"] += 1
         return torch.matmul(input.cpu().to(torch.int32), mat2.cpu().to(torch.int32)).to(input.device.type)
-    if not mat2.is_contiguous():  # torchao 的注释：不连续时 cuBLAS 静默给出错误结果
-        mat2 = mat2.contiguous()
+    tn = False
+    if not mat2.is_contiguous():  # torchao 的注释：不连续时 cuBLAS 可能静默给出错误结果；TN 布局自检过就不拷
+        tn = mat2.t().is_contiguous() and tn_layout_ok(mat2.device)
+        if not tn:
+            mat2 = mat2.contiguous()
     if not input.is_contiguous() and input.shape[0] % 8 != 0:
         input = input.contiguous()
     try:
         out = out_dtype(torch.ops.aten.mm.default, torch.int32, input, mat2)
-        INT_MM_PATHS["cublas_int8"] += 1
+        INT_MM_PATHS["cublas_int8_tn" if tn else "cublas_int8"] += 1
         return out
     except RuntimeError:
         INT_MM_PATHS["fp32_fallback"] += 1
@@ -211,5 +244,5 @@ def quantized_weight_names(model) -> Set[str]:
     return {n for n, p in model.named_parameters() if type(p) not in (torch.nn.Parameter, torch.Tensor)}
 
 
-__all__ = ["INT_MM_PATHS", "MODES", "capture_safe_int_mm", "install_capture_safe_int_mm", "int_mm_rows", "linear_weight_names",
+__all__ = ["INT_MM_PATHS", "MODES", "capture_safe_int_mm", "tn_layout_ok", "install_capture_safe_int_mm", "int_mm_rows", "linear_weight_names",
            "quantize_exported_module", "quantize_int8", "quantized_weight_names", "torchao_version"]

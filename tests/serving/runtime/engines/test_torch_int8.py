@@ -233,6 +233,46 @@ def test_capture_safe_int_mm_never_formats_the_tensor_and_is_installed(trained):
         intmm.ugt_original_safe_int_mm(a.as_subclass(NoRepr), b)
 
 
+def test_tn_layout_is_used_only_where_the_self_check_agrees(monkeypatch):
+    """TN 布局（权重的转置视图直接交给 torch._int_mm）按设备自检一次：与拷成连续的结果相同才用，结果缓存。"""
+    from algorithm.serving.runtime.engines import torch_int8
+
+    monkeypatch.setattr(torch_int8, "_TN_OK", {})
+    cpu = torch.device("cpu")
+    assert torch_int8.tn_layout_ok(cpu) is True and torch_int8._TN_OK == {"cpu": True}
+    real = torch._int_mm
+    calls = []
+
+    def wrong_for_views(a, b):  # 模拟 torchao 注释里说的 cuBLAS：不连续的 mat2 静默算错
+        calls.append(b.is_contiguous())
+        out = real(a, b)
+        return out if b.is_contiguous() else out + 1
+
+    monkeypatch.setattr(torch_int8, "_TN_OK", {})
+    monkeypatch.setattr(torch, "_int_mm", wrong_for_views)
+    assert torch_int8.tn_layout_ok(cpu) is False and torch_int8.tn_layout_ok(cpu) is False
+    assert calls == [False, True]  # 只自检一次
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="需要 CUDA GPU")
+def test_capture_safe_int_mm_passes_the_transposed_weight_on_gpu(monkeypatch):
+    """GPU 上 torchao 传来的转置权重（TN）不再拷成连续：结果与 int32 参考相同，记在 cublas_int8_tn；自检不通过时照旧拷贝。"""
+    from algorithm.serving.runtime.engines import torch_int8
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (64, 768), dtype=torch.int8, generator=g).cuda()
+    w = torch.randint(-128, 128, (3072, 768), dtype=torch.int8, generator=g).cuda()
+    want = (a.double() @ w.double().t()).to(torch.int32)
+    monkeypatch.setattr(torch_int8, "_TN_OK", {})
+    before = dict(torch_int8.INT_MM_PATHS)
+    assert torch.equal(torch_int8.capture_safe_int_mm(a, w.t()), want)
+    assert torch_int8.INT_MM_PATHS["cublas_int8_tn"] == before["cublas_int8_tn"] + 1
+    monkeypatch.setattr(torch_int8, "_TN_OK", {str(a.device): False})
+    assert torch.equal(torch_int8.capture_safe_int_mm(a, w.t()), want)
+    assert torch_int8.INT_MM_PATHS["cublas_int8"] == before["cublas_int8"] + 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="需要 CUDA GPU")
 def test_dynamic_int8_is_captured_as_cuda_graph_on_gpu(trained):
