@@ -9,7 +9,7 @@ int8 的矩阵乘比 fp16 的整次运行还慢。这里对 ugt_base 的线性�
 - fp8：torch._scaled_mm（e4m3，按行 / 按列缩放，bf16 输出），Hopper 原生的 8 位路径（不是 #12 要的 int8，作对照）；
 - int8_compiled：torch.compile(mode=max-autotune-no-cudagraphs) 的“动态量化 + int8 乘 + 反量化”整个线性层（融合量化，
   Inductor 可以选 Triton 的 int8 模板）；只测最大的几个形状（编译慢）。
-每条路：预热后 CUDA 事件计时的中位数（微秒）、相对 fp16 的倍数，与 torch.profiler 记下的内核名。
+每条路：预热后 CUDA 事件计时（每个计时连续调用 --reps 次，见 timed）的中位数（微秒）、相对 fp16 的倍数，与 torch.profiler 记下的内核名。
 用法（GPU 机器上）：python scripts/int8_gemm_probe.py --out DIR [--budget-s 150]
 """
 from __future__ import annotations
@@ -26,8 +26,13 @@ SHAPES = [(M, K, N) for M in (17, 256, 2048, 8192) for K, N in ((768, 768), (768
 COMPILED_SHAPES = [(2048, 768, 3072), (8192, 768, 3072), (8192, 3072, 768)]
 
 
-def timed(fn, iters: int = 50, warmup: int = 10) -> float:
-    """中位数（微秒）：每次调用前后各一个 CUDA 事件。"""
+REPS = 20
+
+
+def timed(fn, iters: int = 30, warmup: int = 10) -> float:
+    """每次调用的微秒数（iters 个测量的中位数）：两个 CUDA 事件之间连续调用 REPS 次再平均。
+    为什么不是一次：事件之间只有一次调用时 GPU 先空等主机发射，每个数多出约 55–70 µs（2026-11-28 第 3 台的第一版就是这样）；
+    连续调用时发射与前一个内核重叠，量到的是内核的吞吐（内核比发射还短时仍是发射的速度）。"""
     import torch
 
     for _ in range(warmup):
@@ -37,10 +42,11 @@ def timed(fn, iters: int = 50, warmup: int = 10) -> float:
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(REPS):
+            fn()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0)
+        times.append(a.elapsed_time(b) * 1000.0 / REPS)
     return statistics.median(times)
 
 
@@ -68,10 +74,13 @@ def int8_rowwise(x):
 
 
 def main() -> int:
+    global REPS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--budget-s", type=float, default=150.0, help="超过这么久就不再开始编译的一项（已测的照样写出）")
+    p.add_argument("--reps", type=int, default=REPS, help="每个计时里连续调用几次（1 = 含主机发射的单次延迟）")
     args = p.parse_args()
+    REPS = max(1, args.reps)
     import torch
     import torch.nn.functional as F
 
@@ -83,7 +92,7 @@ def main() -> int:
     dev = torch.device("cuda")
     cap = torch.cuda.get_device_capability()
     info = {"gpu": torch.cuda.get_device_name(), "capability": list(cap), "torch": torch.__version__,
-            "cuda": torch.version.cuda}
+            "cuda": torch.version.cuda, "reps": REPS}
     print(json.dumps(info, ensure_ascii=False), flush=True)
     fp8 = hasattr(torch, "float8_e4m3fn") and cap >= (8, 9)
     rows = []

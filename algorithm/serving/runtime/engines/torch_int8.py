@@ -59,8 +59,9 @@ def tn_layout_ok(device) -> bool:
     为什么要它：torchao 的 safe_int_mm 把不连续的 mat2 一律拷成连续（注释说 cuBLAS 对某些转置组合静默算错），
     torchao 的 int8 张量传进来的正是转置视图，于是每次矩阵乘先拷一次权重，再用 NN 布局。H200 上（torch 2.11 + CUDA 13，
     ugt_base 的线性层形状，benchmarks/h200-2026-11-28-run3/int8mm）NN 布局落到 A100 代的 WMMA 兼容内核
-    （cutlass_80_wmma_..._forwardCompat_..._nn_align4），TN 布局用 cutlass_80_tensorop_i16832gemm_s8_..._tn_align16：
-    M=8192 时快 3.1-3.6 倍，12 个形状的结果都与 float64 参考完全相同。仍按设备自检一次（结果不同就照旧拷成连续），
+    （cutlass_80_wmma_..._forwardCompat_..._nn_align4，只量内核时比 fp16 慢 5.5 倍多），TN 布局用
+    cutlass_80_tensorop_i16832gemm_s8_..._tn_align16：M=8192 时每次调用（含主机发射）快 3.1-3.6 倍，
+    12 个形状的结果都与 float64 参考完全相同。仍按设备自检一次（结果不同就照旧拷成连续），
     不同的 torch / cuBLAS 版本上也不会静默算错。自检要同步：CUDA Graph 捕获中还没自检过时不自检，先走拷贝的路。"""
     import torch
 
