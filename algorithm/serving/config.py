@@ -309,7 +309,8 @@ class ServerConfig:
     # CUDA MPS：服务器自己起一个私有的 MPS 守护进程，引擎的几个实例（各是一个进程）的内核可以同时在 GPU 上跑
     # （algorithm/serving/mps.py）。auto：python 引擎在一块 GPU 上有 >= 2 个实例、有 nvidia-cuda-mps-control、
     # 没有别的 MPS 守护进程时开，否则关（CPU 上总是关）；true：总是开（没有控制程序时报错）；false：不开。
-    # H200 上同一个 multirun 各 3 次：SLA 2250 -> 3250 req/s（benchmarks/h200-2026-11-28-run2/sweep）
+    # H200 上两次同一个 multirun 各 3 次：SLA 2250 -> 3250、2250 -> 2227.5 req/s（后一次范围宽得多；benchmarks/h200-2026-11-28-run2、
+    # run3 的 sweep）。中位数没有比不开差过，但更不稳：要稳定的尾部时用 false
     mps: str = "auto"
 
     def __post_init__(self) -> None:
