@@ -9,7 +9,8 @@ int8 的矩阵乘比 fp16 的整次运行还慢。这里对 ugt_base 的线性�
 - fp8：torch._scaled_mm（e4m3，按行 / 按列缩放，bf16 输出），Hopper 原生的 8 位路径（不是 #12 要的 int8，作对照）；
 - int8_compiled：torch.compile(mode=max-autotune-no-cudagraphs) 的“动态量化 + int8 乘 + 反量化”整个线性层（融合量化，
   Inductor 可以选 Triton 的 int8 模板）；只测最大的几个形状（编译慢）。
-每条路：预热后 CUDA 事件计时（每个计时连续调用 --reps 次，见 timed）的中位数（微秒）、相对 fp16 的倍数，与 torch.profiler 记下的内核名。
+每条路：预热后 CUDA 事件计时（每个计时连续调用 --reps 次，见 timed）的中位数（微秒）、相对 fp16 的倍数，
+torch.profiler 记下的内核名与一次调用的内核时间之和（*_kernel_us，不含主机发射）。
 用法（GPU 机器上）：python scripts/int8_gemm_probe.py --out DIR [--budget-s 150]
 """
 from __future__ import annotations
@@ -50,8 +51,9 @@ def timed(fn, iters: int = 30, warmup: int = 10) -> float:
     return statistics.median(times)
 
 
-def kernels(fn) -> list:
-    """一次调用里 GPU 上跑的内核名（按耗时从大到小，去重）。"""
+def kernels(fn):
+    """一次调用里 GPU 上跑的内核：(名字，按耗时从大到小、去重，前 4 个；全部内核的 GPU 时间之和，微秒)。
+    后者只算内核本身（不含主机发射），与 timed 的吞吐对照。"""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -62,7 +64,7 @@ def kernels(fn) -> list:
         torch.cuda.synchronize()
     rows = sorted(((e.key, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0),
                   key=lambda r: -r[1])
-    return [k[:140] for k, _ in rows[:4]]
+    return [k[:140] for k, _ in rows[:4]], round(sum(t for _, t in rows), 2)
 
 
 def int8_rowwise(x):
@@ -120,7 +122,7 @@ def main() -> int:
                 if name.startswith("int8"):
                     r[f"{name}_exact"] = bool(torch.equal(out.double(), ref))
                 r[f"{name}_us"] = round(timed(fn), 2)
-                r[f"{name}_kernels"] = kernels(fn)
+                r[f"{name}_kernels"], r[f"{name}_kernel_us"] = kernels(fn)
             except Exception as e:  # noqa: BLE001  一条路不支持这个形状：记下原因，接着测别的
                 r[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         for name in ("int8_nn", "int8_tn", "fp8"):
@@ -154,7 +156,7 @@ def main() -> int:
             r["compile_s"] = round(time.monotonic() - c0, 1)
             r["rel_err"] = float(((y.float() - F.linear(x, w).float()).norm() / F.linear(x, w).float().norm()).item())
             r["int8_compiled_us"] = round(timed(lambda: f(x, w8_kn, ws_row)), 2)
-            r["int8_compiled_kernels"] = kernels(lambda: f(x, w8_kn, ws_row))
+            r["int8_compiled_kernels"], r["int8_compiled_kernel_us"] = kernels(lambda: f(x, w8_kn, ws_row))
             fc = torch.compile(lambda a: F.linear(a, w), mode="max-autotune-no-cudagraphs", dynamic=False)
             fc(x)
             r["fp16_compiled_us"] = round(timed(lambda: fc(x)), 2)
@@ -173,6 +175,11 @@ def main() -> int:
               f"{r.get('int8_nn_us', '-'):>8} {r.get('int8_nn_speedup', '-'):>5} {r.get('int8_tn_us', '-'):>8} "
               f"{r.get('int8_tn_speedup', '-'):>5} {str(r.get('int8_tn_exact', '-')):>5} {r.get('fp8_us', '-'):>8} "
               f"{r.get('fp8_speedup', '-'):>5}")
+    print("只算内核（profiler，一次调用的内核时间之和，µs）：")
+    print(f"{'M':>5} {'K':>5} {'N':>5} {'fp16':>8} {'int8 nn':>8} {'int8 tn':>8} {'fp8':>8}")
+    for r in rows:
+        print(f"{r['M']:>5} {r['K']:>5} {r['N']:>5} " + " ".join(
+            f"{r.get(f'{n}_kernel_us', '-'):>8}" for n in ("fp16", "int8_nn", "int8_tn", "fp8")))
     for name in ("int8_nn", "int8_tn", "fp8"):
         ks = {k for r in rows for k in r.get(f"{name}_kernels", [])[:1]}
         print(f"{name} 的主内核：{sorted(ks)}")
