@@ -28,7 +28,6 @@ from algorithm.errors import MissingDependencyError, ServerError
 log = logging.getLogger(__name__)
 
 CONTROL = "nvidia-cuda-mps-control"
-SETTINGS = ("auto", "true", "false")
 # 默认的 MPS 管道目录：有人（运维、别的服务）已经用默认设置起了守护进程时，这里有 control 套接字
 DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"
 
@@ -125,4 +124,4 @@ class MpsDaemon:
             log.warning("MPS 守护进程没有正常退出（%s: %s）；管道目录 %s", type(e).__name__, e, self.pipe_dir)
 
 
-__all__ = ["CONTROL", "SETTINGS", "MpsDaemon", "decide", "engine_processes_per_gpu"]
+__all__ = ["CONTROL", "MpsDaemon", "decide", "engine_processes_per_gpu"]
