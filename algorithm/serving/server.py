@@ -431,6 +431,17 @@ class EmbeddedTritonServer:
         except (urllib.error.URLError, OSError):
             return 0
 
+    def own_pids(self) -> set:
+        """本服务器的进程号：tritonserver、它的存根、本服务器起的 MPS 服务器（GPU 进程快照据此区分别人的进程）。"""
+        pids = {self.process.pid} if self.process is not None else set()
+        pids |= {p for stubs in self.stub_processes().values() for p in stubs}
+        if self.mps is not None:
+            try:
+                pids |= set(self.mps.servers())
+            except (OSError, subprocess.SubprocessError):  # 守护进程不回答：只少 MPS 服务器这一个
+                pass
+        return pids
+
     def crash_lines(self, limit: int = 5) -> List[str]:
         """日志里崩溃的痕迹（“行号: 内容”）：Triton 的崩溃处理打印的 Signal (6/7/11…) received，glibc 的堆错误。
 

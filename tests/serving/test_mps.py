@@ -89,8 +89,10 @@ def test_server_with_mps_passes_the_pipe_to_tritonserver_and_stubs(sleep_repo, t
         assert _environ(s.process.pid)["CUDA_MPS_PIPE_DIRECTORY"] == pipe
         stubs = [p for pids in s.stub_processes().values() for p in pids]
         assert stubs and all(_environ(p).get("CUDA_MPS_PIPE_DIRECTORY") == pipe for p in stubs)
+        # 压测的 GPU 进程快照据此认出自己的进程：tritonserver、存根与 MPS 服务器（假的控制程序回答 4242）
+        assert s.own_pids() == {s.process.pid, *stubs, 4242}
     assert s.mps is None
-    assert [c[:2] for c in calls(record)] == [["-d", ""], ["", "get_server_list"], ["", "quit"]]
+    assert [c[:2] for c in calls(record)] == [["-d", ""], ["", "get_server_list"], ["", "get_server_list"], ["", "quit"]]
 
 
 # ---- server.mps=auto：按仓库决定 ----

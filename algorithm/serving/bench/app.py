@@ -142,9 +142,11 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
     slo_ms = b.slo_ms or config.export.target_latency_ms
 
     def suite(url: str, metrics_url: Optional[str], http_url: Optional[str], trace_file: Optional[str],
-              floor: Optional[str], rss_fn=None, crash_fn=None) -> Dict[str, Any]:
+              floor: Optional[str], rss_fn=None, crash_fn=None, own_pids_fn=None) -> Dict[str, Any]:
         bench = Benchmark(url, target, b, catalog, config.export.max_seq_length, contract_kwargs,
                           progress=True, metrics_url=metrics_url, kind=b.target)
+        if own_pids_fn is not None:
+            bench.own_pids = own_pids_fn
         tracer = None
         if trace_file and http_url and (b.trace_rate or b.soak_trace_rate) and b.target == "ensemble":
             tracer = trace_mod.Tracer(http_url, trace_file, b.trace_rate or b.soak_trace_rate, target,
@@ -237,7 +239,8 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
             from algorithm.serving.bench.soak import process_tree_rss_mb
 
             report = suite(url, server.metrics_url, server.http_url, trace_file, FLOOR,
-                           rss_fn=lambda: process_tree_rss_mb(server.process.pid), crash_fn=server.crash_lines)
+                           rss_fn=lambda: process_tree_rss_mb(server.process.pid), crash_fn=server.crash_lines,
+                           own_pids_fn=server.own_pids)
             report["mps"] = dict(server.mps_state)  # 这次是否开了 CUDA MPS 与原因（server.mps=auto 时由仓库决定）
     add_flops(report, flops, b.peak_tflops)
     report["files"] = write_report(report, out_dir)

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Dict, List
 
-from algorithm.serving.bench.stats import clock_note
+from algorithm.serving.bench.stats import clock_note, foreign_processes_note
 from algorithm.serving.bench.suite import engine_stats, strip_private
 from algorithm.serving.bench.tail import PERCENTILES, fmt_spread
 
@@ -122,6 +122,10 @@ def summary_table(report: Dict[str, Any]) -> str:
         lines.append(f"  ！tritonserver 的日志里有崩溃的痕迹：{'；'.join(report['server_crash'][:3])}")
     if report.get("trace_note"):
         lines.append(f"  {report['trace_note']}")
+    for i, run in enumerate(report.get("runs") or []):
+        note = foreign_processes_note(run.get("gpu_processes"))
+        if note:
+            lines.append(f"  ！第 {i + 1} 次重复开始时{note}")
     if report.get("mps"):
         m = report["mps"]
         lines.append(f"  CUDA MPS：{'开' if m.get('active') else '不开'}（{m.get('reason')}）")

@@ -2,6 +2,7 @@
 引擎运行器的自定义指标（/metrics 里的 ugt_engine_*，见 runtime/glue.EngineMetrics）、NVML 的 GPU 利用率。"""
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -95,7 +96,7 @@ class GpuSampler:
         self.clock = clock
         self.samples: List[float] = []
         self.times: List[float] = []  # 与 samples 对齐：采样时刻（clock，与发压进程的 time.monotonic 同一个时钟）
-        self.extra: List[tuple] = []  # 与 samples 对齐：(SM MHz, 功耗 W, 限频原因位)，读不到的是 None
+        self.extra: List[tuple] = []  # 与 samples 对齐：(SM MHz, 功耗 W, 限频原因位, 显存 MHz)，读不到的是 None
         self.gpm_points: List[Dict[str, Optional[float]]] = []  # 与 samples 对齐：上一次采样以来的 GPM 读数（没有时空字典）
         self.reason: Optional[str] = None
         self._stop = threading.Event()
@@ -228,7 +229,10 @@ class GpuSampler:
         if self._reasons_fn is not None:
             bits = self._read_extra("reasons", lambda: int(np.bitwise_or.reduce([int(self._reasons_fn(h))
                                                                                  for h in self.handles])))
-        self.extra.append((sm, power, bits))
+        # 显存时钟：两台 H200 的离线 b64 差 1.46 倍而 SM 都在满频（2026-11-28），下次分得出是不是显存那边
+        mem = self._read_extra("mem", lambda: float(np.mean([nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_MEM)
+                                                             for h in self.handles])))
+        self.extra.append((sm, power, bits, mem))
         gpm: Dict[str, Optional[float]] = {}
         if self._gpm_prev is not None:
             cur = self._gpm_take()
@@ -295,13 +299,57 @@ class GpuSampler:
         sm = [e[0] for e in busy if e[0] is not None]
         power = [e[1] for e in busy if e[1] is not None]
         bits = [e[2] for e in busy if e[2] is not None]
+        mem = [e[3] for e in busy if e[3] is not None]
         # 忙时：SM 时钟与功耗的中位数、限频原因出现在多少比例的忙样本里（没有忙样本时这几项为 None / 空）
         out |= {"busy_samples": len(busy), "sm_clock_mhz": float(np.median(sm)) if sm else None,
                 "sm_clock_min_mhz": float(min(sm)) if sm else None, "sm_clock_max_mhz": self.max_sm_mhz,
                 "power_w": float(np.median(power)) if power else None, "power_limit_w": self.power_limit_w,
+                "mem_clock_mhz": float(np.median(mem)) if mem else None,
                 "clock_limits": {name: round(sum(bool(b & bit) for b in bits) / len(bits), 3)
                                  for bit, name in CLOCK_LIMIT_REASONS.items() if any(b & bit for b in bits)}}
         return out
+
+
+def _proc_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:  # 别的用户 / 别的容器的进程（NVML 在容器里可能给出宿主机的进程号）
+        return "?"
+
+
+def gpu_processes(sampler, own_pids: Optional[set] = None) -> Dict[str, Any]:
+    """此刻 GPU 上的计算进程（NVML）：[{gpu, pid, name, used_mib, ours}]。own_pids：本次测量自己的进程（压测进程、
+    tritonserver 与存根、MPS 服务器）；不在其中的记 ours=False。
+
+    为什么：同一台机器、同一设置的数字有时差很多（2026-11-28 H200 第 3 台：开着 MPS 的前两次重复 500 req/s 的 P50 是
+    10.1 ms，第三次与上一阶段都是 7.3 ms；两台 H200 的离线 b64 差 1.46 倍），而报告里看不出当时 GPU 上还有什么——
+    例如上一组没退干净的存根、别的租户。读不到时给出原因。"""
+    if not getattr(sampler, "handles", None):
+        return {"processes": [], "reason": getattr(sampler, "reason", None) or "没有 GPU"}
+    nvml = sampler.nvml
+    own = set(own_pids or ()) | {os.getpid()}
+    out = []
+    try:
+        for i, h in enumerate(sampler.handles):
+            for p in nvml.nvmlDeviceGetComputeRunningProcesses(h):
+                used = getattr(p, "usedGpuMemory", None)
+                out.append({"gpu": i, "pid": int(p.pid), "name": _proc_name(int(p.pid)),
+                            "used_mib": round(used / 2 ** 20, 1) if isinstance(used, int) else None,
+                            "ours": int(p.pid) in own})
+    except Exception as e:  # noqa: BLE001  有的驱动 / 容器不给进程列表
+        return {"processes": out, "reason": f"读不到 GPU 上的进程：{e}"}
+    return {"processes": out, "reason": None}
+
+
+def foreign_processes_note(snapshot: Dict[str, Any]) -> str:
+    """不属于本次测量的 GPU 进程，一句话；没有时空串。"""
+    others = [p for p in (snapshot or {}).get("processes", []) if not p.get("ours")]
+    if not others:
+        return ""
+    items = "，".join(f"{p['pid']}（{p['name']}，{p['used_mib'] if p['used_mib'] is not None else '?'} MiB）" for p in others[:5])
+    return (f"GPU 上另有 {len(others)} 个计算进程：{items}（不是本次压测、服务器或它的 MPS 服务器的进程号；"
+            "容器里 NVML 可能给出宿主机的进程号，那时这里也会列出自己的进程）")
 
 
 def clock_note(gpu: Dict[str, Any]) -> str:
@@ -313,6 +361,8 @@ def clock_note(gpu: Dict[str, Any]) -> str:
     text = f"忙时 SM {sm:.0f}" + (f"/{top:.0f}" if top else "") + " MHz"
     if gpu.get("power_w") is not None:
         text += f"、{gpu['power_w']:.0f}" + (f"/{gpu['power_limit_w']:.0f}" if gpu.get("power_limit_w") else "") + " W"
+    if gpu.get("mem_clock_mhz") is not None:
+        text += f"、显存 {gpu['mem_clock_mhz']:.0f} MHz"
     limits = gpu.get("clock_limits") or {}
     if limits:
         text += "、限频 " + " ".join(f"{k} {v:.0%}" for k, v in limits.items())

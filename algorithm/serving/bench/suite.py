@@ -21,7 +21,7 @@ import numpy as np
 
 from algorithm.errors import ConfigError, StalledError
 from algorithm.serving.bench import loadgen
-from algorithm.serving.bench.stats import EngineMetricsScraper, GpuSampler, ServerStats
+from algorithm.serving.bench.stats import EngineMetricsScraper, GpuSampler, ServerStats, gpu_processes
 from algorithm.serving.bench.tail import min_samples_for_upper_bound, percentiles, quantile_ci
 from algorithm.serving.config import BenchmarkConfig
 
@@ -74,6 +74,8 @@ class Benchmark:
         self.gpu = GpuSampler()
         self._seed = cfg.seed
         self.on_point: Optional[Callable[[Dict[str, Any]], None]] = None
+        # 本次测量自己的进程号（内嵌服务器的进程树与 MPS 服务器）：每次重复开始时的 GPU 进程快照据此区分别人的进程
+        self.own_pids: Callable[[], set] = set
         # 直接压引擎时按服务器上引擎的输入决定发 6 个张量还是打包的 1 个（runtime/packed.py）
         self.packed_inputs = kind == "engine" and loadgen.engine_takes_packed_input(url, model_name, cfg.protocol)
 
@@ -338,6 +340,9 @@ def run_once(bench: Benchmark, cfg: BenchmarkConfig, slo_ms: float, floor_model:
     """一次完整测量：闭环并发扫描 -> 开环速率 -> 轻负载点（开追踪）-> SLA 搜索与确认 -> SLA 速率上开着追踪的一个点
     -> 地板（同样速率）。tracer 追踪轻负载点，sla_tracer 追踪 SLA 速率上的点（None = 不测那个点，见 trace.sla_point_policy）。"""
     run: Dict[str, Any] = {"closed_loop": [], "open_loop": []}
+    gpu = getattr(bench, "gpu", None)  # 测试里的替身可以没有采样器
+    if gpu is not None and gpu.handles:  # 这次重复开始时 GPU 上有哪些进程（同一设置的数字差很多时，先看是不是有别的进程在用 GPU）
+        run["gpu_processes"] = gpu_processes(gpu, bench.own_pids())
     step = progress or (lambda label: None)
     for c in cfg.concurrency:
         step(f"闭环 并发 {c}")

@@ -6,8 +6,9 @@ import pytest
 from algorithm.serving.bench.stats import GpuSampler, clock_note
 
 
-def fake_nvml(readings, power=True, reasons=True):
-    """readings：每次采样的 (利用率 %, SM MHz, 功耗 mW, 限频原因位)，按顺序给出；一块 GPU。"""
+def fake_nvml(readings, power=True, reasons=True, mem_mhz=None):
+    """readings：每次采样的 (利用率 %, SM MHz, 功耗 mW, 限频原因位)，按顺序给出；一块 GPU。
+    mem_mhz：显存时钟（给出时才有 NVML_CLOCK_MEM，像支持它的 NVML）。"""
     it = iter(readings)
     state = {}
 
@@ -23,10 +24,12 @@ def fake_nvml(readings, power=True, reasons=True):
         nvmlDeviceGetHandleByIndex=lambda i: i, nvmlDeviceGetName=lambda h: b"NVIDIA H200",
         nvmlDeviceGetMaxClockInfo=lambda h, kind: 1980, nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000,
         nvmlDeviceGetUtilizationRates=util,
-        nvmlDeviceGetClockInfo=lambda h, kind: state["now"][1],
+        nvmlDeviceGetClockInfo=lambda h, kind: mem_mhz if kind == 2 else state["now"][1],
         nvmlDeviceGetPowerUsage=(lambda h: state["now"][2]) if power else no)
     if reasons:
         nvml.nvmlDeviceGetCurrentClocksEventReasons = lambda h: state["now"][3]
+    if mem_mhz is not None:
+        nvml.NVML_CLOCK_MEM = 2
     return nvml
 
 
@@ -43,6 +46,15 @@ def test_clock_and_power_are_taken_from_busy_samples_only():
     assert r["power_w"] == 675.0 and r["power_limit_w"] == 700.0
     assert r["clock_limits"] == {"SwPowerCap": 0.5}
     assert clock_note(r) == "忙时 SM 1868/1980 MHz、675/700 W、限频 SwPowerCap 50%"
+
+
+def test_memory_clock_is_reported_when_nvml_has_it():
+    readings = [(0, 345, 80_000, 0x1), (90, 1980, 650_000, 0)]
+    g = GpuSampler(nvml=fake_nvml(readings, mem_mhz=3201))
+    for _ in readings:
+        g.sample()
+    r = g.result()
+    assert r["mem_clock_mhz"] == 3201 and clock_note(r) == "忙时 SM 1980/1980 MHz、650/700 W、显存 3201 MHz"
 
 
 def test_unsupported_readings_leave_utilization_intact():
@@ -265,3 +277,52 @@ def test_measure_averages_gpu_over_the_load_and_sla_result_keeps_gpm():
                                       "gpu": {"util_mean": 80.0, "sm_active": 61.0, "tensor_active": 12.0}}
     sla = b.sla_search(30.0)
     assert sla["max_rate"] == 100.0 and sla["gpu_sm_active"] == 61.0 and sla["gpu_tensor_active"] == 12.0
+
+
+# ---------------------------------------------------------------- GPU 上的进程快照
+
+def test_gpu_process_snapshot_marks_our_processes_and_names_the_others(monkeypatch):
+    import os
+
+    from algorithm.serving.bench.stats import foreign_processes_note, gpu_processes
+
+    nvml = fake_nvml([])
+    nvml.nvmlDeviceGetComputeRunningProcesses = lambda h: [
+        types.SimpleNamespace(pid=os.getpid(), usedGpuMemory=512 * 2 ** 20),
+        types.SimpleNamespace(pid=4242, usedGpuMemory=2048 * 2 ** 20),
+        types.SimpleNamespace(pid=999_999_999, usedGpuMemory=None)]  # 别的容器的进程号：/proc 里没有
+    g = GpuSampler(nvml=nvml)
+    snap = gpu_processes(g, own_pids={4242})
+    assert snap["reason"] is None
+    assert [(p["pid"], p["ours"], p["used_mib"]) for p in snap["processes"]] == \
+        [(os.getpid(), True, 512.0), (4242, True, 2048.0), (999_999_999, False, None)]
+    assert snap["processes"][2]["name"] == "?"
+    note = foreign_processes_note(snap)
+    assert note.startswith("GPU 上另有 1 个计算进程：999999999（?，? MiB）")
+    assert foreign_processes_note(gpu_processes(g, own_pids={4242, 999_999_999})) == ""
+
+    def broken(h):
+        raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+
+    nvml.nvmlDeviceGetComputeRunningProcesses = broken
+    assert gpu_processes(g)["reason"].endswith("NVML_ERROR_NOT_SUPPORTED")
+    none = fake_nvml([])
+    none.nvmlDeviceGetCount = lambda: 0
+    assert gpu_processes(GpuSampler(nvml=none)) == {"processes": [], "reason": "NVML 没有发现 GPU"}
+
+
+def test_each_repeat_records_the_gpu_processes_and_the_summary_flags_others():
+    from algorithm.serving.bench.report import summary_table
+    from algorithm.serving.bench.suite import run_once
+    from algorithm.serving.config import BenchmarkConfig
+
+    nvml = fake_nvml([])
+    nvml.nvmlDeviceGetComputeRunningProcesses = lambda h: [types.SimpleNamespace(pid=1234, usedGpuMemory=2 ** 30)]
+    bench = types.SimpleNamespace(gpu=GpuSampler(nvml=nvml), own_pids=lambda: {1234})
+    cfg = BenchmarkConfig(concurrency=[], rates=[], light_rate=0.0, sla_search=False, floor=False)
+    run = run_once(bench, cfg, slo_ms=30.0)
+    assert run["gpu_processes"]["processes"][0]["ours"] is True
+    bench.own_pids = set
+    run2 = run_once(bench, cfg, slo_ms=30.0)
+    text = summary_table({"runs": [run, run2], "headline": {}, "slo_ms": 30.0})
+    assert "！第 2 次重复开始时GPU 上另有 1 个计算进程：1234" in text and "第 1 次重复开始时" not in text
