@@ -9,8 +9,9 @@ SLA 2250 -> 2227.5、c=64 3126 -> 3212，范围宽得多（benchmarks/h200-2026-
 
 auto（默认）只在确实有几个进程共用一块 GPU 时开：引擎是 python 后端（每个实例一个进程；原生后端的实例是
 tritonserver 进程里的线程，同一个 CUDA 上下文，MPS 没有用处）、实例在 GPU 上、每块 GPU 至少 2 个，
-PATH 里有控制程序，且没有别的 MPS 守护进程在管这块 GPU。决定与原因记在服务器上（EmbeddedTritonServer.mps_state），
-压测报告里写出来。
+PATH 里有控制程序，且没有别的 MPS 守护进程（环境变量里的管道、默认管道、正在运行的 nvidia-cuda-mps-* 进程）。
+决定与原因记在服务器上（EmbeddedTritonServer.mps_state），压测报告里写出来。auto 开着 MPS 而 tritonserver 启动时退出
+（例如这台机器上 MPS 的客户端连不上）时，服务器不用 MPS 再启动一次（server.py）。
 
 只起用户态的守护进程（管道与日志目录是私有的），不改卡的任何设置（计算模式、时钟都不动）；服务器停止时退出。
 这块 GPU 已由别的 MPS 守护进程或独占计算模式管着时不要开（CUDA 客户端会连错或连不上）。"""
@@ -21,6 +22,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from typing import Dict, List, Optional, Tuple
 
 from algorithm.errors import MissingDependencyError, ServerError
@@ -53,6 +55,36 @@ def engine_processes_per_gpu(repository: str, engine: str = "ugt_engine") -> Tup
     return n, f"引擎 {n} 个实例（各一个进程）共用一块 GPU"
 
 
+def _alive(pid: int) -> bool:
+    """进程还在（僵尸不算：守护进程转入后台后父进程是 init，会被收走）。"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def running_mps_processes() -> List[int]:
+    """本机（本进程看得到的）正在运行的 MPS 控制 / 服务器进程的进程号。进程名在 /proc/*/comm 里截到 15 个字符，
+    两者都是 nvidia-cuda-mps。用途：auto 时不在别人的（或以前被杀掉的运行留下的）守护进程旁边再起一个——
+    同一块 GPU 上只能有一个 MPS 服务器为一个用户服务，另起的客户端会连不上或卡住。"""
+    pids = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return pids
+    for d in entries:
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/comm", errors="replace") as f:
+                if f.read().startswith("nvidia-cuda-mps"):
+                    pids.append(int(d))
+        except OSError:  # 进程刚退出或没有权限
+            continue
+    return pids
+
+
 def decide(setting: str, repository: str) -> Tuple[bool, str]:
     """server.mps 的取值 + 仓库 -> (是否起 MPS 守护进程, 原因)。true / false 照办；auto 见模块文档。"""
     if setting == "true":
@@ -69,6 +101,10 @@ def decide(setting: str, repository: str) -> Tuple[bool, str]:
         external = DEFAULT_PIPE_DIR
     if external:
         return False, f"auto：已有别的 MPS 守护进程（管道 {external}），不另起；要用它请自己保证客户端连得上"
+    others = running_mps_processes()
+    if others:
+        return False, (f"auto：已有 MPS 进程在运行（pid {', '.join(map(str, others[:5]))}，可能是别人的或以前的运行留下的），"
+                       "不另起；确认没人用后可以 echo quit | nvidia-cuda-mps-control 停掉它（管道目录不是默认的要设 CUDA_MPS_PIPE_DIRECTORY）")
     return True, f"auto：{why}"
 
 
@@ -81,6 +117,7 @@ class MpsDaemon:
         self.log_dir = log_dir
         self.binary = binary or shutil.which(CONTROL)
         self.started = False
+        self.pids: List[int] = []  # 本守护进程起的 nvidia-cuda-mps-* 进程（启动前后进程列表之差；停止时等它们退出）
 
     def env(self) -> Dict[str, str]:
         """CUDA 进程（tritonserver 与它起的存根）经这两个变量找到本守护进程。"""
@@ -96,11 +133,13 @@ class MpsDaemon:
                 f"server.mps=true 需要 {CONTROL}（NVIDIA 驱动自带），PATH 里没有；这台机器不能开 CUDA MPS，用 server.mps=false")
         os.makedirs(self.pipe_dir, exist_ok=True)
         os.makedirs(self.log_dir, exist_ok=True)
+        before = set(running_mps_processes())
         r = self._run(["-d"])  # -d：转入后台，立即返回
         if r.returncode != 0:
             raise ServerError(f"MPS 守护进程起不来（{self.binary} -d 退出码 {r.returncode}）："
                               f"{(r.stderr or r.stdout).strip() or '没有输出'}；日志在 {self.log_dir}")
         self.started = True
+        self.pids = sorted(set(running_mps_processes()) - before)
         log.info("CUDA MPS 守护进程已启动（管道 %s，日志 %s）", self.pipe_dir, self.log_dir)
         return self
 
@@ -113,15 +152,26 @@ class MpsDaemon:
         """正在运行的 MPS 服务器进程（第一个 CUDA 客户端连上时才起）；空 = 还没有 CUDA 进程经它运行。"""
         return [int(x) for x in self.command("get_server_list").split() if x.isdigit()]
 
-    def stop(self) -> None:
-        """让守护进程退出（先停掉它的客户端：服务器停止之后调用）；失败只记日志，不抛出。"""
+    def stop(self, wait_s: float = 10.0) -> None:
+        """让守护进程退出（先停掉它的客户端：服务器停止之后调用）并等它与它的 MPS 服务器进程真的退出（最多 wait_s 秒）：
+        quit 是异步的，紧接着启动的下一个服务器（multirun 的下一组）在 auto 时会把还没退完的进程当成别人的守护进程而不开 MPS。
+        失败只记日志，不抛出。"""
         if not self.started:
             return
         self.started = False
+        pids = set(self.pids)
         try:
+            pids |= set(self.servers())
             self.command("quit")
         except (OSError, subprocess.SubprocessError) as e:
             log.warning("MPS 守护进程没有正常退出（%s: %s）；管道目录 %s", type(e).__name__, e, self.pipe_dir)
+        deadline = time.monotonic() + wait_s
+        while pids and time.monotonic() < deadline:
+            pids = {p for p in pids if _alive(p)}
+            if pids:
+                time.sleep(0.05)
+        if pids:
+            log.warning("MPS 进程 %s 在 %.0f s 内没有退出", sorted(pids), wait_s)
 
 
-__all__ = ["CONTROL", "MpsDaemon", "decide", "engine_processes_per_gpu"]
+__all__ = ["CONTROL", "MpsDaemon", "decide", "engine_processes_per_gpu", "running_mps_processes"]

@@ -107,6 +107,7 @@ class EmbeddedTritonServer:
         self.config = config or ServerConfig()
         self.ready_models = list(ready_models or [])
         self.log_path = log_path
+        self._given_log_path = log_path  # None = 放在临时目录里（每次启动一个新的）
         self.extra_args = list(extra_args or [])
         self.process: Optional[subprocess.Popen] = None
         self._tmp: Optional[str] = None
@@ -124,6 +125,8 @@ class EmbeddedTritonServer:
         self.mps: Optional[MpsDaemon] = None  # 本服务器起的 MPS 守护进程（server.mps 决定，见 mps.decide）
         # 这次启动是否用了 MPS 与原因（压测报告写出来）：{"setting", "active", "reason"}
         self.mps_state: Dict[str, object] = {}
+        self._mps_off_reason: Optional[str] = None  # auto 开着 MPS 时启动失败、已改为不用 MPS 的原因
+        self._exited_at_start = False  # tritonserver 在就绪之前自己退出了（不是超时）
 
     # ---- 地址 ----
     @property
@@ -173,9 +176,26 @@ class EmbeddedTritonServer:
             raise ServerError("服务器已在运行")
         if not os.path.isdir(self.repository):
             raise ServerError(f"模型仓库不存在：{self.repository}（先运行 python scripts/build.py）")
+        self._mps_off_reason = None
         self._lock_repository()
         try:
             self._start()
+        except ServerError as e:
+            # auto 开着 MPS、tritonserver 就绪前自己退出了：可能是这台机器上 MPS 的客户端连不上（容器、计算模式），
+            # 不用 MPS 再起一次（不是超时才重试：超时重试要再等满 startup_timeout_s）
+            retry = self.config.mps == "auto" and self.mps is not None and self._exited_at_start
+            self.stop()
+            if not retry:
+                raise
+            first = str(e).split("。日志末尾")[0].splitlines()[0][:200]
+            log.warning("server.mps=auto：开着 CUDA MPS 时 tritonserver 启动时退出（%s），不用 MPS 再启动一次", first)
+            self._mps_off_reason = f"auto：开着 MPS 时 tritonserver 启动时退出（{first}），已不用 MPS 重启"
+            self._lock_repository()
+            try:
+                self._start()
+            except BaseException:
+                self.stop()
+                raise
         except BaseException:
             self.stop()
             raise
@@ -237,6 +257,7 @@ class EmbeddedTritonServer:
         os.close(fd)
 
     def _start(self) -> None:
+        self._exited_at_start = False
         check_numpy()
         binary, backend, stub, libs, libdir = self._paths()
         self._tmp = tempfile.mkdtemp(prefix="ugt-triton-")
@@ -252,7 +273,7 @@ class EmbeddedTritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, libs, env.get("LD_LIBRARY_PATH", "")]))
         env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
         env["UGT_PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("UGT_PYTHONPATH", "")]))
-        log_path = self.log_path or os.path.join(self._tmp, "tritonserver.log")
+        log_path = self._given_log_path or os.path.join(self._tmp, "tritonserver.log")
         self.log_path = log_path
         env.update(self._start_mps(log_path))
         self._log_file = open(log_path, "ab")
@@ -284,7 +305,10 @@ class EmbeddedTritonServer:
         """按 server.mps 决定是否起 MPS 守护进程；返回 tritonserver 要加的环境变量（存根由它起，继承这两个变量）。
         auto 时守护进程起不来只记警告、不用 MPS 照常启动（true 时照样报错）。"""
         c = self.config
-        active, reason = mps_mod.decide(c.mps, self.repository)
+        if self._mps_off_reason:  # 上一次开着 MPS 没起来（见 start）
+            active, reason = False, self._mps_off_reason
+        else:
+            active, reason = mps_mod.decide(c.mps, self.repository)
         self.mps_state = {"setting": c.mps, "active": active, "reason": reason}
         log.info("CUDA MPS：%s（%s）", "开" if active else "不开", reason)
         if not active:
@@ -296,6 +320,8 @@ class EmbeddedTritonServer:
         except (ServerError, MissingDependencyError, OSError, subprocess.SubprocessError) as e:
             if c.mps != "auto":
                 raise
+            daemon.started = True  # 可能起了一半（例如 -d 超时）：照样让它退出，不留下守护进程
+            daemon.stop()
             log.warning("server.mps=auto：%s；不用 MPS 启动", e)
             self.mps_state.update(active=False, reason=f"{reason}；但守护进程起不来：{str(e)[:200]}")
             return {}
@@ -485,6 +511,7 @@ class EmbeddedTritonServer:
         deadline = time.time() + self.config.startup_timeout_s
         while time.time() < deadline:
             if self.process.poll() is not None:
+                self._exited_at_start = True
                 raise ServerError(f"tritonserver 退出（返回码 {self.process.returncode}）。日志末尾：\n{self.log_tail()}")
             if self.is_ready():
                 return

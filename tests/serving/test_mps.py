@@ -48,7 +48,9 @@ def test_daemon_starts_queries_and_quits_with_its_own_pipe(tmp_path, monkeypatch
     assert d.servers() == [4242]
     d.stop()
     d.stop()  # 第二次什么也不做
-    assert calls(record) == [["-d", "", d.pipe_dir], ["", "get_server_list", d.pipe_dir], ["", "quit", d.pipe_dir]]
+    # 停止时先问一次服务器进程（之后等它们退出），再 quit
+    assert calls(record) == [["-d", "", d.pipe_dir], ["", "get_server_list", d.pipe_dir],
+                             ["", "get_server_list", d.pipe_dir], ["", "quit", d.pipe_dir]]
 
 
 def test_daemon_failure_and_missing_binary_say_what_to_do(tmp_path, monkeypatch):
@@ -92,7 +94,8 @@ def test_server_with_mps_passes_the_pipe_to_tritonserver_and_stubs(sleep_repo, t
         # 压测的 GPU 进程快照据此认出自己的进程：tritonserver、存根与 MPS 服务器（假的控制程序回答 4242）
         assert s.own_pids() == {s.process.pid, *stubs, 4242}
     assert s.mps is None
-    assert [c[:2] for c in calls(record)] == [["-d", ""], ["", "get_server_list"], ["", "get_server_list"], ["", "quit"]]
+    assert [c[:2] for c in calls(record)] == [["-d", ""], ["", "get_server_list"], ["", "get_server_list"],
+                                              ["", "get_server_list"], ["", "quit"]]
 
 
 # ---- server.mps=auto：按仓库决定 ----
@@ -188,3 +191,97 @@ def test_auto_falls_back_without_mps_when_the_daemon_fails_but_true_raises(tmp_p
     env = s._start_mps(log_path)
     assert s.mps is not None and env == s.mps.env() and s.mps_state["active"] is True
     s.mps.stop()
+
+
+MPS_ALLERGIC = '''"""开着 MPS（环境里有 CUDA_MPS_PIPE_DIRECTORY）时初始化失败，像 MPS 客户端连不上的机器。"""
+import os
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        if os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
+            raise RuntimeError("模拟：MPS 客户端连不上")
+
+    def execute(self, requests):
+        return []
+'''
+
+
+def test_auto_mps_that_makes_triton_exit_is_dropped_and_triton_restarted_without_it(sleep_repo, tmp_path, monkeypatch):
+    """auto 开着 MPS、tritonserver 就绪前退出（这台机器上 MPS 的客户端连不上）：停掉守护进程，不用 MPS 再起一次，报告原因。"""
+    import shutil
+
+    bindir, record = fake_control(tmp_path)
+    monkeypatch.setenv("PATH", bindir + os.pathsep + os.environ["PATH"])
+    monkeypatch.setattr("algorithm.serving.mps.decide", lambda setting, repo: (True, "auto：测试"))
+    model = os.path.join(sleep_repo, "allergic")
+    shutil.copytree(os.path.join(sleep_repo, "sleepy"), model)
+    with open(os.path.join(model, "config.pbtxt")) as f:
+        text = f.read().replace('name: "sleepy"', 'name: "allergic"')
+    with open(os.path.join(model, "config.pbtxt"), "w") as f:
+        f.write(text)
+    with open(os.path.join(model, "1", "model.py"), "w") as f:
+        f.write(MPS_ALLERGIC)
+    log_path = str(tmp_path / "out" / "tritonserver.log")
+    os.makedirs(os.path.dirname(log_path))
+    with EmbeddedTritonServer(sleep_repo, ServerConfig(), ready_models=["sleepy", "allergic"], log_path=log_path) as s:
+        assert s.mps is None and s.mps_state["active"] is False
+        assert s.mps_state["reason"] == "auto：开着 MPS 时 tritonserver 启动时退出（tritonserver 退出（返回码 1）），已不用 MPS 重启"
+        assert "CUDA_MPS_PIPE_DIRECTORY" not in _environ(s.process.pid)
+    assert [c[:2] for c in calls(record)] == [["-d", ""], ["", "get_server_list"], ["", "quit"]]  # 第一次的守护进程已停掉
+    with open(log_path) as f:
+        assert "模拟：MPS 客户端连不上" in f.read()  # 两次启动写同一个日志：第一次的失败留着
+
+
+def test_auto_does_not_start_beside_a_running_mps_process(tmp_path, monkeypatch):
+    bindir, _ = fake_control(tmp_path)
+    monkeypatch.setenv("PATH", bindir + os.pathsep + os.environ["PATH"])
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    monkeypatch.setattr("algorithm.serving.mps.DEFAULT_PIPE_DIR", str(tmp_path / "no-default-daemon"))
+    monkeypatch.setattr("algorithm.serving.mps.running_mps_processes", lambda: [777])
+    on, why = decide("auto", engine_repo(tmp_path, count=2))
+    assert not on and "pid 777" in why
+
+
+def test_stop_waits_until_the_daemons_processes_are_gone(tmp_path, monkeypatch):
+    """quit 是异步的：stop 等守护进程与 MPS 服务器进程退出，紧接着起的下一个服务器（auto）才不会把它们当成别人的。"""
+    from algorithm.serving import mps
+
+    bindir, _ = fake_control(tmp_path)
+    monkeypatch.setenv("PATH", bindir + os.pathsep + os.environ["PATH"])
+    seen = iter([[], [111]])  # 启动前没有、启动后多了 111（控制守护进程）
+    monkeypatch.setattr(mps, "running_mps_processes", lambda: next(seen))
+    d = MpsDaemon(str(tmp_path / "pipe"), str(tmp_path / "log")).start()
+    assert d.pids == [111]
+    checks = []
+
+    def alive(pid):  # 111 与假的服务器 4242 各在第 3 次检查时退出
+        checks.append(pid)
+        return checks.count(pid) < 3
+
+    monkeypatch.setattr(mps, "_alive", alive)
+    d.stop()
+    assert sorted(set(checks)) == [111, 4242] and checks.count(111) == 3 and checks.count(4242) == 3
+
+
+def test_running_mps_processes_finds_a_process_by_its_name(tmp_path):
+    """进程名（/proc/*/comm，截到 15 个字符）以 nvidia-cuda-mps 开头的都算：用一个改名的 sleep 充当留下的守护进程。"""
+    import shutil
+    import subprocess
+
+    from algorithm.serving.mps import running_mps_processes
+
+    fake = tmp_path / CONTROL
+    shutil.copy(shutil.which("sleep"), fake)
+    p = subprocess.Popen([str(fake), "30"])
+    try:
+        for _ in range(50):  # exec 之后 comm 才是新名字
+            if p.pid in running_mps_processes():
+                break
+            import time
+            time.sleep(0.02)
+        assert p.pid in running_mps_processes() and os.getpid() not in running_mps_processes()
+    finally:
+        p.kill()
+        p.wait()
+    assert p.pid not in running_mps_processes()

@@ -85,7 +85,8 @@ class GpuSampler:
     为什么记时钟：2026-11-28 H200 上同一段离线测量隔 10 分钟慢了 1.3–1.45 倍而 b1 不变，报告里分不出是机器降频还是代码；
     忙时的 SM 时钟（对最高时钟）与限频原因能直接回答。时钟、功耗或原因读不到（有的 GPU 不支持）时只少这几项，利用率照常。
     GPU 支持 GPM 时每次采样另记上一次以来的 SM 活跃、占用与张量核活跃比例（GPM_METRICS）；不支持或没有权限时 gpm_reason 写明，
-    其余照常。所有 NVML 调用都在采样线程里（主线程只等它 5 s），NVML 卡住不会卡住整轮测量。
+    其余照常。NVML 调用都在采样线程里（主线程只等它 5 s），NVML 卡住不会卡住整轮测量；例外是每次重复开始时的
+    进程快照（gpu_processes，没有采样线程在跑时才在主线程里取）。
 
     每个样本记下时刻：result(window=(t0, t1)) 只算负载期间的样本。采样窗口（with 块）还包括发压进程的启动、生成请求与收尾，
     比负载长 1.1–1.4 s（2026-11-28 H200 上 4.5 s 的点：窗口 5.8 s）；以前把这段空闲一起平均，GPU 利用率被低估约四分之一。
@@ -285,7 +286,8 @@ class GpuSampler:
         gpm = {k: float(np.mean(v)) if v else None for k, v in gpm_vals.items()}
         missing = [f"{k}（NVML 返回 {self.gpm_missing[k]}）" for k in GPM_METRICS if gpm[k] is None and k in self.gpm_missing]
         if any(v is not None for v in gpm.values()):
-            gpm["gpm_reason"] = ("读不到：" + "、".join(missing)) if missing else None
+            gpm["gpm_reason"] = (("读不到：" + "、".join(missing)) if missing else None) or \
+                (f"{self.gpm_reason}（之前的读数照算）" if self.gpm_reason else None)
         else:
             gpm["gpm_reason"] = self.gpm_reason or ("读不到：" + "、".join(missing) if missing else
                                                     "GPM 没有读数" if self.samples and self.handles else None)
@@ -312,7 +314,7 @@ class GpuSampler:
 
 def _proc_name(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/comm") as f:
+        with open(f"/proc/{pid}/comm", errors="replace") as f:
             return f.read().strip()
     except OSError:  # 别的用户 / 别的容器的进程（NVML 在容器里可能给出宿主机的进程号）
         return "?"
@@ -320,23 +322,31 @@ def _proc_name(pid: int) -> str:
 
 def gpu_processes(sampler, own_pids: Optional[set] = None) -> Dict[str, Any]:
     """此刻 GPU 上的计算进程（NVML）：[{gpu, pid, name, used_mib, ours}]。own_pids：本次测量自己的进程（压测进程、
-    tritonserver 与存根、MPS 服务器）；不在其中的记 ours=False。
+    tritonserver 与存根、MPS 服务器）；不在其中的记 ours=False。own_pids=None（压已在运行的服务器，benchmark.url）时分不出
+    哪些是被测服务器的，除本进程外都记 ours=None（摘要不标）。
+
+    在主线程里调用（GpuSampler 的其余 NVML 调用都在采样线程里）：只在每次重复开始、没有采样线程在跑时调用；
+    上一个点的采样线程卡在 NVML 里没结束时不调用（否则这里也可能卡住），reason 写明。
 
     为什么：同一台机器、同一设置的数字有时差很多（2026-11-28 H200 第 3 台：开着 MPS 的前两次重复 500 req/s 的 P50 是
     10.1 ms，第三次与上一阶段都是 7.3 ms；两台 H200 的离线 b64 差 1.46 倍），而报告里看不出当时 GPU 上还有什么——
     例如上一组没退干净的存根、别的租户。读不到时给出原因。"""
     if not getattr(sampler, "handles", None):
         return {"processes": [], "reason": getattr(sampler, "reason", None) or "没有 GPU"}
+    thread = getattr(sampler, "_thread", None)
+    if thread is not None and thread.is_alive():
+        return {"processes": [], "reason": "上一个点的 NVML 采样线程还没结束，没有取进程列表"}
     nvml = sampler.nvml
-    own = set(own_pids or ()) | {os.getpid()}
+    me = os.getpid()
     out = []
     try:
         for i, h in enumerate(sampler.handles):
             for p in nvml.nvmlDeviceGetComputeRunningProcesses(h):
                 used = getattr(p, "usedGpuMemory", None)
-                out.append({"gpu": i, "pid": int(p.pid), "name": _proc_name(int(p.pid)),
-                            "used_mib": round(used / 2 ** 20, 1) if isinstance(used, int) else None,
-                            "ours": int(p.pid) in own})
+                pid = int(p.pid)
+                ours = True if pid == me else (None if own_pids is None else pid in own_pids)
+                out.append({"gpu": i, "pid": pid, "name": _proc_name(pid),
+                            "used_mib": round(used / 2 ** 20, 1) if isinstance(used, int) else None, "ours": ours})
     except Exception as e:  # noqa: BLE001  有的驱动 / 容器不给进程列表
         return {"processes": out, "reason": f"读不到 GPU 上的进程：{e}"}
     return {"processes": out, "reason": None}
@@ -344,7 +354,7 @@ def gpu_processes(sampler, own_pids: Optional[set] = None) -> Dict[str, Any]:
 
 def foreign_processes_note(snapshot: Dict[str, Any]) -> str:
     """不属于本次测量的 GPU 进程，一句话；没有时空串。"""
-    others = [p for p in (snapshot or {}).get("processes", []) if not p.get("ours")]
+    others = [p for p in (snapshot or {}).get("processes", []) if p.get("ours") is False]
     if not others:
         return ""
     items = "，".join(f"{p['pid']}（{p['name']}，{p['used_mib'] if p['used_mib'] is not None else '?'} MiB）" for p in others[:5])

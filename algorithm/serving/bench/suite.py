@@ -74,8 +74,9 @@ class Benchmark:
         self.gpu = GpuSampler()
         self._seed = cfg.seed
         self.on_point: Optional[Callable[[Dict[str, Any]], None]] = None
-        # 本次测量自己的进程号（内嵌服务器的进程树与 MPS 服务器）：每次重复开始时的 GPU 进程快照据此区分别人的进程
-        self.own_pids: Callable[[], set] = set
+        # 本次测量自己的进程号（内嵌服务器的进程树与 MPS 服务器）：每次重复开始时的 GPU 进程快照据此区分别人的进程；
+        # None = 压已在运行的服务器（benchmark.url），分不出哪些是它的
+        self.own_pids: Optional[Callable[[], set]] = None
         # 直接压引擎时按服务器上引擎的输入决定发 6 个张量还是打包的 1 个（runtime/packed.py）
         self.packed_inputs = kind == "engine" and loadgen.engine_takes_packed_input(url, model_name, cfg.protocol)
 
@@ -342,7 +343,8 @@ def run_once(bench: Benchmark, cfg: BenchmarkConfig, slo_ms: float, floor_model:
     run: Dict[str, Any] = {"closed_loop": [], "open_loop": []}
     gpu = getattr(bench, "gpu", None)  # 测试里的替身可以没有采样器
     if gpu is not None and gpu.handles:  # 这次重复开始时 GPU 上有哪些进程（同一设置的数字差很多时，先看是不是有别的进程在用 GPU）
-        run["gpu_processes"] = gpu_processes(gpu, bench.own_pids())
+        own = getattr(bench, "own_pids", None)
+        run["gpu_processes"] = gpu_processes(gpu, own() if own is not None else None)
     step = progress or (lambda label: None)
     for c in cfg.concurrency:
         step(f"闭环 并发 {c}")

@@ -211,6 +211,22 @@ def test_gpm_read_failure_stops_sampling_gpm_for_the_rest_of_the_window():
     assert r["util_mean"] == 90 and r["sm_active"] is None and "NVML_ERROR_UNKNOWN" in r["gpm_reason"]
 
 
+def test_gpm_failure_after_good_readings_keeps_them_and_says_so():
+    gpm = FakeGpm()
+    nvml = gpm.install(fake_nvml([(90, 1980, 600_000, 0)] * 3))
+    g = GpuSampler(nvml=nvml)
+    g.begin()
+    gpm.run(0, 0.1, 0.5)
+    g.sample()  # 一个好的读数
+    nvml.nvmlGpmMetricsGet = lambda mg: (_ for _ in ()).throw(RuntimeError("NVML_ERROR_UNKNOWN"))
+    gpm.run(0, 0.1, 0.5)
+    g.sample()
+    g.end()
+    r = g.result()
+    assert r["sm_active"] == pytest.approx(50.0)
+    assert r["gpm_reason"] == "GPM 读数失败：NVML_ERROR_UNKNOWN（之前的读数照算）"
+
+
 def test_gpm_metric_missing_on_one_gpu_is_none_with_the_nvml_code():
     gpm = FakeGpm(devices=2, broken={(1, FakeGpm.TENSOR)})  # 只有第 2 块 GPU 读不到张量核那一项
     g = GpuSampler(nvml=gpm.install(fake_nvml([(90, 1980, 600_000, 0)] * 2)))  # 1 次采样 × 2 块 GPU
@@ -324,5 +340,13 @@ def test_each_repeat_records_the_gpu_processes_and_the_summary_flags_others():
     assert run["gpu_processes"]["processes"][0]["ours"] is True
     bench.own_pids = set
     run2 = run_once(bench, cfg, slo_ms=30.0)
-    text = summary_table({"runs": [run, run2], "headline": {}, "slo_ms": 30.0})
-    assert "！第 2 次重复开始时GPU 上另有 1 个计算进程：1234" in text and "第 1 次重复开始时" not in text
+    bench.own_pids = None  # 压已在运行的服务器（benchmark.url）：分不出哪些是它的，不标
+    run3 = run_once(bench, cfg, slo_ms=30.0)
+    assert run3["gpu_processes"]["processes"][0]["ours"] is None
+    text = summary_table({"runs": [run, run2, run3], "headline": {}, "slo_ms": 30.0})
+    assert "！第 2 次重复开始时GPU 上另有 1 个计算进程：1234" in text
+    assert "第 1 次重复开始时" not in text and "第 3 次重复开始时" not in text
+    # 上一个点的采样线程卡在 NVML 里：不在主线程里再调 NVML
+    bench.gpu._thread = types.SimpleNamespace(is_alive=lambda: True)
+    assert run_once(bench, cfg, slo_ms=30.0)["gpu_processes"] == {
+        "processes": [], "reason": "上一个点的 NVML 采样线程还没结束，没有取进程列表"}

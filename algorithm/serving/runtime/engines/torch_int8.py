@@ -18,9 +18,12 @@ engines/torch.int8_base_precision），int8 只是服务时的一步变换。
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional, Set
 
 from algorithm.errors import ConfigError, MissingDependencyError
+
+log = logging.getLogger(__name__)
 
 MODES = ("dynamic", "weight_only")
 # torch._int_mm（CUDA 上 cuBLAS 的 int8 矩阵乘，torchao 动态 int8 与 Inductor 都用它）要求行数 > 16：
@@ -48,36 +51,48 @@ def _torchao_config(mode: str):
 # capture_safe_int_mm 每条路走过几次（进程内累计）：int8 慢时先看矩阵乘是不是落到了回退路径（CPU 上的 int32 乘、
 # cuBLAS 拒绝后的 fp32 乘）而不是 int8 张量核。CUDA Graph 重放不经过 Python，所以这里数的是预热与捕获时的调用
 INT_MM_PATHS = {"compiled": 0, "cublas_int8": 0, "cublas_int8_tn": 0, "cpu_int32": 0, "fp32_fallback": 0}
-# 各设备上 torch._int_mm 能否直接吃 TN 布局（见 tn_layout_ok）：第一次在 eager 下用到时自检一次
+# (设备, K, N) -> torch._int_mm 能否直接吃这个形状的 TN 布局（见 tn_layout_ok）：每种权重形状第一次在 eager 下用到时自检一次
 _TN_OK: dict = {}
+# 自检的行数：17 = MIN_INT_MM_ROWS（解码第 1 步补到的行数；cuBLAS 对转置的 mat2 算错过的正是这类小行数，pytorch#107671），
+# 64 = 一般的情形
+TN_CHECK_ROWS = (MIN_INT_MM_ROWS, 64)
 
 
-def tn_layout_ok(device) -> bool:
-    """这台设备上 torch._int_mm(a, w.t())（w 是 N×K 连续的权重，转置视图 = cuBLASLt int8 张量核要的 TN 布局）
-    是否与先拷成连续的 K×N 给出同样的结果。
+def tn_layout_ok(mat2) -> bool:
+    """torch._int_mm(a, mat2) 在 mat2 是 N×K 连续权重的转置视图（TN 布局，cuBLASLt int8 张量核要的布局）时，
+    对这个设备与这个 (K, N) 是否给出精确的结果（与 float64 的参考逐位相同，行数取 TN_CHECK_ROWS）。
 
     为什么要它：torchao 的 safe_int_mm 把不连续的 mat2 一律拷成连续（注释说 cuBLAS 对某些转置组合静默算错），
     torchao 的 int8 张量传进来的正是转置视图，于是每次矩阵乘先拷一次权重，再用 NN 布局。H200 上（torch 2.11 + CUDA 13，
     ugt_base 的线性层形状，benchmarks/h200-2026-11-28-run3/int8mm）NN 布局落到 A100 代的 WMMA 兼容内核
     （cutlass_80_wmma_..._forwardCompat_..._nn_align4，只量内核时比 fp16 慢 5.5 倍多），TN 布局用
     cutlass_80_tensorop_i16832gemm_s8_..._tn_align16：M=8192 时每次调用（含主机发射）快 3.1-3.6 倍，
-    12 个形状的结果都与 float64 参考完全相同。仍按设备自检一次（结果不同就照旧拷成连续），
-    不同的 torch / cuBLAS 版本上也不会静默算错。自检要同步：CUDA Graph 捕获中还没自检过时不自检，先走拷贝的路。"""
+    12 个形状（M 17–8192）的结果都与 float64 参考完全相同。算错的 cuBLAS 版本与形状有关，所以按 (设备, K, N) 各自检一次，
+    结果不对或报错就照旧拷成连续。自检要同步：CUDA Graph 捕获中遇到没自检过的形状时不自检、不缓存，先走拷贝的路
+    （运行器捕获前在 eager 下预热过每个形状，正常不会走到这里）。"""
     import torch
 
-    key = str(device)
+    k, n = mat2.shape
+    key = (str(mat2.device), int(k), int(n))
     if key in _TN_OK:
         return _TN_OK[key]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if mat2.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randint(-128, 128, (32, 256), dtype=torch.int8, generator=g).to(device)
-    w = torch.randint(-128, 128, (128, 256), dtype=torch.int8, generator=g).to(device)
+    w = torch.randint(-128, 128, (int(n), int(k)), dtype=torch.int8, generator=g).to(mat2.device)
+    ok = True
     try:
-        ok = bool(torch.equal(torch._int_mm(a, w.t()), torch._int_mm(a, w.t().contiguous())))
-    except RuntimeError:  # 这个版本不接受转置视图
+        for rows in TN_CHECK_ROWS:
+            a = torch.randint(-128, 128, (rows, int(k)), dtype=torch.int8, generator=g).to(mat2.device)
+            want = a.double() @ w.double().t()  # int8 乘积之和 < 2^53：float64 精确
+            if not torch.equal(torch._int_mm(a, w.t()).double(), want):
+                ok = False
+                break
+    except RuntimeError:  # 这个版本或这个形状不接受转置视图
         ok = False
     _TN_OK[key] = ok
+    if not ok:
+        log.warning("torch._int_mm 的 TN 布局在 %s 的 K=%d N=%d 上自检不通过：这个形状照旧把权重拷成连续（NN）", *key)
     return ok
 
 
@@ -106,7 +121,7 @@ def capture_safe_int_mm(input, mat2):
         return torch.matmul(input.cpu().to(torch.int32), mat2.cpu().to(torch.int32)).to(input.device.type)
     tn = False
     if not mat2.is_contiguous():  # torchao 的注释：不连续时 cuBLAS 可能静默给出错误结果；TN 布局自检过就不拷
-        tn = mat2.t().is_contiguous() and tn_layout_ok(mat2.device)
+        tn = mat2.t().is_contiguous() and tn_layout_ok(mat2)
         if not tn:
             mat2 = mat2.contiguous()
     if not input.is_contiguous() and input.shape[0] % 8 != 0:
@@ -116,6 +131,13 @@ def capture_safe_int_mm(input, mat2):
         INT_MM_PATHS["cublas_int8_tn" if tn else "cublas_int8"] += 1
         return out
     except RuntimeError:
+        if tn:  # TN 被拒（这个行数的形状不支持）：先试拷成连续的 int8，再退到 fp32
+            try:
+                out = out_dtype(torch.ops.aten.mm.default, torch.int32, input, mat2.contiguous())
+                INT_MM_PATHS["cublas_int8"] += 1
+                return out
+            except RuntimeError:
+                pass
         INT_MM_PATHS["fp32_fallback"] += 1
         # 与 torchao 相同的回退：cuBLASLt 不支持的形状用 fp32 乘（H100 上 ugt_tiny 的 “24 行 x k 64”（不连续的权重拷成
         # 连续之后是 NN 布局）得到 CUBLAS_STATUS_NOT_SUPPORTED，2026-11-27 第 6 台；出错发生在启动内核之前，捕获不失效）

@@ -234,24 +234,28 @@ def test_capture_safe_int_mm_never_formats_the_tensor_and_is_installed(trained):
 
 
 def test_tn_layout_is_used_only_where_the_self_check_agrees(monkeypatch):
-    """TN 布局（权重的转置视图直接交给 torch._int_mm）按设备自检一次：与拷成连续的结果相同才用，结果缓存。"""
+    """TN 布局（权重的转置视图直接交给 torch._int_mm）按 (设备, K, N) 自检一次：与 float64 参考相同才用，结果缓存；
+    自检包括 17 行（cuBLAS 对转置 mat2 算错过的小行数）。"""
     from algorithm.serving.runtime.engines import torch_int8
 
     monkeypatch.setattr(torch_int8, "_TN_OK", {})
-    cpu = torch.device("cpu")
-    assert torch_int8.tn_layout_ok(cpu) is True and torch_int8._TN_OK == {"cpu": True}
+    w = torch.zeros(48, 64, dtype=torch.int8)  # N×K 的权重，传进来的是转置视图 K×N
+    assert torch_int8.tn_layout_ok(w.t()) is True and torch_int8._TN_OK == {("cpu", 64, 48): True}
     real = torch._int_mm
     calls = []
 
-    def wrong_for_views(a, b):  # 模拟 torchao 注释里说的 cuBLAS：不连续的 mat2 静默算错
-        calls.append(b.is_contiguous())
+    def wrong_for_small_views(a, b):  # 模拟 pytorch#107671 那样的 cuBLAS：行数小且 mat2 不连续时静默算错
+        calls.append((a.shape[0], b.is_contiguous()))
         out = real(a, b)
-        return out if b.is_contiguous() else out + 1
+        return out + 1 if a.shape[0] <= 17 and not b.is_contiguous() else out
 
-    monkeypatch.setattr(torch_int8, "_TN_OK", {})
-    monkeypatch.setattr(torch, "_int_mm", wrong_for_views)
-    assert torch_int8.tn_layout_ok(cpu) is False and torch_int8.tn_layout_ok(cpu) is False
-    assert calls == [False, True]  # 只自检一次
+    monkeypatch.setattr(torch, "_int_mm", wrong_for_small_views)
+    assert torch_int8.tn_layout_ok(w.t()) is True  # 已缓存的形状不再自检
+    assert calls == []
+    w2 = torch.zeros(32, 64, dtype=torch.int8)
+    assert torch_int8.tn_layout_ok(w2.t()) is False and torch_int8.tn_layout_ok(w2.t()) is False
+    assert calls == [(torch_int8.MIN_INT_MM_ROWS, False)]  # 17 行就查出来了，只自检一次
+    assert torch_int8._TN_OK[("cpu", 64, 32)] is False
 
 
 @pytest.mark.gpu
@@ -268,7 +272,7 @@ def test_capture_safe_int_mm_passes_the_transposed_weight_on_gpu(monkeypatch):
     before = dict(torch_int8.INT_MM_PATHS)
     assert torch.equal(torch_int8.capture_safe_int_mm(a, w.t()), want)
     assert torch_int8.INT_MM_PATHS["cublas_int8_tn"] == before["cublas_int8_tn"] + 1
-    monkeypatch.setattr(torch_int8, "_TN_OK", {str(a.device): False})
+    monkeypatch.setattr(torch_int8, "_TN_OK", {(str(a.device), 768, 3072): False})
     assert torch.equal(torch_int8.capture_safe_int_mm(a, w.t()), want)
     assert torch_int8.INT_MM_PATHS["cublas_int8"] == before["cublas_int8"] + 1
 
