@@ -140,6 +140,10 @@ except ImportError as e:
 print("GPU", torch.cuda.get_device_name(0))
 PYEOF
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    # 机器之间的差别（两台 H200 的离线 b64 差 1.46 倍，2026-11-28）：整份设备状态（时钟、功耗上限、ECC、MIG、计算模式、
+    # 型号 SXM / NVL）与此刻 GPU 上的进程，留在 $OUT 里备查
+    nvidia-smi -q > "$OUT/nvidia_smi_q.txt" 2>&1 || true
+    nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv > "$OUT/gpu_processes_at_setup.csv" 2>&1 || true
     ;;
   build)
     $PY scripts/build.py "${COMMON[@]}" "${TRITON[@]}" build_dir=$G/new 2>&1 | tee "$OUT/build_new.log"
