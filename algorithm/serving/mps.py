@@ -57,32 +57,21 @@ def engine_processes_per_gpu(repository: str, engine: str = "ugt_engine") -> Tup
 
 def _alive(pid: int) -> bool:
     """进程还在（僵尸不算：守护进程转入后台后父进程是 init，会被收走）。"""
+    import psutil
+
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
 
 
 def running_mps_processes() -> List[int]:
-    """本机（本进程看得到的）正在运行的 MPS 控制 / 服务器进程的进程号。进程名在 /proc/*/comm 里截到 15 个字符，
-    两者都是 nvidia-cuda-mps。用途：auto 时不在别人的（或以前被杀掉的运行留下的）守护进程旁边再起一个——
-    同一块 GPU 上只能有一个 MPS 服务器为一个用户服务，另起的客户端会连不上或卡住。"""
-    pids = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return pids
-    for d in entries:
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/comm", errors="replace") as f:
-                if f.read().startswith("nvidia-cuda-mps"):
-                    pids.append(int(d))
-        except OSError:  # 进程刚退出或没有权限
-            continue
-    return pids
+    """本机（本进程看得到的）正在运行的 MPS 控制 / 服务器进程（nvidia-cuda-mps-control / -server）的进程号。
+    用途：auto 时不在别人的（或以前被杀掉的运行留下的）守护进程旁边再起一个——同一块 GPU 上只能有一个 MPS 服务器
+    为一个用户服务，另起的客户端会连不上或卡住。"""
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("nvidia-cuda-mps")]
 
 
 def decide(setting: str, repository: str) -> Tuple[bool, str]:

@@ -313,10 +313,11 @@ class GpuSampler:
 
 
 def _proc_name(pid: int) -> str:
+    import psutil
+
     try:
-        with open(f"/proc/{pid}/comm", errors="replace") as f:
-            return f.read().strip()
-    except OSError:  # 别的用户 / 别的容器的进程（NVML 在容器里可能给出宿主机的进程号）
+        return psutil.Process(pid).name()
+    except psutil.Error:  # 别的用户 / 别的容器的进程（NVML 在容器里可能给出宿主机的进程号）
         return "?"
 
 

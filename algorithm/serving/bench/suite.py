@@ -341,10 +341,8 @@ def run_once(bench: Benchmark, cfg: BenchmarkConfig, slo_ms: float, floor_model:
     """一次完整测量：闭环并发扫描 -> 开环速率 -> 轻负载点（开追踪）-> SLA 搜索与确认 -> SLA 速率上开着追踪的一个点
     -> 地板（同样速率）。tracer 追踪轻负载点，sla_tracer 追踪 SLA 速率上的点（None = 不测那个点，见 trace.sla_point_policy）。"""
     run: Dict[str, Any] = {"closed_loop": [], "open_loop": []}
-    gpu = getattr(bench, "gpu", None)  # 测试里的替身可以没有采样器
-    if gpu is not None and gpu.handles:  # 这次重复开始时 GPU 上有哪些进程（同一设置的数字差很多时，先看是不是有别的进程在用 GPU）
-        own = getattr(bench, "own_pids", None)
-        run["gpu_processes"] = gpu_processes(gpu, own() if own is not None else None)
+    if bench.gpu.handles:  # 这次重复开始时 GPU 上有哪些进程（同一设置的数字差很多时，先看是不是有别的进程在用 GPU）
+        run["gpu_processes"] = gpu_processes(bench.gpu, bench.own_pids() if bench.own_pids is not None else None)
     step = progress or (lambda label: None)
     for c in cfg.concurrency:
         step(f"闭环 并发 {c}")

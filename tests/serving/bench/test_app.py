@@ -95,7 +95,10 @@ def _fake_sla_bench(stall_on_trace: bool):
         return {"max_rate": 300.0, "points": []}
 
     tracer = SimpleNamespace(session=object(), breakdown=lambda p: {"traced": 7, "point": p["label"]})
-    return SimpleNamespace(open_loop=open_loop, sla_search=sla_search, on_point=None), tracer, points
+    # 没有 GPU 的采样器（handles 为空）：run_once 不取 GPU 进程快照
+    bench = SimpleNamespace(open_loop=open_loop, sla_search=sla_search, on_point=None,
+                            gpu=SimpleNamespace(handles=[]), own_pids=None)
+    return bench, tracer, points
 
 
 def test_the_sla_confirmation_is_not_traced_and_a_separate_point_is():
