@@ -47,8 +47,8 @@ class ExportConfig:
     # 导出验证：在这些 (batch, seq_len) 上与 PyTorch 对比；空列表 = 自动选取
     # （batch 1、奇数 batch + 奇数长度、max_batch_size x max_seq_length）
     validation_shapes: List[List[int]] = field(default_factory=list)
-    # 解码器自注意力的 KV 缓存（UGTModel.decoder_kv_cache）：每步只算新位置，与重算前缀数学上相同、解码器行数约为 2/5；
-    # false 是重算前缀的对照（同一检查点，只改导出的计算图）
+    # 解码器自注意力的 KV 缓存（UGTModel.decoder_kv_cache）：每步只算新位置，与重算前缀数学上相同、解码器行数约为 2/5
+    # （c=64 +12 %，benchmarks/h100-2026-11-28/machine1）；false 是重算前缀的对照（同一检查点，只改导出的计算图）
     decoder_kv_cache: bool = True
 
     def __post_init__(self) -> None:
@@ -83,31 +83,26 @@ class TritonConfig:
     instance_count: int = 2
     preferred_batch_sizes: List[int] = field(default_factory=lambda: [8, 16, 32, 64])
     max_queue_delay_us: int = 100
-    # 引擎的队列策略：过载时丢弃而不是无限排队。在引擎前排队超过 queue_timeout_us 的请求被拒（UNAVAILABLE）：
-    # 默认 15 ms：被接受的请求延迟约 <= 超时 + 一次执行，要让过载时被接受请求的 P99 留在 2 倍目标（60 ms）以内。
-    # H100 上 2 倍 SLA 速率 60 s：30 ms 时被接受 P99 75.9 ms（benchmarks/h100-2026-11-25-run2/machine2/soak），
-    # 15 ms 时 50.3 ms、拒绝 6.8 %（benchmarks/h100-2026-11-27/machine2/bench_overload）；SLA 速率及以下两者都没有拒绝。
-    # max_queue_size > 0 时超过它的请求立即被拒，但队列满时被拒的请求不唤醒 Triton 的动态批处理器（它睡在 500 ms 的
-    # 定时等待里），被接受的请求出现约 500 ms 的台阶、吞吐塌掉（tests/serving/test_reliability.py），所以默认 0 = 不限个数。
-    # 两个都为 0 时不设策略（Triton 才预取，但过载时队列无限增长），见 triton_config._set_batching。
+    # 引擎的队列策略：在引擎前排队超过 queue_timeout_us 的请求被拒（UNAVAILABLE），过载时丢弃而不是无限排队。
+    # 15 ms：2 倍 SLA 速率下被接受请求的 P99 留在 2 倍目标（60 ms）以内，30 ms 时不能（benchmarks/h100-2026-11-27/machine2/bench_overload）。
+    # max_queue_size > 0 时队列满被拒的请求不唤醒 Triton 的动态批处理器，出现约 500 ms 的台阶（tests/serving/test_reliability.py），
+    # 所以默认 0 = 不限个数；两个都为 0 时不设策略（Triton 才预取，但过载时队列无限增长），见 triton_config._set_batching。
     max_queue_size: int = 0
     queue_timeout_us: int = 15_000
     instance_kind: str = "auto"  # auto：有 GPU 用 KIND_GPU，否则 KIND_CPU
     gpus: List[int] = field(default_factory=list)  # 空 = 由机器决定（全部可见 GPU）
     preprocess_instance_count: int = 2
     postprocess_instance_count: int = 2
-    # 前/后处理的动态批处理（不等待：执行时队列里有几个就一起处理几个）。false = d057690 之前的行为（配置里没有
-    # dynamic_batching，Triton 逐个请求调用它们），只为在同一次运行里对照，不建议用
+    # 前/后处理的动态批处理（不等待：执行时队列里有几个就一起处理几个）。false = 不配 dynamic_batching、Triton 逐个请求
+    # 调用它们，只为同一次运行里的对照（c=64 约慢 4 %，benchmarks/h100-2026-11-27/machine6）
     prepost_batching: bool = True
     # python 运行器托管引擎时，前处理把引擎的 6 个输入拼成 1 个张量交给引擎（runtime/packed.py）：python backend 每个请求的
-    # 交接成本随张量个数涨（本机探针 0.138 -> 0.088 ms）。原生后端不受影响（6 个输入是它的契约）。false = 以前的 6 个张量
+    # 交接成本随张量个数涨（benchmarks/cpu-2026-11-27）。原生后端不受影响（6 个输入是它的契约）。false = 6 个张量
     pack_engine_inputs: bool = True
     warmup: bool = True
-    # python 运行器托管的引擎的流水线深度：1 = 每次 execute 等 GPU 做完再返回（以前的行为）；2 = execute 启动这一批后
-    # 只等上一批做完就返回，这一批的结果由后台线程经 response sender 发回（python backend 的非 decoupled 模型也可以这样），
-    # Triton 于是在这一批还在 GPU 上时就交来下一批：主机上的交接（读输入、校验、暂存、回响应）与 GPU 重叠，同一个实例、
-    # 同一个 CUDA 上下文。torch 运行器每个桶多一套页锁定暂存区（runtime/engines/torch._Lane）。
-    # 2026-11-28 之前 H100 上 c=64 时 GPU 只有 43-52 % 忙，每次 execute 约 3.4 ms 花在 GPU 之外（bench 的分解）：这是冲着它来的
+    # python 运行器托管的引擎的流水线深度：1 = 每次 execute 等 GPU 做完再返回；2 = 启动这一批后只等上一批做完就返回，
+    # 这一批的结果由后台线程经 response sender 发回：主机上的交接（读输入、校验、暂存、回响应）与 GPU 重叠。
+    # torch 运行器每个桶多一套页锁定暂存区。预设 triton=h100 用 2（1 个实例时 c=64 +22 %，benchmarks/h200-2026-11-28）
     engine_pipeline_depth: int = 1
     # 单个请求历史的最大物品数，超过由前处理拒绝（截断前的原始长度）
     max_history_items: int = 100_000
@@ -150,31 +145,29 @@ class EngineConfig:
     compile_mode: str = "default"
     cuda_graphs: bool = True
     # 最小桶为 2 而不是 1：dynamic=True 编译会把大小为 1 的维度特化，batch 1 会触发第二次完整编译。
-    # 有 4：H100 上 SLA 点每次 execute 约 3 个请求，没有 4 时补到 8（benchmarks/h100-2026-11-25-run2 的引擎指标）
+    # 有 4：SLA 点每次 execute 约 3 个请求，没有 4 时补到 8（benchmarks/h100-2026-11-25-run2 的引擎指标）
     batch_buckets: List[int] = field(default_factory=lambda: [2, 4, 8, 16, 32, 64])
     seq_buckets: List[int] = field(default_factory=lambda: [128, 256, 512, 1024])
     compile_cache_dir: str = ""  # 空 = <build_dir>/compile_cache
     # 一次 execute 的请求按长度分组；true 时按各桶实测的重放时间，在相邻组“合并后填充更多但少一次启动”
     # 更便宜时合并（runtime/batching.plan_groups）。只对有 CUDA Graph 计时的 torch 引擎起作用
     plan_groups: bool = True
-    # true：一次 execute 的几组（不同长度桶）各在自己的 CUDA 流上重放，在 GPU 上同时跑（小 batch 的图只占一部分 SM）；
-    # 每个长度桶有自己的图内存池与捕获流。默认 false（背靠背在同一个流上）：H100 上第一版（只分了内存池）让服务器卡死，
-    # 改正后（各自的捕获流，见 runtime/engines/torch.py）GPU 测试通过（同时重放与 eager 一致，machine7），
-    # 但还没有在服务上测过速度（benchmarks/h100-2026-11-27/machine5、machine7）
+    # true：一次 execute 的几组（不同长度桶）各在自己的 CUDA 流上同时重放（小 batch 的图只占一部分 SM）；每个长度桶
+    # 有自己的图内存池与捕获流。默认 false（背靠背在同一个流上）：GPU 测试里同时重放与 eager 一致，
+    # 但服务上的速度没有测过（benchmarks/h100-2026-11-27/machine7）
     group_streams: bool = False
-    # true：torch 引擎导出“拼行”的程序（UGTModel.forward_packed）：一次 execute 的全部历史按长度首尾相接拼进宽为
-    # 最长者所在长度桶的行（行内块对角掩码），一次启动、一张 (行数桶, 历史数桶, 宽) 的 CUDA Graph；不再按长度分组、
-    # 不填充到各自的桶。只对 engine=torch 有效（改它要重新导出：在 bench.app.ARTIFACT_KEYS 里）。
-    # Hydra 的 engine=torch / engine=auto 默认开（H100 上同一 multirun：c=64 1957 -> 3198 req/s，
-    # benchmarks/h100-2026-11-28/machine2）；auto 选了 onnxruntime 时关掉（engines.resolve_auto）。这里的 false 是
-    # Python API 的默认（引擎默认 onnxruntime）
+    # true：torch 引擎导出“拼行”的程序（UGTModel.forward_packed）：一次 execute 的全部历史首尾相接拼进宽为最长者所在
+    # 长度桶的行（行内块对角掩码），一次启动、一张 CUDA Graph，不再按长度分组填充。只对 engine=torch 有效，改它要重新导出。
+    # Hydra 的 engine=torch / auto 组开它（c=64 +63 %，benchmarks/h100-2026-11-28/machine2）；auto 选了 onnxruntime 时关掉
+    # （engines.resolve_auto）。这里的 false 是 Python API 的默认（引擎默认 onnxruntime）
     pack_rows: bool = False
     # torch 引擎的 int8（torchao，服务时在加载的模块上量化，见 runtime/engines/torch_int8.py）：
     # dynamic = 按行动态 int8 激活 + 按通道 int8 权重；weight_only = 只量化权重。打分头与嵌入不量化。
-    # auto：GPU 上 weight_only（H100 上两种都比 fp16 慢，weight_only 约 0.6 倍、dynamic 0.15 倍），CPU 上 dynamic（engines/torch.int8_modes）
+    # auto：GPU 上 weight_only（两种都比 fp16 慢，约 0.6 / 0.15 倍，benchmarks/h100-2026-11-27/machine4、machine6），
+    # CPU 上 dynamic（engines/torch.int8_modes）
     int8_mode: str = "auto"
-    # GPU 上 int8 的编译方式（代替 compile_mode）：none = eager + CUDA Graph。H100 上 torch.compile 量化后的模块
-    # 240 s 内没有编译完（benchmarks/h100-2026-11-27/machine2），测过、能用的是 none
+    # GPU 上 int8 的编译方式（代替 compile_mode）：none = eager + CUDA Graph；torch.compile 量化后的模块
+    # 几分钟内编不完（benchmarks/h100-2026-11-27/machine2），测过、能用的是 none
     gpu_int8_compile_mode: str = "none"
     # 长度桶的规划：0 = 按 seq_buckets 原样；N > 0 = 构建时按压测的长度分布（benchmark.length_*）规划至多 N 个桶，
     # 使期望的填充后计算量最小（bucket_plan.plan_seq_buckets，最后一个桶为 export.max_seq_length），代替 seq_buckets；
@@ -270,7 +263,7 @@ class GateConfig:
     min_overlap: float = 0.9
     min_top1_agreement: float = 0.95
     max_score_mae: float = 0.05
-    # int8 更严（issue #12 对 int8 的要求）：量化只动投影与 FFN、打分头留在浮点，测过的 int8 都在 0.976 / 0.984 以上
+    # int8 的门禁更严：量化只动投影与 FFN、打分头留在浮点，测过的 int8 top-50 重合都 >= 0.975、top-1 >= 0.984
     int8_min_overlap: float = 0.95
     int8_min_top1_agreement: float = 0.97
     tie_tolerance: float = 1e-4
@@ -306,11 +299,10 @@ class ServerConfig:
     supervise_interval_s: float = 0.5
     # 停止时等在途请求的上限（--exit-timeout-secs）：请求打到已死的存根时旧版本模型一直算“在用”，停止要等满这么久
     exit_timeout_s: float = 30.0
-    # CUDA MPS：服务器自己起一个私有的 MPS 守护进程，引擎的几个实例（各是一个进程）的内核可以同时在 GPU 上跑
-    # （algorithm/serving/mps.py）。auto：python 引擎在一块 GPU 上有 >= 2 个实例、有 nvidia-cuda-mps-control、
-    # 没有别的 MPS 守护进程时开，否则关（CPU 上总是关）；true：总是开（没有控制程序时报错）；false：不开。
-    # H200 上两次同一个 multirun 各 3 次：SLA 2250 -> 3250、2250 -> 2227.5 req/s（后一次范围宽得多；benchmarks/h200-2026-11-28-run2、
-    # run3 的 sweep）。中位数没有比不开差过，但更不稳：要稳定的尾部时用 false
+    # CUDA MPS：服务器自己起停一个私有的 MPS 守护进程，引擎几个实例（各一个进程）的内核可以同时在 GPU 上跑（mps.py）。
+    # auto：python 引擎在一块 GPU 上有 >= 2 个实例、有 nvidia-cuda-mps-control、没有别的 MPS 守护进程时开（CPU 上总是关）；
+    # true：总是开（没有控制程序时报错）；false：不开。auto 的理由：中位数不比不开差、有时好很多，但范围更宽
+    # （benchmarks/h200-2026-11-28-run2、h200-2026-11-28-run3 的 sweep）；要稳定的尾部用 false
     mps: str = "auto"
 
     def __post_init__(self) -> None:
@@ -370,9 +362,8 @@ class BenchmarkConfig:
     floor: bool = True
     # Triton 追踪（TIMESTAMPS）：每次重复的轻负载点与 SLA 确认之后同一速率上单独的一个点（确认点本身不开），每 trace_rate 个请求追踪一个；0 = 不追踪
     trace_rate: int = 10
-    # SLA 速率上的追踪点：auto = Triton >= 2.57 时测（之前的版本高速率追踪会让服务器崩溃后卡死：追踪的释放里有
-    # use-after-free，server#7795，PR #8144 修于 2.57；内嵌的 pytriton 0.7.0 是 2.51，2026-11-28 两次卡住都是它），
-    # on = 照测（自担风险），off = 不测。轻负载点（每秒几个被追踪的请求）照常追踪
+    # SLA 速率上的追踪点：auto = Triton >= 2.57 时测（更早的版本高速率追踪会让服务器崩溃后卡死，内嵌的是 2.51，
+    # 见 docs/limits.md），on = 照测（自担风险），off = 不测。轻负载点（每秒几个被追踪的请求）照常追踪
     trace_sla_point: str = "auto"
     processes: int = 1  # 发压进程数
     warmup_requests: int = 50
@@ -383,7 +374,7 @@ class BenchmarkConfig:
     offline_samples: int = 2000
     # 算 MFU 用的设备峰值（TFLOP/s，按引擎精度的稠密峰值）；0 = 不算。H100 SXM 的 fp16/bf16 稠密峰值为 989
     peak_tflops: float = 0.0
-    # 浸泡（issue #15）：soak_s 秒的开环负载，按 soak_window_s 分窗报告每窗的 P99、错误、服务器 RSS 与 GPU 显存；
+    # 浸泡：soak_s 秒的开环负载，按 soak_window_s 分窗报告每窗的 P99、错误、服务器 RSS 与 GPU 显存；
     # 速率 soak_rate，0 = soak_fraction x 本次测得的 SLA 速率（各次重复的中位数；没有确认过的点时用搜索得到的速率并写明
     # 未确认，bench/app.soak_sla_rate）。0 秒 = 不做
     soak_s: float = 0.0
