@@ -1,11 +1,8 @@
 """CUDA MPS（多进程服务）：内嵌服务器自己起、自己停的一个 MPS 控制守护进程（server.mps=auto 时按仓库决定，true 总是开）。
 
 为什么：引擎的每个实例是一个 python backend 存根进程。没有 MPS 时几个进程的 CUDA 上下文在 GPU 上分时，
-小 batch 的内核占不满 SM 也不能同时跑；开着 MPS 时它们的内核可以同时跑。H100 上（ugt_base fp16，引擎 2 实例）
-SLA 速率 1000 -> 1237.5 req/s、c=64 1855 -> 1958 req/s（各 3 次，benchmarks/h100-2026-11-27/machine6）；
-H200 上两次同一个 multirun（各 3 次）：SLA 2250 -> 3250、c=64 3210 -> 3842（benchmarks/h200-2026-11-28-run2/sweep）；
-SLA 2250 -> 2227.5、c=64 3126 -> 3212，范围宽得多（benchmarks/h200-2026-11-28-run3/sweep）。中位数没有比不开差过，但更不稳：
-轻负载的尾部两次各有一次重复偏高。要稳定时用 server.mps=false。
+小 batch 的内核占不满 SM 也不能同时跑；开着 MPS 时它们的内核可以同时跑。测得中位数不比不开差、有时好很多，
+但重复间的范围更宽（docs/limits.md 的 MPS 一节）；要稳定时用 server.mps=false。
 
 auto（默认）只在确实有几个进程共用一块 GPU 时开：引擎是 python 后端（每个实例一个进程；原生后端的实例是
 tritonserver 进程里的线程，同一个 CUDA 上下文，MPS 没有用处）、实例在 GPU 上、每块 GPU 至少 2 个，

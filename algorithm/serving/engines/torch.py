@@ -107,7 +107,7 @@ def export_torch_program(model, path: str, config: ServingConfig) -> str:
 def export_program(model, path: str, precision: str, max_batch: int, max_seq: int, packed: bool = False) -> str:
     """把 model 按 precision（DTYPES 的键）做 torch.export（batch <= max_batch、seq_len <= max_seq 动态）并存成 .pt2。
     packed：导出拼行的程序（UGTModel.forward_packed，7 个输入；运行器按输入个数认出它，见 runtime/engines/torch.py）。
-    构建与剖析（scripts/engine_profile.py 按 int8 底本重新导出）共用。示例输入放在模型所在的设备上。"""
+    构建与剖析（python -m algorithm.serving.profile 按 int8 底本重新导出）共用。示例输入放在模型所在的设备上。"""
     import torch
 
     m = copy.deepcopy(model).eval().to(getattr(torch, DTYPES[precision]))
