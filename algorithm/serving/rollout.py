@@ -593,11 +593,16 @@ def status(url: str, repository: str) -> dict:
     repository = os.path.abspath(repository)
     api = TritonRepository(url)
     path = os.path.join(repository, STATE_FILE)
-    state = json.load(open(path)) if os.path.isfile(path) else None
+    state = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            state = json.load(f)
     states = api.states()
-    publics = [state["public"]] if state else [n for n in states if os.path.isfile(os.path.join(repository, n, "config.pbtxt"))
-                                               and read_config(os.path.join(repository, n)).platform == "ensemble"
-                                               and SEP not in n]
+    if state:
+        publics = [state["public"]]
+    else:  # 还没上线过：仓库里不带版本后缀的 ensemble
+        publics = [n for n in sorted(states) if SEP not in n and os.path.isfile(os.path.join(repository, n, "config.pbtxt"))
+                   and read_config(os.path.join(repository, n)).platform == "ensemble"]
     served = {p: ensemble_steps(api.config(p)) for p in publics if api.ready(p)}
     return {"served": {p: {"version": tag_of(s), "steps": s} for p, s in served.items()}, "state": state,
             "models": {m: states.get(m, "") for v in (state or {}).get("versions", {}).values() for m in v["models"]}}

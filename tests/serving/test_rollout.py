@@ -390,3 +390,29 @@ def test_supervisor_restarts_renamed_models_and_rollback_returns_under_load(serv
     # 再回滚一次又回到 v2
     ro.rollback(server.http_url, repo, log=lambda s: None)
     assert all(same(a, b) for a, b in zip(answers(server.grpc_url, public, probes), v2))
+
+
+@pytest.mark.server
+def test_cli_reports_status_and_refuses_with_exit_code_2(serving, built, v2_build, tmp_path):
+    """scripts/rollout.py：status 打印服务的版本；门禁不通过的版本退出码 2、写明原因。"""
+    import subprocess
+    import sys
+
+    server, repo = serving
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "scripts", "rollout.py")
+    run = lambda *a: subprocess.run([sys.executable, script, f"url={server.http_url}", f"repository={repo}", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    r = run("status")
+    assert r.returncode == 0, r.stderr
+    public = built[0].export.model_name
+    assert json.loads(r.stdout)["served"][public]["version"] in (ro.BASE_TAG, "v2")
+    src = tmp_path / "failed_gate"
+    shutil.copytree(v2_build.repository, src)
+    info = json.loads((src / "build_info.json").read_text())
+    info["gates"]["passed"] = False
+    (src / "build_info.json").write_text(json.dumps(info))
+    r = run(f"source={src}")
+    assert r.returncode == 2 and "精度门禁未通过" in r.stderr, (r.returncode, r.stderr[-500:])
+    r = run("rollout")
+    assert r.returncode != 0 and "source" in r.stderr
