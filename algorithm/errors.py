@@ -48,5 +48,9 @@ class StalledError(UGTServingError, RuntimeError):
         self.partial_run = partial_run
 
 
+class RolloutError(UGTServingError, RuntimeError):
+    """新版本没有上线（门禁、加载、冒烟请求或切换失败）：公开的 ensemble 没有动，旧版本继续服务。消息写明哪一步、为什么。"""
+
+
 class InternalError(UGTServingError, RuntimeError):
     """本工具自身的 bug：请附带消息报告。"""

@@ -2,6 +2,8 @@
 
   python scripts/serve.py                       # 127.0.0.1，端口自动选择
   python scripts/serve.py server.http_port=8000 server.grpc_port=8001
+
+服务中换模型不用重启：scripts/rollout.py（上线与回滚）。
 """
 import signal
 import sys
@@ -30,7 +32,9 @@ def main(cfg: DictConfig) -> None:
     try:
         with EmbeddedTritonServer(repo, config.server, ready_models=[config.export.model_name]) as server:
             print(f"Triton 已就绪，仓库 {repo}\n  HTTP  {server.http_url}\n  gRPC  {server.grpc_url}\n"
-                  f"  指标  {server.metrics_url}\nensemble：{config.export.model_name}（Ctrl-C 停止）", flush=True)
+                  f"  指标  {server.metrics_url}\nensemble：{config.export.model_name}（Ctrl-C 停止）\n"
+                  f"上线新版本：python scripts/rollout.py url={server.http_url} repository={repo} source=<新构建的仓库>",
+                  flush=True)
             try:
                 while not stop.wait(1.0):
                     if server.process is None or server.process.poll() is not None:

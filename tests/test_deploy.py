@@ -551,3 +551,156 @@ def test_probe_tells_dead_backends_from_overload(fake_triton, mode, args, rc, sa
 def test_probe_fails_when_nothing_listens():
     r = run_probe("http://127.0.0.1:9", env={"UGT_PROBE_ITEM_IDS": "1"})
     assert r.returncode == 1 and "无响应" in r.stdout
+
+
+# ---------------------------------------------------------------- Grafana 面板（deploy/grafana/ugt-serving.json）
+
+DASHBOARD = DEPLOY / "grafana" / "ugt-serving.json"
+# 只在 NVIDIA 的 Triton 容器里、有 GPU 时导出的指标（内嵌服务器以 --allow-gpu-metrics=false 运行，这里验证不了它们）
+GPU_ONLY_METRICS = {"nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes"}
+# Kubernetes 经 PodMonitor 加上的标签：内嵌服务器的 /metrics 里没有
+SCRAPE_LABELS = {"namespace", "pod"}
+_PROMQL_WORDS = {"sum", "avg", "min", "max", "count", "rate", "irate", "increase", "scalar", "histogram_quantile",
+                 "clamp_min", "clamp_max", "topk", "bottomk", "abs", "vector", "label_values",
+                 "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
+_TOKEN = re.compile(r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)|(?P<brace>\{[^}]*\})|'
+                    r'(?P<range>\[[^\]]*\])|(?P<var>\$\{?\w+\}?)|(?P<num>[0-9.]+(?:e[0-9]+)?)|(?P<op>[()+\-*/,<>=!^%]+))')
+_MATCHER = re.compile(r'\s*([A-Za-z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*,?')
+
+
+def dashboard_panels():
+    def walk(panels):
+        for p in panels:
+            yield p
+            yield from walk(p.get("panels", []))
+    return list(walk(json.loads(DASHBOARD.read_text())["panels"]))
+
+
+def promql_selectors(expr: str):
+    """PromQL 表达式里的时间序列选择器：[(指标名, [(标签, 运算, 值)])]。函数、聚合、by (...) 里的标签名不算。"""
+    toks, pos = [], 0
+    while pos < len(expr):
+        m = _TOKEN.match(expr, pos)
+        assert m and m.end() > pos, f"解析不了 PromQL：{expr[pos:pos + 40]!r}（在 {expr!r} 里）"
+        pos = m.end()
+        toks.append((m.lastgroup, m.group(m.lastgroup)))
+    out, i = [], 0
+    while i < len(toks):
+        kind, text = toks[i]
+        if kind == "ident" and text in ("by", "without", "on", "ignoring", "group_left", "group_right"):
+            i += 1
+            if i < len(toks) and toks[i][1].startswith("("):  # 跳过标签列表 (a, b)
+                while i < len(toks) and ")" not in toks[i][1]:
+                    i += 1
+        elif kind == "ident" and text not in _PROMQL_WORDS:
+            matchers = []
+            if i + 1 < len(toks) and toks[i + 1][0] == "brace":
+                body = toks[i + 1][1][1:-1]
+                for mm in _MATCHER.finditer(body):
+                    matchers.append(mm.groups())
+                assert "".join(mm.group(0) for mm in _MATCHER.finditer(body)).replace(" ", "") == body.replace(" ", ""), body
+                i += 1
+            out.append((text, matchers))
+        i += 1
+    return out
+
+
+def dashboard_selectors():
+    """面板与模板变量查询的全部选择器：{(面板标题, 指标名, 匹配器)}。"""
+    out = []
+    for p in dashboard_panels():
+        for t in p.get("targets", []):
+            out += [(p["title"], name, m) for name, m in promql_selectors(t["expr"])]
+    for v in json.loads(DASHBOARD.read_text())["templating"]["list"]:
+        q = v.get("query")
+        if isinstance(q, dict):
+            inner = re.fullmatch(r"label_values\((.+), \w+\)", q["query"]).group(1)
+            out += [(f"变量 {v['name']}", name, m) for name, m in promql_selectors(inner)]
+    return out
+
+
+def parse_metrics(text: str):
+    """Prometheus 文本格式 -> [(指标名, {标签: 值})]。"""
+    series = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s", line)
+        series.append((m.group(1), dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))))
+    return series
+
+
+def _matches(labels: dict, matchers) -> bool:
+    for label, op, value in matchers:
+        got = labels.get(label, "")
+        ok = {"=": got == value, "!=": got != value, "=~": re.fullmatch(value, got) is not None,
+              "!~": re.fullmatch(value, got) is None}[op]
+        if not ok:
+            return False
+    return True
+
+
+def test_promql_parser_finds_metrics_and_matchers():
+    """解析器本身：函数、聚合、by 列表、变量与区间不算指标；标签匹配器原样取出。"""
+    expr = ('sum by (pod, model) (rate(nv_x{model=~"ugt_engine(__.+)?", pod=~"$pod"}[$__rate_interval])) / '
+            'scalar(sum(rate(ugt_y_total{kind="valid"}[1m]))) / 1000000 + nv_z')
+    assert promql_selectors(expr) == [("nv_x", [("model", "=~", "ugt_engine(__.+)?"), ("pod", "=~", "$pod")]),
+                                      ("ugt_y_total", [("kind", "=", "valid")]), ("nv_z", [])]
+
+
+def test_dashboard_is_well_formed_and_its_hpa_line_is_the_hpa_target():
+    """每个面板有唯一 id、经 ${datasource} 查询、不重叠；HPA 面板的红线就是 deploy/base/hpa.yaml 的目标值。"""
+    panels = dashboard_panels()
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    boxes = []
+    for p in panels:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        for q in boxes:
+            assert (g["x"] >= q["x"] + q["w"] or q["x"] >= g["x"] + g["w"] or g["y"] >= q["y"] + q["h"]
+                    or q["y"] >= g["y"] + g["h"]), f"面板 {p['title']} 与别的面板重叠"
+        boxes.append(g)
+        if p["type"] != "row":
+            assert p["targets"] and p["datasource"]["uid"] == "${datasource}", p["title"]
+    hpa = yaml.safe_load((DEPLOY / "base" / "hpa.yaml").read_text())
+    target = hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"]
+    (panel,) = [p for p in panels if HPA_METRIC in p["title"]]
+    line = [s["value"] for s in panel["fieldConfig"]["defaults"]["thresholds"]["steps"] if s["value"] is not None]
+    assert line == [int(target.rstrip("m")) / 1000], (line, target)
+    assert "rate(nv_inference_queue_duration_us" in panel["targets"][0]["expr"] and "[1m]" in panel["targets"][0]["expr"]
+
+
+@pytest.mark.server
+def test_every_metric_the_dashboard_queries_exists_on_a_real_triton(server, built, catalog):
+    """每个面板（与模板变量）查询的指标，带着它的标签匹配器（namespace、pod 除外：PodMonitor 才加），在真实内嵌 Triton 的
+    /metrics 里至少有一条序列；服务器导出的 ugt_engine_* 自定义指标面板都用到了。GPU 指标只在 NVIDIA 容器里有，这里验证不了。"""
+    import urllib.request
+
+    from algorithm.serving.client import RecommendClient
+
+    RecommendClient(server.http_url, built[0].export.model_name, "http").recommend(catalog.item_ids[:3])
+    time.sleep(0.5)  # 自定义指标由后台线程每 0.1 s 写一次
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        series = parse_metrics(r.read().decode())
+    names = {n for n, _ in series}
+    selectors = dashboard_selectors()
+    used = {name for _, name, _ in selectors}
+    missing, unmatched = set(), []
+    for title, name, matchers in selectors:
+        if name in GPU_ONLY_METRICS:
+            continue
+        if name not in names:
+            missing.add((title, name))
+            continue
+        real = [(lab, op, v) for lab, op, v in matchers if lab not in SCRAPE_LABELS and "$" not in v]
+        if not any(n == name and _matches(labels, real) for n, labels in series):
+            unmatched.append((title, name, real))
+    assert not missing, f"Triton 没有导出这些面板查询的指标：{sorted(missing)}"
+    assert not unmatched, f"这些选择器在 /metrics 里一条序列也匹配不上：{unmatched}"
+    assert not GPU_ONLY_METRICS & names  # 内嵌服务器不导出 GPU 指标：真导出了就该把它们移出这个集合、照常检查
+    assert GPU_ONLY_METRICS <= used  # 面板里确有 GPU 一行
+    engine = {n for n in names if n.startswith("ugt_engine_")}
+    assert engine and engine <= used, f"面板没有用到的自定义指标：{sorted(engine - used)}"
+    assert {"nv_inference_queue_duration_us", "nv_inference_request_success", "nv_inference_request_failure",
+            "nv_inference_pending_request_count"} <= used

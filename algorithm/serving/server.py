@@ -9,13 +9,15 @@
 - 默认所有端点只绑定 127.0.0.1，端口自动选空闲的，model control mode = none；
 - 等到 ensemble 就绪才返回；stop() 先 SIGTERM 再 SIGKILL。可作上下文管理器；
 - 同一仓库目录同时只允许一个服务器（临时目录里按仓库路径加 flock 锁，进程死了锁自动释放）；
-- 存根被杀后监护线程先卸载再加载该模型（见 _reload），并删掉死存根留下的 /dev/shm 共享内存区。
+- 存根被杀后监护线程先卸载再加载该模型（见 _reload），并删掉死存根留下的 /dev/shm 共享内存区；
+  运行中加载的模型（rollout.py 上线的新版本）也被监护，有意卸载的不再监护。
 """
 from __future__ import annotations
 
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -46,6 +48,8 @@ _CRASH_RE = re.compile(r"Signal \((?:4|6|7|8|11)\) received|corrupted (?:double-
                        r"free\(\): invalid|malloc\(\): ")
 # python backend 为每个存根建一个 POSIX 共享内存区，名字（前缀 + UUID）是存根命令行的第 3 个参数：
 #   triton_python_backend_stub <model.py> <区名> <默认大小> <增长步长> <父 pid> <backend 目录> ... <实例名> ...
+# 加载模型时 python backend 先起一个临时存根补全配置（auto-complete），完成后它自己退出：它的实例名参数就是模型名
+#（实例的存根是 <模型>_<组>_<序号>），不是模型的实例，不监护
 _SHM_REGION_RE = re.compile(r"^triton_python_backend_shm_region_[0-9A-Za-z-]+$")
 
 
@@ -162,8 +166,14 @@ class EmbeddedTritonServer:
 
     def _command(self, binary: str, backend_dir: str) -> List[str]:
         c = self.config
-        return [binary, f"--model-repository={self.repository}", f"--backend-directory={backend_dir}",
-                *(["--model-control-mode=explicit", "--load-model=*"] if c.supervise else ["--model-control-mode=none"]),
+        if c.supervise:  # 上线过的仓库（rollout.py）只加载当前版本；否则全部
+            from algorithm.serving.rollout import startup_models
+
+            models = startup_models(self.repository) or ["*"]
+            control = ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
+        else:
+            control = ["--model-control-mode=none"]
+        return [binary, f"--model-repository={self.repository}", f"--backend-directory={backend_dir}", *control,
                 "--strict-readiness=true", "--exit-on-error=true",
                 f"--http-address={c.host}", f"--http-port={self.http_port}",
                 f"--grpc-address={c.host}", f"--grpc-port={self.grpc_port}",
@@ -353,9 +363,10 @@ class EmbeddedTritonServer:
                 region = cmd[2] if len(cmd) > 2 and _SHM_REGION_RE.match(cmd[2]) else ""
                 instance = cmd[8] if len(cmd) > 8 else ""
                 model = os.path.basename(os.path.dirname(os.path.dirname(cmd[1])))
-                out.append(StubProcess(p.pid, model, instance, region, created))
-        for st in out:
-            self._known_stubs[st.pid] = st
+                st = StubProcess(p.pid, model, instance, region, created)
+                self._known_stubs[st.pid] = st
+                if instance != model:
+                    out.append(st)
         return out
 
     @staticmethod
@@ -376,16 +387,31 @@ class EmbeddedTritonServer:
             return False
 
     def _supervise(self) -> None:
-        # 监护启动时有存根的模型都要一直有活的存根；重新加载失败的模型也会按退避再试，而不是从此不管
-        watched = sorted(self._stubs)
+        # 要一直有活存根的模型：启动时有存根的，加上之后出现了存根的（上线加载的新版本）；被有意卸载的（上线后的旧版本）不再管。
+        # 重新加载失败的模型也会按退避再试，而不是从此不管
         while not self._stop_event.wait(self.config.supervise_interval_s):
-            for model in watched:
+            live = self._by_model(self._scan_stubs())
+            for model in sorted(set(self._stubs) | set(live)):
                 if self._stop_event.is_set():
                     return
-                stubs = self._stubs.get(model, [])
-                dead = [st for st in stubs if not self._stub_alive(st)]
-                if (stubs and not dead) or time.monotonic() < self._retry_at.get(model, 0.0):
+                known = self._stubs.get(model, [])
+                fresh = [st for st in live.get(model, []) if st.pid not in {k.pid for k in known}]
+                if fresh:  # 新的存根：模型刚被（别人）加载或重新加载，记下它们，不算死
+                    self._stubs[model] = live[model]
                     continue
+                dead = [st for st in known if not self._stub_alive(st)]
+                if (known and not dead) or time.monotonic() < self._retry_at.get(model, 0.0):
+                    continue
+                if model not in self._failures:
+                    state = self._model_state(model)
+                    if state in (None, "LOADING"):
+                        continue  # 读不到状态（服务器忙）或正在加载：下一轮再看
+                    if state != "READY":
+                        # 存根死了而模型在卸载或已卸载：是有意的（卸载时 Triton 先改状态再停存根）；存根被杀时模型照样是 READY
+                        log.info("模型 %s 已卸载（%s），不再监护", model, state or "不在仓库里")
+                        self._stubs.pop(model, None)
+                        self._remove_shm_regions(dead)
+                        continue
                 log.warning("模型 %s 的 python backend 存根进程已退出（%s），重新加载该模型",
                             model, [st.pid for st in dead] or "没有存根")
                 self.restarts[model] = self.restarts.get(model, 0) + 1
@@ -398,6 +424,16 @@ class EmbeddedTritonServer:
                 else:  # 连续失败按 2^n 倍间隔退避（最多 30 s），不在一个加载不了的模型上空转
                     n = self._failures[model] = self._failures.get(model, 0) + 1
                     self._retry_at[model] = time.monotonic() + min(30.0, self.config.supervise_interval_s * 2 ** n)
+
+    def _model_state(self, model: str) -> Optional[str]:
+        """模型仓库索引里 model 的状态（READY / LOADING / UNLOADING / UNAVAILABLE）；读不到时 None。"""
+        req = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                index = json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+        return next((m.get("state", "") for m in index if m.get("name") == model), "")
 
     def _reload(self, model: str) -> bool:
         """先卸载再加载。只发 load 不够：explicit 模式下 Triton 只在模型目录比上次加载时有改动才真的重新加载
