@@ -52,5 +52,9 @@ class RolloutError(UGTServingError, RuntimeError):
     """新版本没有上线（门禁、加载、冒烟请求或切换失败）：公开的 ensemble 没有动，旧版本继续服务。消息写明哪一步、为什么。"""
 
 
+class OverloadError(UGTServingError, RuntimeError):
+    """服务过载，这个请求没有处理（UNAVAILABLE，客户端可以稍后重试）：消息写明排队多久、上限多少。"""
+
+
 class InternalError(UGTServingError, RuntimeError):
     """本工具自身的 bug：请附带消息报告。"""

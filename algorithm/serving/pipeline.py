@@ -22,7 +22,8 @@ def read_runtime(repo: str, name: str):
 
 class InProcessPipeline:
     def __init__(self, repository: str, engine: bool = True, lanes: int = 1):
-        """lanes：引擎运行器每个桶几套暂存区（离线吞吐测流水线时要 2 套，见 bench/offline.pipelined）。"""
+        """lanes：引擎运行器每个桶几套暂存区（离线吞吐测流水线时要 2 套，见 bench/offline.pipelined）。
+        不做过载丢弃（模型类的默认）：进程内没有服务器的队列，请求可以攒着晚些再执行。"""
         d = lambda name: os.path.join(repository, name, "1")  # noqa: E731
         self.pre = PreprocessModel(d(PREPROCESS), *read_runtime(repository, PREPROCESS))
         self.engine = EngineModel(d(ENGINE), *read_runtime(repository, ENGINE), lanes=lanes) if engine else None

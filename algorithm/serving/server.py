@@ -35,6 +35,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from algorithm.serving.runtime import shedding
 from algorithm.serving.config import ServerConfig
 from algorithm.errors import MissingDependencyError, ServerError
 from algorithm.serving import mps as mps_mod
@@ -283,6 +284,9 @@ class EmbeddedTritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, libs, env.get("LD_LIBRARY_PATH", "")]))
         env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
         env["UGT_PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("UGT_PYTHONPATH", "")]))
+        # 过载丢弃的共享状态按这个键分开（runtime/shedding.py），停止时删掉
+        self._server_key = f"embedded{os.getpid()}x{id(self):x}"
+        env[shedding.SERVER_ENV] = self._server_key
         log_path = self._given_log_path or os.path.join(self._tmp, "tritonserver.log")
         self.log_path = log_path
         env.update(self._start_mps(log_path))
@@ -579,6 +583,8 @@ class EmbeddedTritonServer:
         self._remove_shm_regions(list(self._known_stubs.values()))
         self._known_stubs.clear()
         self._stubs = {}
+        if getattr(self, "_server_key", None):
+            shedding.remove_states(self._server_key)
         self._unlock_repository()
         if self._log_file:
             self._log_file.close()

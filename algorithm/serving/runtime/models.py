@@ -13,12 +13,12 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from algorithm.errors import InternalError
+from algorithm.errors import InternalError, OverloadError
 from algorithm.interfaces import (ITEM_IDS_OUTPUT, POST_IN_REC, POST_IN_SCORES, SCORES_OUTPUT, SEMANTIC_IDS_OUTPUT,
                                   UNKNOWN_COUNT_OUTPUT, ContractError)
 from algorithm.models.catalog import load_catalog
 from algorithm.serving.config import ServingConfig
-from algorithm.serving.runtime import batching, packed, rowpack
+from algorithm.serving.runtime import batching, packed, rowpack, shedding
 from algorithm.serving.runtime.params import RuntimeSpec
 from algorithm.serving.runtime.postprocess import Postprocessor
 from algorithm.serving.runtime.preprocess import Preprocessor
@@ -27,19 +27,30 @@ Result = Union[Dict[str, np.ndarray], Exception]
 
 
 class PreprocessModel:
-    def __init__(self, model_dir: str, config: ServingConfig, spec: RuntimeSpec):
+    def __init__(self, model_dir: str, config: ServingConfig, spec: RuntimeSpec, shed: bool = False):
+        """shed：做过载丢弃（runtime/shedding.py；Triton 里的 model.py 传 True，进程内没有服务器的队列）。"""
         catalog = load_catalog(os.path.join(model_dir, spec.catalog_file))
         self.contract = config.contract()
         self.pre = Preprocessor(catalog, self.contract, config.catalog.unknown_item_policy,
                                 config.triton.max_history_items,
                                 spec.seq_buckets if spec.pad_in_preprocess else ())
         self.pack_inputs = spec.pack_inputs
+        # 过载丢弃要打包输入里的时刻列（runtime/shedding.py）
+        self.admission = (shedding.Admission(shedding.state_path(model_dir), config.export.target_latency_ms,
+                                             shedding.queue_depth(config))
+                          if shed and spec.pack_inputs and config.triton.load_shedding else None)
 
     def execute(self, requests: Sequence[Mapping[str, Optional[np.ndarray]]]) -> List[Result]:
+        if self.admission is not None:
+            refused = self.admission.check(len(requests))
+            if refused is not None:  # 过载：不编码，整次 execute 的请求都拒绝
+                return [refused] * len(requests)
         results = self.pre.encode_requests(requests)
         if self.pack_inputs:  # 引擎的 6 个输入拼成 1 个张量再交出（runtime/packed.py）
+            stamp = shedding.now_us() if self.admission is not None else None
             results = [r if isinstance(r, Exception) else
-                       {packed.PACKED_INPUT: packed.pack(r, self.contract), UNKNOWN_COUNT_OUTPUT: r[UNKNOWN_COUNT_OUTPUT]}
+                       {packed.PACKED_INPUT: packed.pack(r, self.contract, stamp),
+                        UNKNOWN_COUNT_OUTPUT: r[UNKNOWN_COUNT_OUTPUT]}
                        for r in results]
         return results
 
@@ -96,7 +107,7 @@ class EngineModel:
     """引擎运行器：整批校验（越界 id 到不了设备）、按长度分组、写进暂存区、各组背靠背运行、按请求拆回。"""
 
     def __init__(self, model_dir: str, config: ServingConfig, spec: RuntimeSpec, device_id: int = 0,
-                 runner=None, lanes: int = 1):
+                 runner=None, lanes: int = 1, instance: str = "engine", shed: bool = False):
         from algorithm.serving.runtime.engines import load_runner
 
         self.contract = config.contract()
@@ -105,21 +116,46 @@ class EngineModel:
         self.runner = runner or load_runner(os.path.join(model_dir, spec.engine_file), self.contract, spec, device_id,
                                             lanes=lanes)
         self.stats = ExecuteStats()
+        self.load = (shedding.EngineLoad(shedding.state_path(model_dir), config.export.target_latency_ms,
+                                         shedding.queue_depth(config), instance)
+                     if shed and spec.pack_inputs and config.triton.load_shedding else None)
 
     def _unpack(self, requests: Sequence[Mapping[str, np.ndarray]], results: List[Result]) -> list:
         """打包的请求拆回 6 个输入；拆不开的请求（形状不对、缺输入）只让它自己失败：结果里记下错误，返回值里是 None
         （execute 只把拆开的交给 collect，再把批里的下标映射回原来的请求）。"""
         out = []
+        stamps: List[Optional[int]] = []
         for i, req in enumerate(requests):
             x = req.get(packed.PACKED_INPUT)
             try:
                 if x is None:
                     raise ContractError(f"缺少输入 {packed.PACKED_INPUT}；请求中的输入：{sorted(req) or '无'}")
                 out.append(packed.unpack(x, self.contract))
+                stamps.append(packed.stamp(x, self.contract))
             except ContractError as e:
                 results[i] = e
                 out.append(None)
+                stamps.append(None)
+        self._shed(out, stamps, results)
         return out
+
+    def _shed(self, unpacked: list, stamps: List[Optional[int]], results: List[Result]) -> None:
+        """量出各请求在引擎前等了多久（前处理写下的时刻）；等待超过上限的 ENGINE_FACTOR 倍的请求拒绝（UNAVAILABLE）。
+        时刻不可信（不在最近一分钟内：直接发给引擎、伪造的列）的请求当作没有时刻，不参与量等待。"""
+        if self.load is None:
+            return
+        waits = self.load.waits_ms(stamps)
+        valid = np.asarray([s is not None for s in stamps]) & (waits >= -1.0) & (waits < 60_000.0)
+        if not valid.any():
+            return
+        self.load.record_wait(max(float(waits[valid].max()), 0.0))  # 马上发布：前处理在这批做完之前就能看到
+        late, limit = self.load.too_late(np.where(valid, waits, 0.0))
+        for i in np.nonzero(late)[0]:
+            if unpacked[i] is not None:
+                unpacked[i] = None
+                results[i] = OverloadError(f"过载：在引擎前排队 {waits[i]:.0f} ms，超过上限 {limit:.0f} ms 的 "
+                                           f"{shedding.ENGINE_FACTOR:g} 倍；请稍后重试")
+                self.load.shed += 1
 
     def execute(self, requests: Sequence[Mapping[str, np.ndarray]]) -> List[Result]:
         """校验、暂存、启动并等结果：submit + complete。"""
@@ -186,6 +222,8 @@ class EngineModel:
             for i, start, n in rows:
                 results[i] = {"recommendations": rec[start:start + n], "scores": scores[start:start + n]}
         t_end = time.perf_counter()
+        if self.load is not None:
+            self.load.record_rate(len(batch.index), (t_end - t.t0) * 1e3)
         # 流水线时 execute_ms 是从 submit 开始到这里的墙钟时间（含排在前一批之后等 GPU 的时间）
         self.stats.add({"executes": 1, "requests": len(batch.index), "rows": batch.total_rows,
                         "groups": t.groups, "padded_tokens": t.padded,
@@ -219,7 +257,10 @@ class _Ticket:
 
 
 def serving_error_code(exc: Exception) -> str:
-    """错误归类：用户的输入错误 -> INVALID_ARG（HTTP 400）；其余（引擎故障、内部错误）-> INTERNAL。"""
+    """错误归类：过载 -> UNAVAILABLE（HTTP 503，可重试）；用户的输入错误 -> INVALID_ARG（HTTP 400）；
+    其余（引擎故障、内部错误）-> INTERNAL。"""
+    if isinstance(exc, OverloadError):
+        return "UNAVAILABLE"
     if isinstance(exc, InternalError):
         return "INTERNAL"
     if isinstance(exc, (ContractError, ValueError)):

@@ -23,7 +23,8 @@ class TritonPythonModel:
         device_id = int(args.get("model_instance_device_id", 0) or 0)
         depth = config.triton.engine_pipeline_depth
         self.impl = EngineModel(os.path.join(args["model_repository"], args["model_version"]), config, spec,
-                                device_id=device_id, lanes=depth)
+                                device_id=device_id, lanes=depth, instance=glue.instance_name(args) or "engine",
+                                shed=True)
         self.input_names = [i["name"] for i in model_config["input"]]
         self.metrics = glue.EngineMetrics(pb_utils, args["model_name"], glue.instance_name(args))
         # 流水线（triton.engine_pipeline_depth > 1）：execute 启动后返回 None，结果由后台线程经 response sender 发回

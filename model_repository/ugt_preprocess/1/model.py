@@ -20,7 +20,8 @@ from algorithm.serving.runtime.models import PreprocessModel  # noqa: E402
 class TritonPythonModel:
     def initialize(self, args):
         config, spec = params.decode(json.loads(args["model_config"]))
-        self.impl = PreprocessModel(os.path.join(args["model_repository"], args["model_version"]), config, spec)
+        self.impl = PreprocessModel(os.path.join(args["model_repository"], args["model_version"]), config, spec,
+                                    shed=True)
         self.input_names = (HISTORY_INPUT, BEHAVIOR_INPUT)
         glue.settle_process()
 

@@ -146,7 +146,7 @@ def test_packed_engine_inputs_give_the_same_answers(built, catalog):
                                                                               for h in hs])]
     plain = [unpack(f[PACKED_INPUT], eng.contract) for f in packed_feeds]
     assert plain[1]["encoder_mask"].dtype == np.float32 and plain[1]["encoder_l3_ids"].dtype == np.int64
-    bad = {PACKED_INPUT: np.ones((1, 13), np.int64)}  # 宽度不是 6 的倍数
+    bad = {PACKED_INPUT: np.ones((1, 14), np.int64)}  # 宽度既不是 6 的倍数，也不是 6 的倍数加 1（时间戳列）
     got = eng.execute(packed_feeds[:2] + [bad, {}] + packed_feeds[2:])
     assert isinstance(got[2], ContractError) and PACKED_INPUT in str(got[2]) and "encoder_l1_ids" in str(got[2])
     assert isinstance(got[3], ContractError) and "缺少输入" in str(got[3])
