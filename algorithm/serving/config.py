@@ -83,12 +83,17 @@ class TritonConfig:
     instance_count: int = 2
     preferred_batch_sizes: List[int] = field(default_factory=lambda: [8, 16, 32, 64])
     max_queue_delay_us: int = 100
-    # 引擎的队列策略：在引擎前排队超过 queue_timeout_us 的请求被拒（UNAVAILABLE），过载时丢弃而不是无限排队。
-    # 15 ms：2 倍 SLA 速率下被接受请求的 P99 留在 2 倍目标（60 ms）以内，30 ms 时不能（benchmarks/h100-2026-11-27/machine2/bench_overload）。
-    # max_queue_size > 0 时队列满被拒的请求不唤醒 Triton 的动态批处理器，出现约 500 ms 的台阶（tests/serving/test_reliability.py），
-    # 所以默认 0 = 不限个数；两个都为 0 时不设策略（Triton 才预取，但过载时队列无限增长），见 triton_config._set_batching。
+    # 过载时丢弃（runtime/shedding.py）：引擎前的等待超过 max(export.target_latency_ms, shed_queue_depth x 实测的每请求
+    # 服务时间) 时前处理拒绝新请求（UNAVAILABLE）。只在 python 运行器托管引擎、打包输入时可用。
+    # shed_queue_depth 0 = instance_count x 最大的 preferred batch：不超过这么多个的闭环客户端不会被拒
+    load_shedding: bool = True
+    shed_queue_depth: int = 0
+    # Triton 自己的队列策略（只放在引擎上）：排队超过 queue_timeout_us 或队列超过 max_queue_size 的请求被拒。默认都不设：
+    # 固定的超时在正常排队时也拒绝（两核 CPU 上 15 ms 拒了三分之一的健康请求）；任何策略都让 Triton 不预取；
+    # max_queue_size 满时被拒的请求不唤醒动态批处理器，出现约 500 ms 的台阶（triton_config._set_batching）。
+    # 原生后端（没有上面的丢弃）要有界的队列时设 queue_timeout_us
     max_queue_size: int = 0
-    queue_timeout_us: int = 15_000
+    queue_timeout_us: int = 0
     instance_kind: str = "auto"  # auto：有 GPU 用 KIND_GPU，否则 KIND_CPU
     gpus: List[int] = field(default_factory=list)  # 空 = 由机器决定（全部可见 GPU）
     preprocess_instance_count: int = 2
@@ -114,6 +119,7 @@ class TritonConfig:
         _positive("triton", "max_queue_delay_us", self.max_queue_delay_us, allow_zero=True)
         _positive("triton", "max_queue_size", self.max_queue_size, allow_zero=True)
         _positive("triton", "queue_timeout_us", self.queue_timeout_us, allow_zero=True)
+        _positive("triton", "shed_queue_depth", self.shed_queue_depth, allow_zero=True)
         _positive("triton", "max_history_items", self.max_history_items)
         _positive("triton", "engine_pipeline_depth", self.engine_pipeline_depth)
         if self.engine_pipeline_depth > 4:

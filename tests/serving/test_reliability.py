@@ -21,6 +21,7 @@ from algorithm.serving.config import BenchmarkConfig
 from algorithm.serving.repository import build_repository
 from algorithm.serving.server import EmbeddedTritonServer
 from algorithm.interfaces import BEHAVIOR_INPUT, HISTORY_INPUT
+from algorithm.serving.runtime import shedding
 from algorithm.serving.runtime.packed import PACKED_INPUT, pack
 
 pytestmark = pytest.mark.server
@@ -88,7 +89,7 @@ def test_bad_input_battery_is_refused_clearly_and_service_is_unchanged(server, b
         # 打包后掩码是整数（NaN / inf 写不进去）：不是 0 / 1 的值照样被拒
         ("引擎：掩码为 2", "ugt_engine", engine_feeds(contract, rng, encoder_mask=np.full((2, 12), 2.0, np.float32)),
          None, ["encoder_mask"]),
-        ("引擎：打包的宽度不是 6 的倍数", "ugt_engine", {PACKED_INPUT: np.ones((2, 13), np.int64)}, None,
+        ("引擎：打包的宽度不是 6 的倍数（或加 1 列时间戳）", "ugt_engine", {PACKED_INPUT: np.ones((2, 14), np.int64)}, None,
          [PACKED_INPUT, "encoder_l1_ids"]),
         ("引擎：一行没有有效位置", "ugt_engine", engine_feeds(contract, rng, encoder_mask=np.zeros((2, 12), np.float32)),
          None, ["encoder_mask", "有效位置"]),
@@ -120,8 +121,9 @@ SHED_TIMEOUT_MS = 150.0
 @pytest.fixture(scope="module")
 def small_queue_server(built, tmp_path_factory):
     cfg, result = built
+    # 这里测 Triton 自己的排队超时：关掉本包按容量的削峰
     triton = dataclasses.replace(cfg.triton, max_queue_size=0, queue_timeout_us=int(SHED_TIMEOUT_MS * 1000),
-                                 warmup=False)
+                                 warmup=False, load_shedding=False)
     small = dataclasses.replace(cfg, triton=triton)
     repo = build_repository(small, str(tmp_path_factory.mktemp("overload") / "repo"), result.engine_artifact,
                             result.catalog)
@@ -353,3 +355,44 @@ def test_killed_tritonserver_leaves_no_stubs_or_regions(sleep_repo):
     assert not [p for p in regions if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not [r for r in regions.values() if os.path.exists(os.path.join(SHM, r))]
     assert sorted(s.removed_shm_regions) == sorted(left)
+
+
+@pytest.fixture(scope="module")
+def default_policy_server(built, tmp_path_factory):
+    """默认的 Triton 设置（引擎 2 实例、preferred 到 64、按容量丢弃、没有排队超时），只关掉预热以省时间。"""
+    from algorithm.serving.config import TritonConfig
+
+    cfg, result = built
+    export = dataclasses.replace(cfg.export, max_batch_size=64)
+    default = dataclasses.replace(cfg, export=export, triton=TritonConfig(warmup=False))
+    repo = build_repository(default, str(tmp_path_factory.mktemp("default_policy") / "repo"), result.engine_artifact,
+                            result.catalog)
+    with EmbeddedTritonServer(repo, cfg.server, ready_models=[cfg.export.model_name]) as s:
+        yield default, s
+    key = s._server_key
+    left = [f for f in os.listdir(shedding.state_dir()) if f.startswith(f"{shedding.PREFIX}{key}-")]
+    assert not left, f"服务器停止后丢弃状态文件还在：{left}"
+
+
+def test_default_policy_answers_every_healthy_client_and_sheds_only_overload(default_policy_server, built):
+    """默认设置下不超过队列深度（2 x 64）个闭环客户端不被拒：以前默认 15 ms 的排队超时在两核 CPU 上 64 个客户端、
+    960 个请求里拒了 325 个。2 倍容量的开环过载：只有 UNAVAILABLE，被拒的很快，吞吐不塌，被接受的延迟有界
+    （不丢弃时队列无界增长，8 s 里排到几秒）。"""
+    cfg, s = default_policy_server
+    _, result = built
+    b = Benchmark(s.grpc_url, cfg.export.model_name,
+                  BenchmarkConfig(processes=2, warmup_requests=40, length_median=30, min_requests=50),
+                  result.catalog, cfg.export.max_seq_length, progress=False)
+    b.warmup()
+    healthy = b.closed_loop(64, duration_s=30, count=960)
+    assert healthy["ok"] == healthy["sent"] and not healthy["errors"], healthy["errors"]
+    capacity = b.closed_loop(8, duration_s=3)["throughput"]
+    p = b.open_loop(2 * capacity, duration_s=8.0, label="过载")
+    print(f"闭环 64：{healthy['ok']}/{healthy['sent']}，{healthy['throughput']:.0f}/s，P99 {healthy['latency_ms']['p99']:.0f} ms；"
+          f"容量 {capacity:.0f}/s；过载：{p['throughput']:.0f}/s，被拒 {p['refused_share']:.1%}（P50 "
+          f"{p['failed_latency_ms']['p50'] or float('nan'):.1f} ms），接受的 P99 {p['latency_ms']['p99']:.0f} ms")
+    assert set(p["errors"]) <= {"UNAVAILABLE"}, p["errors"]
+    assert p["refused_share"] > 0, "2 倍容量时应有请求被拒"
+    assert p["failed_latency_ms"]["p50"] < 50, p["failed_latency_ms"]
+    assert p["throughput"] >= 0.6 * capacity, (p["throughput"], capacity)
+    assert p["latency_ms"]["p99"] < 2000, p["latency_ms"]
