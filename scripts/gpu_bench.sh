@@ -15,12 +15,13 @@
 #   bash scripts/gpu_bench.sh sweep      # Triton 设置的 multirun（SWEEP 覆盖；每组 SWEEP_REPEATS 次，默认 1），一张汇总表
 #   bash scripts/gpu_bench.sh sweep_mps  # 同一 multirun（SWEEP_MPS 覆盖，默认同 SWEEP），加 server.mps=true（CUDA MPS：几个引擎实例的内核同时在 GPU 上跑），结果在 $G/sweep_mps
 #   bash scripts/gpu_bench.sh soak       # 生产设置：SLA 搜索 1 次，再以其 70% 浸泡 10 分钟，再 2 倍过载 60 s（issue #15）
-#   bash scripts/gpu_bench.sh overload   # 只有 SLA 搜索与 2 倍过载（OVERLOAD_QT_US：引擎的排队超时，默认 15000 = 配置默认）
+#   bash scripts/gpu_bench.sh overload   # 默认的过载丢弃：SLA 搜索、c=64/128 闭环与 2 倍过载（OVERLOAD_S 秒，默认 60）
+#   bash scripts/gpu_bench.sh overload_timeout # 同上，对照以前的默认：不按容量丢弃、引擎排队超时 OVERLOAD_QT_US（默认 15000）
 # 一整轮超过 device 工具单次调用的 10 分钟：用 scripts/gpu_campaign.sh 在后台按序运行多个阶段。
 # 构建产物在 /tmp/gpubuild（不在带来的目录里，同一台机器热着时各阶段复用）。
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?用法：gpu_bench.sh setup|gputest|build|oldbuild|profile|profile_variants|int8|int8mm|profile_old|bench_old|bench_new|floor|sweep|sweep_mps|soak|overload}
+STAGE=${1:?用法：gpu_bench.sh setup|gputest|build|oldbuild|profile|profile_variants|int8|int8mm|profile_old|bench_old|bench_new|floor|sweep|sweep_mps|soak|overload|overload_timeout}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 VENV=/tmp/ugtvenv
@@ -221,9 +222,13 @@ PYEOF
     reliability soak benchmark.soak_s=${SOAK_S:-600} benchmark.soak_trace_rate=${SOAK_TRACE_RATE:-0}
     ;;
   overload)
-    # 过载时被接受请求的 P99 由排队超时决定（超时 + 一次 execute）：不浸泡、只测 SLA 与 2 倍过载，OVERLOAD_QT_US 可换超时
-    # 对照（默认 15000 = 现在配置的默认；2026-11-27 用它与 2026-11-25 的 30 ms 对照，之后默认改为 15 ms）
-    reliability overload benchmark.soak_s=0 triton.queue_timeout_us=${OVERLOAD_QT_US:-15000}
+    # 默认的过载丢弃（triton.load_shedding，按容量）：SLA 搜索、c=64/128 闭环（应 0 拒绝）与 2 倍过载
+    reliability overload "benchmark.concurrency=[64,128]" benchmark.soak_s=0
+    ;;
+  overload_timeout)
+    # 对照：以前的默认（不按容量丢弃、引擎排队超时 OVERLOAD_QT_US，默认 15000），其余与 overload 相同
+    reliability overload_timeout "benchmark.concurrency=[64,128]" benchmark.soak_s=0 triton.load_shedding=false \
+        triton.queue_timeout_us=${OVERLOAD_QT_US:-15000}
     ;;
   bench_old)
     # 旧代码的服务器（同样的 Triton 设置），新的压测工具经 benchmark.url 测它（旧仓库没有地板模型与自定义指标）

@@ -24,6 +24,7 @@ from algorithm.serving.bench.suite import Benchmark, headline, run_once, strip_p
 from algorithm.serving.bench.tail import fmt_spread
 from algorithm.serving.build import paths
 from algorithm.serving.config import ServingConfig
+from algorithm.serving.runtime import shedding
 from algorithm.serving.workload import sample_lengths
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
     from algorithm.serving.bucket_plan import model_cost
     from algorithm.serving.bench import trace as trace_mod
     from algorithm.serving.server import EmbeddedTritonServer
-    from algorithm.serving.triton_config import ENGINE, FLOOR, POSTPROCESS, PREPROCESS
+    from algorithm.serving.triton_config import ENGINE, FLOOR, POSTPROCESS, PREPROCESS, packs_engine_inputs
 
     from algorithm.serving.engines import resolve_auto
 
@@ -133,7 +134,8 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
     meta = {"overrides": list(overrides), "engine": config.engine.kind, "precision": config.export.precision,
             "model_preset": config.model.name, "triton": dataclasses.asdict(config.triton),
             "engine_config": dataclasses.asdict(config.engine), "built_repository": built,
-            "model_flops_per_request": flops, "mean_history_length": float(lengths.mean())}
+            "model_flops_per_request": flops, "mean_history_length": float(lengths.mean()),
+            "shedding": shedding.describe(config, hosted=packs_engine_inputs(config))}
     contract_kwargs = {"max_seq_length": contract.max_seq_length, "codebook_sizes": list(contract.codebook_sizes),
                        "num_token_types": contract.num_token_types, "top_k": contract.top_k}
     target = config.export.model_name if b.target == "ensemble" else ENGINE

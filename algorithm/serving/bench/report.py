@@ -129,6 +129,9 @@ def summary_table(report: Dict[str, Any]) -> str:
     if report.get("mps"):
         m = report["mps"]
         lines.append(f"  CUDA MPS：{'开' if m.get('active') else '不开'}（{m.get('reason')}）")
+    if report.get("shedding"):
+        sh = report["shedding"]
+        lines.append(f"  过载丢弃：{sh['rule']}" + ("" if sh.get("enabled") else f"（{sh.get('why')}）"))
     slo = report.get("slo_ms")
     rates = (h.get("sla_rate") or {}).get("values") or []
     missing = sum(v is None for v in rates)

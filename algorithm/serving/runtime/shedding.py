@@ -13,7 +13,7 @@ max_queue_size 满时被拒的请求不唤醒动态批处理器（triton_config.
   最大的 preferred batch），服务时间是各实例实测的合起来（1 / 各实例每毫秒请求数之和）。闭环的 N 个客户端在引擎前
   最多排 N 个，N 不超过深度时引擎是瓶颈也不会被拒；开环的过载让队列一直变长，等待超过上限后前处理开始拒绝
   （UNAVAILABLE，不编码、几乎不花时间），队列缩回上限以下就重新接受。
-- 引擎对等待超过 2 x 上限的请求直接拒绝（漏过前处理的，例如刚开始过载的那一批），被接受的请求的等待因此有界。
+- 引擎对等待超过上限的请求直接拒绝（漏过前处理的，例如刚开始过载的那一批），被接受的请求的等待因此有界。
 只有 python 运行器托管引擎且打包输入时可用（原生后端没有这一列，用 triton.queue_timeout_us）。
 """
 from __future__ import annotations
@@ -84,6 +84,18 @@ def queue_depth(config) -> int:
     """triton.shed_queue_depth；0 = 引擎实例数 x 最大的 preferred batch（每个实例一整批在排队）。"""
     t = config.triton
     return t.shed_queue_depth or t.instance_count * max(t.preferred_batch_sizes)
+
+
+def describe(config, hosted: bool) -> dict:
+    """报告与日志用：这次运行的丢弃规则与它的数（hosted：引擎由 python 运行器托管且打包输入）。"""
+    t = config.triton
+    if not t.load_shedding or not hosted:
+        why = "triton.load_shedding=false" if not t.load_shedding else "原生后端 / 不打包输入：没有时刻列"
+        rule = (f"Triton 的排队超时 {t.queue_timeout_us / 1000:g} ms" if t.queue_timeout_us else "不丢弃（队列无界）")
+        return {"enabled": False, "why": why, "rule": rule}
+    depth = queue_depth(config)
+    return {"enabled": True, "queue_depth": depth, "target_latency_ms": config.export.target_latency_ms,
+            "rule": f"引擎前的等待估计 > max({config.export.target_latency_ms:g} ms, {depth} x 实测的每请求服务时间) 时拒绝"}
 
 
 class SharedLoad:

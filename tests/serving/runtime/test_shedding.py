@@ -112,3 +112,20 @@ def test_engine_refuses_requests_that_waited_too_long_and_preprocess_follows(bui
     assert isinstance(refused[0], OverloadError) and serving_error_code(refused[0]) == "UNAVAILABLE"
     time.sleep(max(limit / 1e3, shedding.MIN_FRESH_S) + 0.05)
     assert isinstance(pre.execute([history])[0], dict)  # 读数过期：重新接受
+
+
+def test_each_preset_states_its_shedding_rule():
+    """报告写的规则与预设的数一致：默认 2 x 64、cpu_small 1 x 64；关掉时写出替代它的 Triton 策略。"""
+    import dataclasses
+
+    from algorithm.serving.config import ExportConfig, ServingConfig, TritonConfig
+
+    base = ServingConfig(export=ExportConfig(max_batch_size=64))
+    assert shedding.describe(base, hosted=True)["queue_depth"] == 128
+    small = dataclasses.replace(base, triton=TritonConfig(instance_count=1))
+    assert shedding.describe(small, hosted=True)["queue_depth"] == 64
+    assert "128 x" in shedding.describe(base, hosted=True)["rule"]
+    off = dataclasses.replace(base, triton=TritonConfig(load_shedding=False, queue_timeout_us=15_000))
+    d = shedding.describe(off, hosted=True)
+    assert not d["enabled"] and "15 ms" in d["rule"]
+    assert not shedding.describe(base, hosted=False)["enabled"]
