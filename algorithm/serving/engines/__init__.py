@@ -35,6 +35,13 @@ def resolve_auto(config: ServingConfig) -> ServingConfig:
     if config.engine.kind != "auto":
         return config
     kind = resolve_kind("auto")
+    if config.export.precision == "fp8" and kind != "torch":
+        from algorithm.errors import UnsupportedPrecisionError
+
+        raise UnsupportedPrecisionError(
+            "precision=fp8 在这台机器上不能构建：PyTorch 看不到 GPU，engine=auto 选了 onnxruntime（CPU），"
+            "而 fp8 只有 torch 引擎在 NVIDIA Hopper（sm_90+，如 H100 / H200）上支持。这台机器上请用 precision=fp32 "
+            "或 int8（onnxruntime 的静态 int8 在 CPU 上可用）；有 Hopper GPU 时用 engine=torch precision=fp8")
     # 拼行是 torch 引擎的选项（conf/engine/auto.yaml 与 torch.yaml 默认开）：auto 选了别的引擎时它不适用，关掉
     pack_rows = config.engine.pack_rows and kind == "torch"
     return dataclasses.replace(config, engine=dataclasses.replace(config.engine, kind=kind, pack_rows=pack_rows))
