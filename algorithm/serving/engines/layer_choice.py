@@ -54,7 +54,7 @@ def choose_layers(shapes: Mapping[str, Mapping], timer: Timer, candidate: str = 
     for name in order:
         s = shapes[name]
         k, n, rows = int(s["k"]), int(s["n"]), [int(r) for r in s["rows"]]
-        times = {m: (t("base", m, k, n), t(candidate, m, k, n)) for m in rows}
+        times = {m: (t("base", m, k, n), t(candidate, m, k, n)) for m in sorted(rows, reverse=True)}
         threshold = choose_min_rows(times, min_speedup) if times else None
         layers[name] = {"min_rows": threshold}
         for m, (b, q) in times.items():

@@ -5,7 +5,8 @@
 - 激活 X [M, K]：每行 m 一个缩放 sx[m] = amax(|X[m, :]|) / 448，Xq = e4m3(X / sx)（每次前向现算：动态）；
 - Y = (Xq @ Wq^T) * sx * sw^T + bias：torch._scaled_mm(Xq, Wq.t(), scale_a=sx [M,1], scale_b=sw^T [1,N])，
   累加在 fp32，输出为模块的浮点类型（底本，见 engines/torch.fp8_base_precision），bias 在乘积里（不支持时在乘积之后加）。
-448 是 e4m3fn 的最大有限值；e4m3fn 没有 inf，超出范围的值转换成 NaN，所以量化前先夹到 ±448。
+448 是 e4m3fn 的最大有限值；e4m3fn 没有 inf，超出范围的转换结果依实现而定（CPU 的 torch 夹到 448，
+不饱和的转换给 NaN），所以量化前先夹到 ±448。
 
 哪些层量化由构建时的逐层计时决定（engines/layer_choice.py，像 TensorRT 选 tactic）：计划（权重名 -> 从多少行起用 fp8）
 存在 .pt2 的附加文件 PLAN_FILE 里，服务进程加载 .pt2 后按计划改图，不再计时。行数少于门槛时这一层仍走原精度的
