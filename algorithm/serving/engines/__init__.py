@@ -1,7 +1,7 @@
 """构建期的引擎注册表：engine.kind -> 一个模块（NEEDS_ONNX、hosting(config)、build(...)，tensorrt 还有
 instance_profiles）。运行时的一半在 algorithm/serving/runtime/engines/ 的同名模块里。
 
-build_engine_artifact：按配置产生引擎文件，再运行精度门禁（gates.run_gates）。
+build_engine_artifact：按配置产生引擎文件，再运行精度门禁（gates.run_gates），8 位时再做速度检查（speed_check.check）。
 """
 from __future__ import annotations
 
@@ -79,4 +79,9 @@ def build_engine_artifact(config: ServingConfig, model, catalog: Catalog, onnx_p
     g["speedup_vs_reference"] = g["reference_seconds"] / max(g["candidate_seconds"], 1e-9)
     speed = f"；同样的批上比 fp32 ONNX 快 {g['speedup_vs_fp32_engine']:.2f} 倍" if "speedup_vs_fp32_engine" in g else ""
     log(f"      门禁通过：{g['summary']}{speed}")
+    from algorithm.serving import speed_check  # 8 位引擎对同一模型的 fp16 引擎（不是 8 位时 None）
+
+    checked = speed_check.check(config, model, runner, engine_dir, log)
+    if checked is not None:
+        reports["speed_check"] = checked
     return built.artifact, reports
