@@ -139,6 +139,15 @@ def check(config: ServingConfig, model, runner, engine_dir: str, log: Log = prin
     return report
 
 
+def after_gates(config: ServingConfig, model, engine_dir: str, log: Log = print) -> Callable[[Any], Dict[str, Any]]:
+    """build.py 交给 engines.build_engine_artifact 的钩子：门禁通过的运行器 -> {"speed_check": 报告}（不是 8 位时 {}）。"""
+    def hook(runner) -> Dict[str, Any]:
+        report = check(config, model, runner, engine_dir, log)
+        return {} if report is None else {"speed_check": report}
+
+    return hook
+
+
 def _free_gpu(device: str) -> None:
     if device == "cuda":
         import torch
@@ -146,4 +155,4 @@ def _free_gpu(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-__all__: Sequence[str] = ["check", "compare", "sample_batches", "skip_reason", "throughputs"]
+__all__: Sequence[str] = ["after_gates", "check", "compare", "sample_batches", "skip_reason", "throughputs"]

@@ -1,7 +1,7 @@
 """构建期的引擎注册表：engine.kind -> 一个模块（NEEDS_ONNX、hosting(config)、build(...)，tensorrt 还有
 instance_profiles）。运行时的一半在 algorithm/serving/runtime/engines/ 的同名模块里。
 
-build_engine_artifact：按配置产生引擎文件，再运行精度门禁（gates.run_gates），8 位时再做速度检查（speed_check.check）。
+build_engine_artifact：按配置产生引擎文件，再运行精度门禁（gates.run_gates），再调用可选的 after_gates（build.py 用它做 8 位的速度检查）。
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import copy
 import dataclasses
 import importlib
 import os
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from algorithm.errors import ConfigError
 from algorithm.models.catalog import Catalog
@@ -59,8 +59,9 @@ def hosting(config: ServingConfig) -> EngineHosting:
 
 
 def build_engine_artifact(config: ServingConfig, model, catalog: Catalog, onnx_path: str, engine_dir: str,
-                          log: Log) -> Tuple[str, Dict[str, Any]]:
-    """按配置产生引擎文件，运行门禁。返回 (产物路径, 报告)。"""
+                          log: Log, after_gates: Optional[Callable[[Any], Dict[str, Any]]] = None
+                          ) -> Tuple[str, Dict[str, Any]]:
+    """按配置产生引擎文件，运行门禁；after_gates(运行器) 返回的报告并进结果。返回 (产物路径, 报告)。"""
     from algorithm.serving.gates import run_gates
 
     os.makedirs(engine_dir, exist_ok=True)
@@ -79,9 +80,6 @@ def build_engine_artifact(config: ServingConfig, model, catalog: Catalog, onnx_p
     g["speedup_vs_reference"] = g["reference_seconds"] / max(g["candidate_seconds"], 1e-9)
     speed = f"；同样的批上比 fp32 ONNX 快 {g['speedup_vs_fp32_engine']:.2f} 倍" if "speedup_vs_fp32_engine" in g else ""
     log(f"      门禁通过：{g['summary']}{speed}")
-    from algorithm.serving import speed_check  # 8 位引擎对同一模型的 fp16 引擎（不是 8 位时 None）
-
-    checked = speed_check.check(config, model, runner, engine_dir, log)
-    if checked is not None:
-        reports["speed_check"] = checked
+    if after_gates is not None:  # 例如 build.py 的速度检查（speed_check.check）：它要门禁通过的运行器
+        reports.update(after_gates(runner) or {})
     return built.artifact, reports
