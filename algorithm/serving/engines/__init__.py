@@ -31,7 +31,13 @@ def resolve_kind(kind: str) -> str:
 
 
 def resolve_auto(config: ServingConfig) -> ServingConfig:
-    """把 engine.kind=auto 换成这台机器上的具体引擎（返回新的配置，不修改传入的）。构建与压测的入口先调用它。"""
+    """把 engine.kind=auto 换成这台机器上的具体引擎（返回新的配置，不修改传入的）。构建与压测的入口先调用它。
+    precision=fp8 而这台机器不支持时在这里就抛 UnsupportedPrecisionError。"""
+    if config.export.precision == "fp8" and config.engine.kind == "torch":
+        # 在训练检查点、导出之前就拒绝（ugt_base 在 CPU 上训练要很久，之后才报错没有意义）
+        from algorithm.serving.runtime.engines.torch import resolve_device
+
+        engine_module("torch").check_fp8_device(resolve_device(config.engine.device))
     if config.engine.kind != "auto":
         return config
     kind = resolve_kind("auto")

@@ -117,6 +117,11 @@ def test_fp8_build_on_cpu_raises_a_named_error_that_says_what_to_use(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UnsupportedPrecisionError, match="onnxruntime"):
             resolve_auto(cfg)
+        # engine=torch：构建的第一步（resolve_auto，在训练与导出之前）就拒绝
+        with pytest.raises(UnsupportedPrecisionError, match="设备是 cpu"):
+            resolve_auto(tiny_config(str(tmp_path), export=ExportConfig(precision="fp8", max_batch_size=16,
+                                                                        max_seq_length=256),
+                                     engine=EngineConfig(kind="torch")))
     with pytest.raises(ConfigError, match="engine.kind=torch"):
         tiny_config(str(tmp_path), export=ExportConfig(precision="fp8", max_batch_size=16, max_seq_length=256),
                     engine=EngineConfig(kind="onnxruntime"))
