@@ -13,6 +13,10 @@ class ConfigError(UGTServingError, ValueError):
     """配置不合法：消息写明字段名与允许的取值。"""
 
 
+class UnsupportedPrecisionError(ConfigError):
+    """这台机器 / 这个引擎不支持所选的精度（例如 fp8 在 CPU 或没有 fp8 张量核的 GPU 上）：消息写明为什么、该用什么。"""
+
+
 class MissingDependencyError(UGTServingError, ImportError):
     """缺少某个可选依赖（TensorRT、tritonserver 二进制、GPU 等），消息写明如何获得。"""
 

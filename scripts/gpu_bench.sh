@@ -7,6 +7,8 @@
 #   bash scripts/gpu_bench.sh profile    # 引擎剖析（scripts/engine_profile.py，不含 int8）；PROFILE_ARGS 追加参数
 #   bash scripts/gpu_bench.sh profile_variants # 同样剖析 sweep 按产物选项构建的变体（$G/new/variants/*）
 #   bash scripts/gpu_bench.sh int8       # int8 两种方式各一个限时的进程（只测 fp16 与 int8 的离线吞吐与门禁）
+#   bash scripts/gpu_bench.sh fp8        # 同一次运行：ugt_base 按 fp16、fp8、int8（FP8_PRECISIONS）各构建一次（门禁、fp8 的逐层选择与速度检查），
+#                                        # 再在一个进程里测三者的离线吞吐 b8/16/64 各 3 轮（scripts/precision_bench.py）与 fp8 线性层的内核名
 #   bash scripts/gpu_bench.sh int8mm     # 单个线性层：fp16、int8 两种权重布局、fp8、编译的 int8 各自多快、用哪个内核（scripts/int8_gemm_probe.py）
 #   bash scripts/gpu_bench.sh profile_old # 同一剖析脚本对旧路径的仓库（旧代码导出的 .pt2，新运行器）：同一运行里的引擎对照
 #   bash scripts/gpu_bench.sh bench_old  # 旧路径的服务器 + 新的压测工具（benchmark.url），3 次重复
@@ -21,7 +23,7 @@
 # 构建产物在 /tmp/gpubuild（不在带来的目录里，同一台机器热着时各阶段复用）。
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?用法：gpu_bench.sh setup|gputest|build|oldbuild|profile|profile_variants|int8|int8mm|profile_old|bench_old|bench_new|floor|sweep|sweep_mps|soak|overload|overload_timeout}
+STAGE=${1:?用法：gpu_bench.sh setup|gputest|build|oldbuild|profile|profile_variants|int8|fp8|int8mm|profile_old|bench_old|bench_new|floor|sweep|sweep_mps|soak|overload|overload_timeout}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 VENV=/tmp/ugtvenv
@@ -184,6 +186,37 @@ PYEOF
           --batches ${INT8_BATCHES:-16,64} ${CM[@]+"${CM[@]}"} --budget-s $(( ${INT8_TIMEOUT:-240} - 10 )) 2>&1 | tee "$OUT/profile_int8_$m.log" || rc=$?
       echo "int8 $m：退出码 $rc（124 = 超时）" | tee -a "$OUT/profile_int8_$m.log"
     done
+    ;;
+  fp8)
+    # 每个精度一个构建目录（$G/fp8/<精度>），共用一个检查点（先建的 fp16 训练它；build 阶段的 $G/new 里有就用那个）与一个
+    # 编译缓存（fp8 / int8 构建的速度检查要再建一个 fp16 对照引擎，缓存是热的）。一个精度构建失败（例如 fp8 在不是 Hopper 的
+    # GPU 上报 UnsupportedPrecisionError）只记下原因，接着建下一个、测建好的。int8 的构建不做速度检查（本阶段的对照里有它），
+    # FP8_BUILD_EXTRA 追加覆盖（例如 engine.layer_choice_min_speedup=1.1 或 engine.fp8_layers=all）
+    D=$G/fp8; mkdir -p $D
+    ARGS=(); for a in "${COMMON[@]}"; do [[ $a == precision=* ]] || ARGS+=("$a"); done
+    CK=$G/new/checkpoints/ugt_base.pt; [ -f "$CK" ] || CK=$D/fp16/checkpoints/ugt_base.pt
+    REPOS=()
+    for p in ${FP8_PRECISIONS:-fp16 fp8 int8}; do
+      EXTRA=(); if [ "$p" = int8 ]; then EXTRA=(engine.speed_check=off); fi
+      if [ -f "$CK" ]; then EXTRA+=(checkpoint=$CK); fi
+      rc=0
+      timeout -k 10 ${FP8_BUILD_TIMEOUT:-420} $PY scripts/build.py "${ARGS[@]}" "${TRITON[@]}" precision=$p build_dir=$D/$p \
+          engine.compile_cache_dir=$D/compile_cache ${EXTRA[@]+"${EXTRA[@]}"} ${FP8_BUILD_EXTRA:-} 2>&1 | tee "$OUT/fp8_build_$p.log" || rc=$?
+      echo "构建 $p：退出码 $rc（124 = 超时）" | tee -a "$OUT/fp8_build_$p.log"
+      if [ $rc -eq 0 ] && [ -f $D/$p/model_repository/build_info.json ]; then
+        cp $D/$p/model_repository/build_info.json "$OUT/build_info_$p.json"
+        REPOS+=(--repo $p=$D/$p/model_repository)
+      else
+        grep -E "Error|错误|不能构建" "$OUT/fp8_build_$p.log" | tail -3 || true
+      fi
+    done
+    grep -h -E "逐层选择|fp8 计划|速度检查|警告" "$OUT"/fp8_build_*.log || true
+    if [ ${#REPOS[@]} -gt 0 ]; then
+      timeout -k 10 ${FP8_BENCH_TIMEOUT:-300} $PY scripts/precision_bench.py "${REPOS[@]}" --out "$OUT/fp8" \
+          --batches ${FP8_BATCHES:-8,16,64} --rounds ${FP8_ROUNDS:-3} 2>&1 | tee "$OUT/fp8_bench.log" || echo "precision_bench：退出码 $?"
+    else
+      echo "没有建好的仓库可测" | tee "$OUT/fp8_bench.log"
+    fi
     ;;
   int8mm)
     # 不需要构建：随机张量、ugt_base 的线性层形状；结果 $OUT/int8mm/int8_gemm_probe.json

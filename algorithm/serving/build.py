@@ -127,7 +127,10 @@ def build(config: ServingConfig, log: Log = print, gpus: Optional[List[int]] = N
         log("      " + _export_line(export_report))
     chosen = f"{asked} -> {config.engine.kind}（按本机是否有 GPU）" if asked != config.engine.kind else config.engine.kind
     log(f"[4/5] 引擎：{chosen} / {config.export.precision}")
-    artifact, engine_reports = build_engine_artifact(config, model, catalog, p["onnx"], p["engine_dir"], log)
+    from algorithm.serving.speed_check import after_gates  # 8 位引擎对同一模型的 fp16 引擎
+
+    artifact, engine_reports = build_engine_artifact(config, model, catalog, p["onnx"], p["engine_dir"], log,
+                                                     after_gates=after_gates(config, model, p["engine_dir"], log))
     extra = [artifact + ".data"] if os.path.exists(artifact + ".data") else []
     info = {"config": dataclasses.asdict(config), "checkpoint_meta": meta, "export": export_report,
             **engine_reports}

@@ -14,7 +14,8 @@ from algorithm.errors import ConfigError
 from algorithm.interfaces import EngineContract
 from algorithm.models.config import UGTConfig
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")  # fp8：e4m3，只有 torch 引擎、Hopper（sm_90+）
+SPEED_CHECKS = ("auto", "on", "off")
 ENGINES = ("onnxruntime", "torch", "tensorrt", "auto")  # auto：有 GPU 用 torch，否则 onnxruntime（构建时决定）
 INSTANCE_KINDS = ("auto", "gpu", "cpu")
 UNKNOWN_ITEM_POLICIES = ("skip", "error")
@@ -39,7 +40,7 @@ class ExportConfig:
     """导出与引擎构建（用户请求中的字段与默认值）。"""
 
     model_name: str = "ugt_recommend"
-    precision: str = "fp16"  # fp32 / fp16 / int8
+    precision: str = "fp16"  # fp32 / fp16 / int8 / fp8
     max_batch_size: int = 64
     max_seq_length: int = 1024
     target_latency_ms: float = 30.0
@@ -175,6 +176,20 @@ class EngineConfig:
     # GPU 上 int8 的编译方式（代替 compile_mode）：none = eager + CUDA Graph；torch.compile 量化后的模块
     # 几分钟内编不完（benchmarks/h100-2026-11-27/machine2），测过、能用的是 none
     gpu_int8_compile_mode: str = "none"
+    # torch 引擎的 fp8（runtime/engines/torch_fp8.py）：.pt2 的底本精度（bf16：按行缩放的 _scaled_mm 测过的输出类型；
+    # fp16 的输出没有测过）与 GPU 上的编译方式（none = eager + CUDA Graph，量化的层走 Triton 的按行量化 + _scaled_mm）
+    fp8_base: str = "bf16"
+    gpu_fp8_compile_mode: str = "none"
+    # 8 位的逐层选择（engines/layer_choice.py）：timed = 构建时在本设备上按各桶实际的行数计时，只量化 8 位更快的层
+    # （每层从某个行数起）；all = 所有可量化的层都量化（对照与测试用）
+    fp8_layers: str = "timed"
+    # 计时选择的门槛：8 位至少快这么多倍才用（低于它的差别在计时噪声里，量化还多一份权重的显存）
+    layer_choice_min_speedup: float = 1.05
+    # 构建后的速度检查（speed_check.py）：8 位引擎（int8 / fp8）与同一模型的 fp16 引擎在同一设备上比离线吞吐，
+    # 比值写进 build_info.json 与日志。auto = 只在 GPU 上的 torch 引擎做（CPU 上记下跳过的原因），on / off 强制
+    speed_check: str = "auto"
+    speed_check_batches: List[int] = field(default_factory=lambda: [8, 16, 64])
+    speed_check_repeats: int = 5
     # 长度桶的规划：0 = 按 seq_buckets 原样；N > 0 = 构建时按压测的长度分布（benchmark.length_*）规划至多 N 个桶，
     # 使期望的填充后计算量最小（bucket_plan.plan_seq_buckets，最后一个桶为 export.max_seq_length），代替 seq_buckets；
     # engine=tensorrt 时 TensorRT 的优化 profile 也由它得出（每个桶一个，opt 长度 = 桶长，optimize_trt.trt_profiles），
@@ -214,6 +229,15 @@ class EngineConfig:
         _choice("engine", "int8_mode", self.int8_mode, ("auto", "dynamic", "weight_only"))
         _choice("engine", "gpu_int8_compile_mode", self.gpu_int8_compile_mode,
                 ("none", "default", "max-autotune-no-cudagraphs", "max-autotune"))
+        _choice("engine", "fp8_base", self.fp8_base, ("bf16", "fp16"))
+        _choice("engine", "gpu_fp8_compile_mode", self.gpu_fp8_compile_mode,
+                ("none", "default", "max-autotune-no-cudagraphs", "max-autotune"))
+        _choice("engine", "fp8_layers", self.fp8_layers, ("timed", "all"))
+        _positive("engine", "layer_choice_min_speedup", self.layer_choice_min_speedup)
+        _choice("engine", "speed_check", self.speed_check, SPEED_CHECKS)
+        if not self.speed_check_batches or any((not isinstance(b, int)) or b < 1 for b in self.speed_check_batches):
+            raise ConfigError(f"engine.speed_check_batches 应为非空的正整数列表，得到 {list(self.speed_check_batches)}")
+        _positive("engine", "speed_check_repeats", self.speed_check_repeats)
         _positive("engine", "seq_bucket_plan", self.seq_bucket_plan, allow_zero=True)
         _positive("engine", "seq_bucket_align", self.seq_bucket_align)
         _positive("engine", "opt_batch_size", self.opt_batch_size)
@@ -270,6 +294,7 @@ class GateConfig:
     min_top1_agreement: float = 0.95
     max_score_mae: float = 0.05
     # int8 的门禁更严：量化只动投影与 FFN、打分头留在浮点，测过的 int8 top-50 重合都 >= 0.975、top-1 >= 0.984
+    # （fp8 用同一组门槛：同样只量化投影与 FFN；fp8 的门禁数字还没有测过）
     int8_min_overlap: float = 0.95
     int8_min_top1_agreement: float = 0.97
     tie_tolerance: float = 1e-4
@@ -456,6 +481,9 @@ class ServingConfig:
                               f"torch / onnxruntime）；engine.kind={self.engine.kind}、native={self.engine.native} "
                               "由 Triton 的原生后端托管，用 triton.instance_count 让几批同时在途；预设 triton=h100 设了 2，"
                               "与原生后端一起用时加 triton.engine_pipeline_depth=1")
+        if self.export.precision == "fp8" and self.engine.kind not in ("torch", "auto"):
+            raise ConfigError(f"export.precision=fp8 只有 engine.kind=torch 支持（Hopper GPU 上的 torch._scaled_mm），"
+                              f"得到 engine.kind={self.engine.kind}；这个引擎请用 precision=fp16 或 int8")
 
 
     def contract(self) -> EngineContract:

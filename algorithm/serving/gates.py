@@ -59,7 +59,7 @@ def run_gates(config: ServingConfig, catalog: Catalog, model, runner, gates: Gat
     if precision == "fp32":
         checks = {"overlap": (cmp.overlap, ">=", gates.fp32_min_overlap)}
     else:
-        int8 = precision == "int8"
+        int8 = precision in ("int8", "fp8")  # 8 位的门槛（GateConfig.int8_*）
         checks = {"overlap": (cmp.overlap, ">=", gates.int8_min_overlap if int8 else gates.min_overlap),
                   "top1_agreement": (cmp.top1_agreement, ">=",
                                      gates.int8_min_top1_agreement if int8 else gates.min_top1_agreement),

@@ -7,12 +7,13 @@ torch.compile + 手动 CUDA Graph 能工作。
 from __future__ import annotations
 
 import copy
+import json
 import os
-from typing import Callable, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
-from algorithm.errors import ConfigError
+from algorithm.errors import ConfigError, UnsupportedPrecisionError
 from algorithm.models.catalog import Catalog
 from algorithm.serving.config import ServingConfig
 from algorithm.serving.engines.base import BuiltEngine, EngineHosting
@@ -34,18 +35,104 @@ def build(config: ServingConfig, model, catalog: Catalog, onnx_path: str, engine
     from algorithm.serving.runtime.engines.torch import TorchRunner, int8_transform, resolve_device
 
     e = config.engine
-    int8 = config.export.precision == "int8"
+    precision = config.export.precision
+    int8 = precision == "int8"
     device = resolve_device(e.device)
+    if precision == "fp8":
+        check_fp8_device(device)
     check_gpu_int8(config, device, log)
     int8_mode, compile_mode = int8_modes(config, device)
     artifact = export_torch_program(model, os.path.join(engine_dir, f"{config.model.name}.pt2"), config)
+    transform, extra = (int8_transform(int8_mode) if int8 else None), {}
+    if precision == "fp8":
+        from algorithm.serving.runtime.engines.torch_fp8 import fp8_transform
+
+        plan, extra["layer_choice"] = plan_fp8(artifact, config, device, log)
+        transform = fp8_transform(plan)
     runner = TorchRunner(artifact, config.contract(), device, 0, compile_mode, e.cuda_graphs,
                          config.batch_buckets(), config.seq_buckets(), compile_cache_dir(config),
-                         transform=int8_transform(int8_mode) if int8 else None)
+                         transform=transform)
     return BuiltEngine(artifact, runner, reports={"torch_engine": {
         "load_seconds": runner.load_seconds, "capture_seconds": runner.capture_seconds,
         "cuda_graphs": len(runner.slots), "compile_mode": compile_mode, "int8_mode": int8_mode if int8 else None,
-        "bucket_seconds": runner.bucket_seconds()}})
+        "bucket_seconds": runner.bucket_seconds()}, **extra})
+
+
+def check_fp8_device(device: str, capability=None) -> None:
+    """fp8 在这个设备上不可用时抛 UnsupportedPrecisionError（写明为什么、该用什么）。capability 给出时不查询 GPU。"""
+    from algorithm.serving.runtime.engines.torch_fp8 import unsupported_reason
+
+    reason = unsupported_reason(device, capability)
+    if reason:
+        raise UnsupportedPrecisionError(
+            f"precision=fp8 在这里不能构建：{reason}。fp8 是给 NVIDIA Hopper（sm_90+，如 H100 / H200）上的 "
+            "engine=torch 的；这台机器上请用 precision=fp16（GPU）或 fp32 / int8（CPU）")
+
+
+def fp8_base_precision(config: ServingConfig) -> str:
+    """fp8 的 .pt2 先按这个精度导出（engine.fp8_base，默认 bf16）：没有量化的层与 _scaled_mm 的输出都是这个类型。
+    为什么默认 bf16：按行缩放的 _scaled_mm 在 H200 上测过的是 bf16 输出（scripts/int8_gemm_probe.py），fp16 输出没有测过。"""
+    return config.engine.fp8_base
+
+
+def bucket_inputs(config: ServingConfig, seed: int = 0) -> List[Tuple[np.ndarray, ...]]:
+    """运行器会捕获的每个桶各一组输入（按程序的输入顺序）：与 TorchRunner 的捕获同样的形状（拼行时 (行数, 历史数, 宽)）。
+    逐层选择用它记下各线性层在服务时见到的行数。"""
+    from algorithm.serving.runtime import rowpack
+
+    contract = config.contract()
+    rng = np.random.default_rng(seed)
+    out = []
+    if config.engine.pack_rows:
+        batches = config.batch_buckets()
+        for w in config.seq_buckets():
+            for n in batches:
+                for r in (r for r in batches if r <= n):
+                    lengths = rng.integers(1, w + 1, size=min(r, n))
+                    feeds = rowpack.example_inputs(contract, lengths, w, rng, rows=r, histories=n)
+                    out.append(tuple(feeds[k] for k in rowpack.input_names(contract)))
+    else:
+        for length in config.seq_buckets():
+            for b in config.batch_buckets():
+                feeds = contract.random_inputs(b, length, rng)
+                out.append(tuple(feeds[k] for k in contract.input_names))
+    return out
+
+
+def plan_fp8(artifact: str, config: ServingConfig, device: str, log: Log = lambda s: None,
+             timer=None) -> Tuple[Dict, Dict]:
+    """fp8 的逐层计划：在设备上加载 artifact、跑一遍各桶记下每层的行数，按 engine.fp8_layers 选择（timed：用 timer 计时，
+    默认 layer_choice.cuda_timer），把计划写进 artifact 的附加文件（torch_fp8.PLAN_FILE）。返回 (计划, 报告)。"""
+    import torch
+
+    from algorithm.serving.engines import layer_choice
+    from algorithm.serving.runtime.engines.torch_fp8 import PLAN_FILE, record_linear_rows, row_quantizer
+
+    gm = torch.export.load(artifact).module()
+    gm.to(device)
+    feeds = bucket_inputs(config)
+
+    def run() -> None:
+        with torch.no_grad():
+            for args in feeds:
+                gm(*[torch.from_numpy(a).to(device) for a in args])
+
+    shapes = record_linear_rows(gm, run)
+    base = DTYPES[fp8_base_precision(config)]
+    if config.engine.fp8_layers == "all":
+        plan, report = layer_choice.all_layers(shapes)
+    else:
+        if timer is None:
+            timer = layer_choice.cuda_timer(getattr(torch, base), device)
+        plan, report = layer_choice.choose_layers(shapes, timer, "fp8", config.engine.layer_choice_min_speedup, log)
+    quantizer = row_quantizer(device)[1]
+    plan.update(base=fp8_base_precision(config), quantizer=quantizer)
+    report.update(base=fp8_base_precision(config), quantizer=quantizer, buckets_run=len(feeds))
+    del gm
+    ep = torch.export.load(artifact)  # 另载一份再存：上面那份已移到设备上
+    torch.export.save(ep, artifact, extra_files={PLAN_FILE: json.dumps(plan, ensure_ascii=False, sort_keys=True)})
+    log(f"      fp8 计划：{layer_choice.summarize(report)}，激活的按行量化用 {quantizer}；写进 {os.path.basename(artifact)}")
+    return plan, report
 
 
 def int8_base_precision(device: str) -> str:
@@ -60,12 +147,14 @@ def int8_base_precision(device: str) -> str:
 
 def int8_modes(config: ServingConfig, device: str) -> Tuple[str, str]:
     """(int8 的量化方式, 编译方式)，按设备定；构建与服务进程（triton_config.runtime_spec）都用这里的结果。
-    不是 int8 时原样返回配置。GPU 上：auto -> weight_only（H100 上两种都比 fp16 慢：weight_only 约 0.6 倍、dynamic 0.15 倍），编译用
+    fp8 时编译方式取 engine.gpu_fp8_compile_mode（GPU）；不是 8 位时原样返回配置。int8 在 GPU 上：auto -> weight_only（H100 上两种都比 fp16 慢：weight_only 约 0.6 倍、dynamic 0.15 倍），编译用
     engine.gpu_int8_compile_mode（默认 none：torch.compile 量化后的模块在 H100 上 240 s 内没有编译完）；CPU 上 auto -> dynamic。"""
     e = config.engine
+    on_gpu = device == "cuda"
+    if config.export.precision == "fp8":  # fp8 的编译方式：engine.gpu_fp8_compile_mode（默认 none = eager + CUDA Graph）
+        return e.int8_mode, (e.gpu_fp8_compile_mode if on_gpu else e.compile_mode)
     if config.export.precision != "int8":
         return e.int8_mode, e.compile_mode
-    on_gpu = device == "cuda"
     mode = e.int8_mode if e.int8_mode != "auto" else ("weight_only" if on_gpu else "dynamic")
     return mode, (e.gpu_int8_compile_mode if on_gpu else e.compile_mode)
 
@@ -98,8 +187,10 @@ def export_torch_program(model, path: str, config: ServingConfig) -> str:
         from algorithm.serving.runtime.engines.torch import resolve_device
 
         precision = int8_base_precision(resolve_device(config.engine.device))
+    elif precision == "fp8":
+        precision = fp8_base_precision(config)
     if precision not in DTYPES:
-        raise ConfigError(f"torch 引擎支持 export.precision=fp32 / fp16 / int8，得到 {precision!r}")
+        raise ConfigError(f"torch 引擎支持 export.precision=fp32 / fp16 / int8 / fp8，得到 {precision!r}")
     return export_program(model, path, precision, config.export.max_batch_size, config.export.max_seq_length,
                           packed=config.engine.pack_rows)
 

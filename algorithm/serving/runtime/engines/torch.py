@@ -57,6 +57,17 @@ def int8_transform(mode: str):
     return apply
 
 
+def _spec_transform(path: str, spec):
+    """服务进程里按构建时的精度选 transform：int8 在加载后量化；fp8 按 .pt2 里构建时定好的计划改图（不再计时）。"""
+    if spec.precision == "int8":
+        return int8_transform(spec.int8_mode)
+    if spec.precision == "fp8":
+        from algorithm.serving.runtime.engines.torch_fp8 import fp8_transform, read_plan
+
+        return fp8_transform(read_plan(path))
+    return None
+
+
 class _Lane:
     """一套页锁定的暂存区与输出区。lanes > 1（流水线，triton.engine_pipeline_depth）时每个桶有几套：同一张图的上一批
     还在 GPU 上或还没回拷完时，下一批写另一套（设备上的静态输入 / 输出按流的顺序复用，不冲突）。"""
@@ -157,7 +168,7 @@ class TorchRunner:
         """服务进程里：spec 为 runtime.params.RuntimeSpec（构建时算好的桶、设备、编译设置）；lanes 见 _Lane。"""
         return cls(path, contract, spec.device, device_id, spec.compile_mode, spec.cuda_graphs,
                    spec.batch_buckets, spec.seq_buckets, spec.compile_cache_dir,
-                   transform=int8_transform(spec.int8_mode) if spec.precision == "int8" else None,
+                   transform=_spec_transform(path, spec),
                    group_streams=spec.group_streams, lanes=lanes)
 
     # ---- CUDA Graph ----
