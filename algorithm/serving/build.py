@@ -62,6 +62,7 @@ def ensure_catalog(config: ServingConfig, log: Log = print, save: bool = True) -
     else:
         catalog = synthetic_catalog(config.catalog.num_items, config.model.codebook_sizes, config.catalog.seed)
     if not save:
+        log(f"[1/5] 目录：{len(catalog)} 个物品，码本 {list(catalog.codebook_sizes)} 与模型的契约一致")
         return catalog
     catalog.save(p["catalog"])
     log(f"[1/5] 目录：{len(catalog)} 个物品 -> {p['catalog']}")
@@ -174,7 +175,7 @@ def _build(config: ServingConfig, asked: str, log: Log, gpus: Optional[List[int]
         user = load_user_model(config, catalog, p["onnx"], log)
         model, config, meta = user.model, user.config, {"user_model": user.report}
         os.makedirs(p["build"], exist_ok=True)
-        ensure_catalog(config, log)
+        catalog.save(p["catalog"])
     if user is not None and user.onnx_path:
         log(f"[3/5] ONNX：用 model.path 的图（按契约修补后 {p['onnx']}），不重新导出")
         export_report = {"source": "model.path", "onnx": config.model.path}
@@ -184,7 +185,8 @@ def _build(config: ServingConfig, asked: str, log: Log, gpus: Optional[List[int]
         export_report = {"skipped": f"engine.kind={config.engine.kind}"}
     else:
         log(f"[3/5] 导出 ONNX 并在多个形状上验证：{config.export.checked_shapes()}")
-        export_to_onnx(model, p["onnx"], config.export, tie_tolerance=config.gates.tie_tolerance)
+        export_to_onnx(model, p["onnx"], config.export, tie_tolerance=config.gates.tie_tolerance,
+                       contract=None if user is None else config.contract())
         with open(p["onnx"] + ".report.json") as f:
             export_report = json.load(f)
         log("      " + _export_line(export_report))

@@ -170,7 +170,7 @@ def prepare_onnx(src: str, dst: str, contract: EngineContract) -> str:
         for axis, want in enumerate(spec.dims):
             if isinstance(want, str) and axis < len(dims) and dims[axis].HasField("dim_value"):
                 raise ModelContractError(
-                    f"{spec.name}: 第 {axis} 轴（{want}）在 ONNX 里固定为 {dims[axis].dim_value}——导出时丢了动态"
+                    f"{spec.name}: 第 {axis} 轴（{want}）在 ONNX 里固定为 {dims[axis].dim_value}——导出时丢了动态 "
                     f"{'batch' if axis == 0 else '长度'}；导出时给这个轴 dynamic_axes / dynamic_shapes（{src}）")
     try:
         repair_graph(proto, contract)
