@@ -118,9 +118,36 @@ def load_exported(path: str):
     if not os.path.isfile(path):
         raise ConfigError(f"model.path 不存在：{path}")
     try:
-        return torch.export.load(path).module()
+        program = torch.export.load(path).module()
     except Exception as e:
         raise ModelExportError(f"torch.export.load({path}) 失败：{type(e).__name__}: {_first_lines(e)}") from e
+    return ExportedModule(program)
+
+
+def _exported_module_class():
+    import torch
+
+    class ExportedModule(torch.nn.Module):
+        """torch.export 程序的 module() 外面一层：它不许调用 eval() / train()（导出时已定），这里的 train 不往下传。"""
+
+        def __init__(self, program):
+            super().__init__()
+            self.program = program
+
+        def train(self, mode: bool = True):
+            self.training = mode
+            return self
+
+        def forward(self, encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, encoder_positions, encoder_token_types,
+                    encoder_mask):
+            return self.program(encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, encoder_positions,
+                                encoder_token_types, encoder_mask)
+
+    return ExportedModule
+
+
+def ExportedModule(program):  # noqa: N802  (torch 在函数里才导入)
+    return _exported_module_class()(program)
 
 
 class OnnxModel:

@@ -30,8 +30,9 @@ def _load(path, name):
 
 def _config(build_dir, model: UGTConfig, **kw):
     # 小形状：导出验证与门禁都在几秒内
-    kw.setdefault("export", ExportConfig(precision="fp32", max_batch_size=8, max_seq_length=64,
-                                         validation_shapes=[[1, 3], [5, 37], [8, 64]]))
+    kw.setdefault("export", ExportConfig(precision="fp32", max_batch_size=16, max_seq_length=64,
+                                         validation_shapes=[[1, 3], [5, 37], [16, 64]]))
+    kw.setdefault("catalog", CatalogConfig(num_items=600, seed=2))
     return tiny_config(build_dir, model=model, **kw)
 
 
