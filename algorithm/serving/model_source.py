@@ -118,36 +118,41 @@ def load_exported(path: str):
     if not os.path.isfile(path):
         raise ConfigError(f"model.path 不存在：{path}")
     try:
-        program = torch.export.load(path).module()
+        return torch.export.load(path).module()
     except Exception as e:
         raise ModelExportError(f"torch.export.load({path}) 失败：{type(e).__name__}: {_first_lines(e)}") from e
-    return ExportedModule(program)
 
 
-def _exported_module_class():
+def _adapter_class():
     import torch
 
-    class ExportedModule(torch.nn.Module):
-        """torch.export 程序的 module() 外面一层：它不许调用 eval() / train()（导出时已定），这里的 train 不往下传。"""
+    class SixInputs(torch.nn.Module):
+        """把用户的模型包成 forward(六个契约输入) 的模块：forward(*inputs) 之类的签名也能按契约的名字与动态轴导出。
+        torch.export 程序的 module() 不许 eval() / train()（导出时已定），这时 train 不往下传。"""
 
-        def __init__(self, program):
+        def __init__(self, model):
             super().__init__()
-            self.program = program
+            self.model = model
 
         def train(self, mode: bool = True):
             self.training = mode
+            try:
+                self.model.train(mode)
+            except NotImplementedError:
+                pass
             return self
 
         def forward(self, encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, encoder_positions, encoder_token_types,
                     encoder_mask):
-            return self.program(encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, encoder_positions,
-                                encoder_token_types, encoder_mask)
+            return self.model(encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, encoder_positions, encoder_token_types,
+                              encoder_mask)
 
-    return ExportedModule
+    return SixInputs
 
 
-def ExportedModule(program):  # noqa: N802  (torch 在函数里才导入)
-    return _exported_module_class()(program)
+def six_inputs(model):
+    """model -> 以契约的六个输入为 forward 参数的模块（见 SixInputs）。"""
+    return _adapter_class()(model)
 
 
 class OnnxModel:
@@ -393,6 +398,8 @@ def load_user_model(config: ServingConfig, catalog: Catalog, onnx_dst: str, log:
     log(f"[2/5] 模型：model.source={src}（{report['model']}）")
     model, config, report["features"] = apply_features(model, config, catalog, log)
     report["probe"] = probe_contract(model, contract)
+    if src != "onnx":
+        model = six_inputs(model)
     log(f"      契约探测通过：{[(r['batch'], r['seq_len']) for r in report['probe']]} 上输出的名字、dtype、形状与语义 ID 取值")
     if src != "onnx":
         check_exportable(model, contract, config)
