@@ -263,6 +263,10 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
     add_flops(report, flops, b.peak_tflops)
     report["files"] = write_report(report, out_dir)
     print(summary_table(report))
+    m = report["sla_mfu"]
+    print(f"模型 FLOPs：每请求 {flops / 1e9:.3g} GFLOP（{flops_method}）" + (
+        f"；SLA 点 {m['model_tflops_per_s']:.3g} TFLOP/s" + (f"，MFU {m['mfu']:.2%}" if m["mfu"] is not None else "")
+        if m["model_tflops_per_s"] is not None else "；不报告算力与 MFU"))
     print(f"报告：{report['files']['json']}\n      {report['files']['csv']}\n      {report['files']['png']}")
     return report
 
