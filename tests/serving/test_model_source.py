@@ -10,7 +10,7 @@ import torch
 from conftest import REPO_ROOT, TESTS_DIR, tiny_config
 
 from algorithm.errors import CatalogError, ModelContractError, ModelExportError
-from algorithm.models.catalog import synthetic_catalog
+from algorithm.models.catalog import load_catalog, synthetic_catalog
 from algorithm.models.config import UGTConfig
 from algorithm.serving.build import build
 from algorithm.serving.config import CatalogConfig, ExportConfig
@@ -89,7 +89,7 @@ def test_module_source_serves_what_the_model_returns(tmp_path):
     assert info["user_model"]["source"] == "module" and info["gates"]["passed"]
     flops = {int(k): v for k, v in info["user_model"]["flops_by_length"].items()}
     assert flops[64] > flops[1] > 0  # 卷积的 FLOPs 随长度增长
-    catalog = __import__("algorithm.models.catalog", fromlist=["load_catalog"]).load_catalog(result.catalog)
+    catalog = load_catalog(result.catalog)
     model = _load(EXAMPLE, "build").eval().attach_catalog(catalog.semantic_ids)
 
     def run(feeds):

@@ -81,7 +81,8 @@ def ensure_built(config: ServingConfig, log_fn=print) -> str:
     log_fn(f"没有与当前产物选项相符的构建：构建变体 {vdir}")
     shared = paths(config)["checkpoint"]
     # 同一模型与训练设置的检查点在变体之间共用（变体通常只差引擎或精度）
-    ck = config.checkpoint or (shared if os.path.isfile(shared) else "")
+    # 用户的模型（model.source != reference）只用它自己给的 checkpoint
+    ck = config.checkpoint or (shared if config.model.source == "reference" and os.path.isfile(shared) else "")
     vconfig = dataclasses.replace(config, build_dir=vdir, checkpoint=ck)
     build(vconfig, log=log_fn)
     with open(marker, "w") as f:
