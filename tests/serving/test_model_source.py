@@ -199,3 +199,24 @@ def test_bad_onnx_with_fixed_batch_is_refused(tmp_path):
     with pytest.raises(ModelContractError, match="encoder_l1_ids: 第 0 轴.*固定为 2.*动态 batch"):
         build(cfg, log=lambda s: None, gpus=[])
     _assert_nothing_left(build_dir)
+
+
+def test_checkpoint_is_a_state_dict_or_a_whole_module(tmp_path):
+    """checkpoint=：state_dict（weights_only=True）装进工厂的模型；整个保存的模块按 pickle 读，日志写明。"""
+    from algorithm.serving.model_source import load_module
+
+    trained = _load(FOREIGN, "bag")
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)  # 与工厂的初始权重不同
+    sd, whole = str(tmp_path / "sd.pt"), str(tmp_path / "whole.pt")
+    torch.save(trained.state_dict(), sd)
+    torch.save(trained, whole)
+    for path, says_pickle in ((sd, False), (whole, True)):
+        logs = []
+        cfg = _config(str(tmp_path / "b"), UGTConfig(name="bag", source="module", factory=f"{FOREIGN}:bag",
+                                                     codebook_sizes=SMALL), checkpoint=path)
+        model = load_module(cfg, logs.append)
+        for (name, a), b in zip(trained.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert any("weights_only=False" in s for s in logs) == says_pickle
