@@ -37,6 +37,18 @@ class AccuracyError(ValidationError):
     """数值或 top-k 集合与参考的差异超过阈值（门禁失败）。"""
 
 
+class ModelContractError(UGTServingError, ValueError):
+    """用户的模型不符合引擎契约：消息写明哪个输入或输出、期望与实际（名字、dtype、形状、丢了动态 batch / 长度）。"""
+
+
+class ModelExportError(UGTServingError, RuntimeError):
+    """用户的模型无法导出（torch.export 或加载 .pt2 / .onnx 失败）：消息带导出器自己的报错。"""
+
+
+class CatalogError(ConfigError):
+    """目录文件不合法（重复、越界、格式不符），或它的码本大小与模型的契约不一致。"""
+
+
 class ServerError(UGTServingError, RuntimeError):
     """Triton 服务器启动失败或未就绪。"""
 

@@ -19,11 +19,12 @@
 #   bash scripts/gpu_bench.sh soak       # 生产设置：SLA 搜索 1 次，再以其 70% 浸泡 10 分钟，再 2 倍过载 60 s（issue #15）
 #   bash scripts/gpu_bench.sh overload   # 默认的过载丢弃：SLA 搜索、c=64/128 闭环与 2 倍过载（OVERLOAD_S 秒，默认 60）
 #   bash scripts/gpu_bench.sh overload_timeout # 同上，对照以前的默认：不按容量丢弃、引擎排队超时 OVERLOAD_QT_US（默认 15000）
+#   bash scripts/gpu_bench.sh own_model  # 示例的“团队自己的模型”（examples/pooled_cnn，model.source=module）：torch 引擎 fp16 构建、门禁、压测 3 次
 # 一整轮超过 device 工具单次调用的 10 分钟：用 scripts/gpu_campaign.sh 在后台按序运行多个阶段。
 # 构建产物在 /tmp/gpubuild（不在带来的目录里，同一台机器热着时各阶段复用）。
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?用法：gpu_bench.sh setup|gputest|build|oldbuild|profile|profile_variants|int8|fp8|int8mm|profile_old|bench_old|bench_new|floor|sweep|sweep_mps|soak|overload|overload_timeout}
+STAGE=${1:?用法：gpu_bench.sh setup|gputest|build|oldbuild|profile|profile_variants|int8|fp8|int8mm|profile_old|bench_old|bench_new|floor|sweep|sweep_mps|soak|overload|overload_timeout|own_model}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 VENV=/tmp/ugtvenv
@@ -300,6 +301,19 @@ for p in (18000, 18001, 18002):
     PY=$PY TS=$UGT_TRITON_SITE OUT=$G timeout 240 bash $P/run.sh 2>&1 | tee "$OUT/floor_probe.log" || true
     pkill -f 'grpc-port=18001' 2>/dev/null || true   # 超时时 run.sh 在后台起的服务器还在
     cp $G/floor_server_*.log "$OUT/" 2>/dev/null || true
+    ;;
+  own_model)
+    # 团队自己的模型走 README 的同一组命令：准备目录与检查点（CPU 上的短训练），model=pooled_cnn（model.source=module）
+    # 用 torch 引擎 fp16 构建（门禁对照它自己的 fp32），再压测 3 次；MFU 的 FLOPs 来自 torch.utils.flop_counter
+    A=$G/own_assets
+    $PY examples/pooled_cnn/prepare.py --out $A 2>&1 | tee "$OUT/own_prepare.log"
+    OWN=(model=pooled_cnn checkpoint=$A/pooled_cnn.pt catalog.path=$A/catalog.npz engine=torch precision=fp16
+         "export.validation_shapes=[[1,5],[7,37],[16,256]]" server.startup_timeout_s=900)
+    $PY scripts/build.py "${OWN[@]}" "${TRITON[@]}" build_dir=$G/own 2>&1 | tee "$OUT/own_build.log"
+    cp $G/own/model_repository/build_info.json "$OUT/own_build_info.json"
+    $PY scripts/benchmark.py "${OWN[@]}" "${TRITON[@]}" build_dir=$G/own "${BENCH[@]}" benchmark.repeats=3 \
+        benchmark.output_dir=$G/bench_own ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/own_bench.log"
+    cp $G/bench_own/benchmark.json $G/bench_own/benchmark.csv $G/bench_own/benchmark.png "$OUT/" 2>/dev/null || true
     ;;
   *) echo "未知阶段 $STAGE" >&2; exit 2 ;;
 esac

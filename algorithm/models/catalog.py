@@ -16,13 +16,9 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from algorithm.errors import ConfigError
+from algorithm.errors import CatalogError  # noqa: F401  (定义在 algorithm/errors.py，这里照旧可导入)
 
 FORMAT_KEYS = ("item_ids", "semantic_ids", "codebook_sizes")
-
-
-class CatalogError(ConfigError):
-    """目录文件不合法（重复、越界、格式不符）。"""
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,22 @@ from algorithm.interfaces import DEFAULT_CODEBOOK_SIZES, DEFAULT_NUM_TOKEN_TYPES
 from algorithm.errors import ConfigError
 
 
+# 模型从哪里来：reference = 本包的参考 UGT（按下面的结构参数构建、训练）；module = 用户的 Python 工厂函数
+# （factory）+ 可选检查点；exported = torch.export 的 .pt2（path）；onnx = 已导出的 .onnx（path，只给 onnxruntime / tensorrt 引擎）
+MODEL_SOURCES = ("reference", "module", "exported", "onnx")
+
+
 @dataclass
 class UGTConfig:
-    """TIGER 风格 encoder-decoder 的结构参数；默认值即 ugt_tiny（CI 用，CPU 上几秒）。"""
+    """模型：来源（source）与契约（codebook_sizes、max_seq_length、num_token_types、top_k）对任何模型都有效；
+    d_model 等结构参数与 beam_width 只属于参考模型（source=reference），默认值即 ugt_tiny（CI 用，CPU 上几秒）。"""
 
     name: str = "ugt_tiny"
+    source: str = "reference"
+    # source=module：PACKAGE.MODULE:FUNCTION 或 path/to/file.py:FUNCTION，无参函数，返回 nn.Module
+    factory: str = ""
+    # source=exported / onnx：.pt2 / .onnx 文件
+    path: str = ""
     d_model: int = 64
     num_heads: int = 4
     num_encoder_layers: int = 2
@@ -27,15 +38,29 @@ class UGTConfig:
     top_k: int = DEFAULT_TOP_K
 
     def __post_init__(self) -> None:
-        for f in ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers",
-                  "dim_feedforward", "max_seq_length", "num_token_types", "beam_width", "top_k"):
+        if self.source not in MODEL_SOURCES:
+            raise ConfigError(f"model.source = {self.source!r} 不合法；可选 {list(MODEL_SOURCES)}")
+        if self.source == "module" and ":" not in self.factory:
+            raise ConfigError(f"model.source=module 需要 model.factory=PACKAGE.MODULE:FUNCTION 或 path/to/file.py:FUNCTION，"
+                              f"得到 {self.factory!r}")
+        if self.source in ("exported", "onnx") and not self.path:
+            raise ConfigError(f"model.source={self.source} 需要 model.path=<{'.pt2' if self.source == 'exported' else '.onnx'} 文件>")
+        if not self.name or not all(c.isalnum() or c in "_-." for c in self.name):
+            raise ConfigError(f"model.name 只能含字母、数字、'_'、'-'、'.'，得到 {self.name!r}")
+        for f in ("max_seq_length", "num_token_types", "top_k"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"model.{f} 应为正整数，得到 {v!r}")
+        if len(self.codebook_sizes) != 3 or min(self.codebook_sizes) < 1:
+            raise ConfigError(f"model.codebook_sizes 应为三个正整数，得到 {list(self.codebook_sizes)}")
+        if self.source != "reference":
+            return  # 结构参数只属于参考模型：用户的模型由它自己的代码决定
+        for f in ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers", "dim_feedforward", "beam_width"):
             v = getattr(self, f)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"model.{f} 应为正整数，得到 {v!r}")
         if self.d_model % self.num_heads:
             raise ConfigError(f"model.d_model ({self.d_model}) 应能被 model.num_heads ({self.num_heads}) 整除")
-        if len(self.codebook_sizes) != 3 or min(self.codebook_sizes) < 1:
-            raise ConfigError(f"model.codebook_sizes 应为三个正整数，得到 {list(self.codebook_sizes)}")
         if self.top_k > self.beam_width:
             raise ConfigError(f"model.top_k ({self.top_k}) 不能大于 model.beam_width ({self.beam_width})")
         if self.beam_width > self.codebook_sizes[0]:

@@ -1,5 +1,7 @@
-"""一次构建：目录 -> 检查点 -> ONNX（验证）-> 引擎产物（按 engine / precision）-> 精度门禁 -> 仓库。
+"""一次构建：目录 -> 检查点 / 用户的模型 -> ONNX（验证）-> 引擎产物（按 engine / precision）-> 精度门禁 -> 仓库。
 
+模型来源见 model_source.py：reference（参考模型，缺检查点时短时训练）或用户的 module / exported / onnx。
+用户的模型先在临时目录里构建，全部成功才移进 build_dir：被拒的模型不在 build_dir 留下半成品。
 每个阶段都有进度输出，并把报告写进 build_info.json。
 """
 from __future__ import annotations
@@ -7,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
-from algorithm.errors import ConfigError
+from algorithm.errors import CatalogError, ConfigError
 from algorithm.models.catalog import Catalog, load_catalog, synthetic_catalog
 from algorithm.serving.config import ServingConfig
 
@@ -47,16 +51,19 @@ def paths(config: ServingConfig) -> Dict[str, str]:
             "repository": os.path.join(b, "model_repository")}
 
 
-def ensure_catalog(config: ServingConfig, log: Log = print) -> Catalog:
-    """目录：配置了 path 就加载（校验），否则生成带种子的合成目录并保存到 build 目录。"""
+def ensure_catalog(config: ServingConfig, log: Log = print, save: bool = True) -> Catalog:
+    """目录：配置了 path 就加载（校验），否则生成带种子的合成目录；save 时保存到 build 目录。"""
     p = paths(config)
     if config.catalog.path:
         catalog = load_catalog(config.catalog.path)
         if tuple(catalog.codebook_sizes) != tuple(config.model.codebook_sizes):
-            raise ConfigError(f"目录 {config.catalog.path} 的码本大小 {catalog.codebook_sizes} 与模型 "
-                              f"{tuple(config.model.codebook_sizes)} 不一致")
+            raise CatalogError(f"目录 {config.catalog.path} 的码本大小 {list(catalog.codebook_sizes)} 与模型的契约 "
+                               f"model.codebook_sizes={list(config.model.codebook_sizes)} 不一致")
     else:
         catalog = synthetic_catalog(config.catalog.num_items, config.model.codebook_sizes, config.catalog.seed)
+    if not save:
+        log(f"[1/5] 目录：{len(catalog)} 个物品，码本 {list(catalog.codebook_sizes)} 与模型的契约一致")
+        return catalog
     catalog.save(p["catalog"])
     log(f"[1/5] 目录：{len(catalog)} 个物品 -> {p['catalog']}")
     return catalog
@@ -104,24 +111,82 @@ def _prepare_for_export(model, catalog: Catalog, config: ServingConfig):
 
 def build(config: ServingConfig, log: Log = print, gpus: Optional[List[int]] = None) -> BuildResult:
     """完整构建；返回各产物路径与报告。"""
-    from algorithm.serving.engines import build_engine_artifact, engine_module, resolve_auto
+    from algorithm.serving.engines import resolve_auto
+
+    asked = config.engine.kind
+    if config.model.source == "onnx" and asked == "auto":
+        # ONNX 来源没有 PyTorch 模型，auto 在 GPU 上会选的 torch 引擎用不了
+        config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, kind="onnxruntime",
+                                                                        pack_rows=False))
+    config = resolve_auto(config)
+    if config.model.source != "reference":
+        return _staged(config, lambda staged: _build(staged, asked, log, gpus))
+    return _build(config, asked, log, gpus)
+
+
+def _staged(config: ServingConfig, run: Callable[[ServingConfig], BuildResult]) -> BuildResult:
+    """在 build_dir 旁的临时目录里构建，成功后把产物逐项移进 build_dir；失败时删掉临时目录，build_dir 不动。"""
+    final = os.path.abspath(config.build_dir)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}-staging-", dir=parent)
+    engine = config.engine
+    if engine.kind == "torch" and not engine.compile_cache_dir:  # 写进 config.pbtxt 的路径要是最终的
+        engine = dataclasses.replace(engine, compile_cache_dir=os.path.join(final, "compile_cache"))
+    try:
+        result = run(dataclasses.replace(config, build_dir=tmp, engine=engine))
+        os.makedirs(final, exist_ok=True)
+        for name in os.listdir(tmp):
+            src, dst = os.path.join(tmp, name), os.path.join(final, name)
+            if os.path.isdir(dst) and not os.path.islink(dst):
+                old = tempfile.mkdtemp(prefix=".old-", dir=final)
+                os.rename(dst, os.path.join(old, name))
+                os.rename(src, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(src, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def moved(path: str) -> str:
+        return os.path.join(final, os.path.relpath(path, tmp)) if path.startswith(tmp + os.sep) else path
+
+    return dataclasses.replace(result, repository=moved(result.repository), catalog=moved(result.catalog),
+                               checkpoint=moved(result.checkpoint), onnx=moved(result.onnx),
+                               engine_artifact=moved(result.engine_artifact))
+
+
+def _build(config: ServingConfig, asked: str, log: Log, gpus: Optional[List[int]]) -> BuildResult:
+    from algorithm.serving.engines import build_engine_artifact, engine_module
     from algorithm.serving.export_onnx import export_to_onnx
     from algorithm.serving.repository import build_repository
 
-    asked = config.engine.kind
-    config = resolve_auto(config)
     t0 = time.time()
     p = paths(config)
-    os.makedirs(p["build"], exist_ok=True)
-    catalog = ensure_catalog(config, log)
-    model, meta = ensure_checkpoint(config, catalog, log)
-    if not engine_module(config.engine.kind).NEEDS_ONNX:
+    user = None
+    if config.model.source == "reference":
+        os.makedirs(p["build"], exist_ok=True)
+        catalog = ensure_catalog(config, log)
+        model, meta = ensure_checkpoint(config, catalog, log)
+    else:
+        from algorithm.serving.model_source import load_user_model
+
+        catalog = ensure_catalog(config, log, save=False)  # 码本不符在加载模型之前就停
+        user = load_user_model(config, catalog, p["onnx"], log)
+        model, config, meta = user.model, user.config, {"user_model": user.report}
+        os.makedirs(p["build"], exist_ok=True)
+        catalog.save(p["catalog"])
+    if user is not None and user.onnx_path:
+        log(f"[3/5] ONNX：用 model.path 的图（按契约修补后 {p['onnx']}），不重新导出")
+        export_report = {"source": "model.path", "onnx": config.model.path}
+    elif not engine_module(config.engine.kind).NEEDS_ONNX:
         # 例如 torch 引擎的产物是 torch.export 的 .pt2（门禁检查它）；ONNX 只给 onnxruntime / TensorRT 用
         log(f"[3/5] 导出 ONNX：engine={config.engine.kind} 不需要，跳过")
         export_report = {"skipped": f"engine.kind={config.engine.kind}"}
     else:
         log(f"[3/5] 导出 ONNX 并在多个形状上验证：{config.export.checked_shapes()}")
-        export_to_onnx(model, p["onnx"], config.export, tie_tolerance=config.gates.tie_tolerance)
+        export_to_onnx(model, p["onnx"], config.export, tie_tolerance=config.gates.tie_tolerance,
+                       contract=None if user is None else config.contract())
         with open(p["onnx"] + ".report.json") as f:
             export_report = json.load(f)
         log("      " + _export_line(export_report))
@@ -134,11 +199,15 @@ def build(config: ServingConfig, log: Log = print, gpus: Optional[List[int]] = N
     extra = [artifact + ".data"] if os.path.exists(artifact + ".data") else []
     info = {"config": dataclasses.asdict(config), "checkpoint_meta": meta, "export": export_report,
             **engine_reports}
+    if user is not None:
+        info["user_model"] = user.report
     log(f"[5/5] 生成 ensemble 仓库（{config.export.model_name}）")
     repo = build_repository(config, p["repository"], artifact, p["catalog"], gpus=gpus,
                             info=info, extra_engine_files=extra)
     log(f"构建完成（{time.time() - t0:.0f}s）")
-    return BuildResult(repo, p["catalog"], p["checkpoint"], p["onnx"], artifact, reports=engine_reports)
+    ck = p["checkpoint"] if config.model.source == "reference" or config.checkpoint else "（无：model.source=" \
+        + config.model.source + "）"
+    return BuildResult(repo, p["catalog"], ck, p["onnx"], artifact, reports=engine_reports)
 
 
 def _export_line(report: Dict[str, Any]) -> str:

@@ -502,7 +502,8 @@ class ServingConfig:
             lengths = default_lengths(b.length_median, b.length_sigma, limit, 100_000, b.seed)
             return [int(x) for x in plan_seq_buckets(lengths, self.engine.seq_bucket_plan, limit,
                                                      self.engine.seq_bucket_align,
-                                                     cost=model_cost(self.model, self.export.decoder_kv_cache))]
+                                                     **({"cost": model_cost(self.model, self.export.decoder_kv_cache)}
+                                                        if self.model.source == "reference" else {}))]
         return sorted({b for b in self.engine.seq_buckets if b < limit} | {limit})
 
     def batch_buckets(self) -> List[int]:

@@ -107,7 +107,8 @@ def test_hydra_validation_runs_on_compose():
 def test_presets_come_from_the_hydra_model_group(name):
     cfg = to_serving_config(_compose([f"model={name}"]))
     assert cfg.model == preset(name)
-    assert preset_names() == ["ugt_base", "ugt_tiny"] and preset("ugt_tiny") == UGTConfig()  # dataclass 默认即 ugt_tiny
+    assert preset_names() == ["pooled_cnn", "ugt_base", "ugt_tiny"] and preset("ugt_tiny") == UGTConfig()  # dataclass 默认即 ugt_tiny
+    assert preset("pooled_cnn").source == "module"  # 示例的用户模型：只有来源与契约
 
 
 def test_triton_presets_compose_and_keys_still_override_them():

@@ -82,7 +82,8 @@ def ensure_built(config: ServingConfig, log_fn=print) -> str:
     log_fn(f"没有与当前产物选项相符的构建：构建变体 {vdir}")
     shared = paths(config)["checkpoint"]
     # 同一模型与训练设置的检查点在变体之间共用（变体通常只差引擎或精度）
-    ck = config.checkpoint or (shared if os.path.isfile(shared) else "")
+    # 用户的模型（model.source != reference）只用它自己给的 checkpoint
+    ck = config.checkpoint or (shared if config.model.source == "reference" and os.path.isfile(shared) else "")
     vconfig = dataclasses.replace(config, build_dir=vdir, checkpoint=ck)
     build(vconfig, log=log_fn)
     with open(marker, "w") as f:
@@ -111,10 +112,28 @@ def repository_for_run(config: ServingConfig, out_dir: str, built_repo: str) -> 
                             extra_engine_files=extra, include_floor=True)
 
 
+def model_flops(config: ServingConfig, built_repo: str, lengths: np.ndarray):
+    """每请求的平均 FLOPs 与算法。参考模型：与 flops_per_request 相同的公式（测试对照），按引擎实际的解码方式计；
+    用户的模型：构建时 torch.utils.flop_counter 在几个长度上数的值（build_info.json），按长度线性插值；
+    ONNX 来源没有可数的 PyTorch 模型：0（不报告 MFU）。"""
+    from algorithm.serving.bucket_plan import model_cost
+
+    if config.model.source == "reference":
+        return (float(np.mean(model_cost(config.model, config.export.decoder_kv_cache)(lengths))),
+                "参考模型的 FLOPs 公式（algorithm.models.ugt.flops_per_request）")
+    with open(os.path.join(built_repo, "build_info.json")) as f:
+        user = json.load(f).get("user_model", {})
+    table = user.get("flops_by_length") or {}
+    if not table:
+        return 0.0, user.get("flops_method", "无")
+    xs = np.array(sorted(int(k) for k in table), dtype=np.float64)
+    ys = np.array([table[str(int(x))] for x in xs], dtype=np.float64)
+    return float(np.mean(np.interp(lengths, xs, ys))), user["flops_method"]
+
+
 def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[str] = ()) -> Dict[str, Any]:
     from tqdm import tqdm
 
-    from algorithm.serving.bucket_plan import model_cost
     from algorithm.serving.bench import trace as trace_mod
     from algorithm.serving.server import EmbeddedTritonServer
     from algorithm.serving.triton_config import ENGINE, FLOOR, POSTPROCESS, PREPROCESS, packs_engine_inputs
@@ -128,13 +147,13 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
     built = ensure_built(config)
     repo = repository_for_run(config, out_dir, built)
     lengths = sample_lengths(b, 4096, config.export.max_seq_length, b.seed)
-    # 与 flops_per_request 相同（测试对照），向量化；按引擎实际的解码方式计
-    flops = float(np.mean(model_cost(config.model, config.export.decoder_kv_cache)(lengths)))
+    flops, flops_method = model_flops(config, built, lengths)
     contract = config.contract()
     meta = {"overrides": list(overrides), "engine": config.engine.kind, "precision": config.export.precision,
             "model_preset": config.model.name, "triton": dataclasses.asdict(config.triton),
             "engine_config": dataclasses.asdict(config.engine), "built_repository": built,
-            "model_flops_per_request": flops, "mean_history_length": float(lengths.mean()),
+            "model_flops_per_request": flops, "model_flops_method": flops_method,
+            "mean_history_length": float(lengths.mean()),
             "shedding": shedding.describe(config, hosted=packs_engine_inputs(config))}
     contract_kwargs = {"max_seq_length": contract.max_seq_length, "codebook_sizes": list(contract.codebook_sizes),
                        "num_token_types": contract.num_token_types, "top_k": contract.top_k}
@@ -247,6 +266,10 @@ def benchmark_from_config(config: ServingConfig, out_dir: str, overrides: List[s
     add_flops(report, flops, b.peak_tflops)
     report["files"] = write_report(report, out_dir)
     print(summary_table(report))
+    m = report["sla_mfu"]
+    print(f"模型 FLOPs：每请求 {flops / 1e9:.3g} GFLOP（{flops_method}）" + (
+        f"；SLA 点 {m['model_tflops_per_s']:.3g} TFLOP/s" + (f"，MFU {m['mfu']:.2%}" if m["mfu"] is not None else "")
+        if m["model_tflops_per_s"] is not None else "；不报告算力与 MFU"))
     print(f"报告：{report['files']['json']}\n      {report['files']['csv']}\n      {report['files']['png']}")
     return report
 
@@ -313,7 +336,7 @@ def _add_overhead(report: Dict[str, Any]) -> None:
 def add_flops(report: Dict[str, Any], flops_per_request: float, peak_tflops: float) -> None:
     """模型 FLOPs/请求 x 吞吐 = 实际算力；给了峰值就再除以峰值得 MFU（SLA 点中位数与离线引擎各一份）。"""
     def mfu(throughput: Optional[float]) -> Dict[str, Optional[float]]:
-        if throughput is None:
+        if throughput is None or not flops_per_request:  # 没有可数的 FLOPs（ONNX 来源）
             return {"model_tflops_per_s": None, "mfu": None}
         t = throughput * flops_per_request / 1e12
         return {"model_tflops_per_s": t, "mfu": t / peak_tflops if peak_tflops else None}

@@ -76,7 +76,7 @@ def build_engine_artifact(config: ServingConfig, model, catalog: Catalog, onnx_p
     reference = model
     on_gpu = config.engine.kind == "tensorrt" or (getattr(runner, "device", None) is not None
                                                   and runner.device.type == "cuda")
-    if on_gpu:
+    if on_gpu and any(True for _ in model.parameters()):  # ONNX 来源的参考（OnnxModel）没有参数，留在 CPU
         reference = copy.deepcopy(model).to("cuda")  # fp32 参考放在同一块 GPU 上（更快，仍是 fp32）
     log(f"      门禁：{config.gates.num_samples} 条采样历史，对比 fp32 PyTorch")
     reports: Dict[str, Any] = dict(built.reports)

@@ -192,19 +192,22 @@ def export_torch_program(model, path: str, config: ServingConfig) -> str:
     if precision not in DTYPES:
         raise ConfigError(f"torch 引擎支持 export.precision=fp32 / fp16 / int8 / fp8，得到 {precision!r}")
     return export_program(model, path, precision, config.export.max_batch_size, config.export.max_seq_length,
-                          packed=config.engine.pack_rows)
+                          packed=config.engine.pack_rows, contract=config.contract())
 
 
-def export_program(model, path: str, precision: str, max_batch: int, max_seq: int, packed: bool = False) -> str:
+def export_program(model, path: str, precision: str, max_batch: int, max_seq: int, packed: bool = False,
+                   contract=None) -> str:
     """把 model 按 precision（DTYPES 的键）做 torch.export（batch <= max_batch、seq_len <= max_seq 动态）并存成 .pt2。
     packed：导出拼行的程序（UGTModel.forward_packed，7 个输入；运行器按输入个数认出它，见 runtime/engines/torch.py）。
-    构建与剖析（python -m algorithm.serving.profile 按 int8 底本重新导出）共用。示例输入放在模型所在的设备上。"""
+    构建与剖析（python -m algorithm.serving.profile 按 int8 底本重新导出）共用。示例输入放在模型所在的设备上。
+    contract 缺省时取参考模型的 model.cfg.contract()；用户的模型由构建传入配置的契约。"""
     import torch
 
     m = copy.deepcopy(model).eval().to(getattr(torch, DTYPES[precision]))
     # 掩码与前缀树缓冲区保持原类型（bool / 整数），只有浮点参数变精度
-    device = next(m.parameters()).device
-    contract = model.cfg.contract()
+    params = list(m.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    contract = contract or model.cfg.contract()
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
     seq = torch.export.Dim("seq_len", min=1, max=max(2, max_seq))
     if packed:
