@@ -311,8 +311,9 @@ for p in (18000, 18001, 18002):
          "export.validation_shapes=[[1,5],[7,37],[16,256]]" server.startup_timeout_s=900)
     $PY scripts/build.py "${OWN[@]}" "${TRITON[@]}" build_dir=$G/own 2>&1 | tee "$OUT/own_build.log"
     cp $G/own/model_repository/build_info.json "$OUT/own_build_info.json"
+    # 精简的一轮（SLA 搜索与 c=8/64，不测地板与追踪），3 次重复：几分钟的 GPU 时间
     $PY scripts/benchmark.py "${OWN[@]}" "${TRITON[@]}" build_dir=$G/own "${BENCH[@]}" benchmark.repeats=3 \
-        benchmark.output_dir=$G/bench_own ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/own_bench.log"
+        "benchmark.concurrency=[8,64]" benchmark.floor=false benchmark.trace_rate=0 benchmark.output_dir=$G/bench_own ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/own_bench.log"
     cp $G/bench_own/benchmark.json $G/bench_own/benchmark.csv $G/bench_own/benchmark.png "$OUT/" 2>/dev/null || true
     ;;
   *) echo "未知阶段 $STAGE" >&2; exit 2 ;;
