@@ -41,6 +41,9 @@ RATE_ALPHA = 0.2
 RATE_FRESH_S = 30.0
 ARRIVAL_FRESH_S = 1.0
 ARRIVAL_WINDOW_S = 0.02  # 前处理每隔这么久把这段时间接受的个数折成速度
+# 接受速度按时间加权平均（时间常数）：闭环里请求成批到达（一批做完、几十个客户端同时发下一个），短窗口的速度是平均的
+# 好几倍；要几个 execute 周期（CPU 上一批 64 个约 150 ms）平均下来，闭环的到达才不超过处理速度
+ARRIVAL_TAU_S = 1.0
 MIN_FRESH_S = 0.05
 ENGINE_FACTOR = 1.0
 PREFIX = "ugt-shed-"
@@ -165,9 +168,11 @@ class SharedLoad:
         self.rows[slot, WAIT_MS] = wait_ms
         self.rows[slot, T_PUB] = now
 
-    def publish_arrival(self, slot: int, now: float, arrival: float) -> None:
+    def publish_arrival(self, slot: int, now: float, arrival: float, dt: float) -> None:
+        """dt 秒窗口里的接受速度并进时间加权平均：窗口越长权重越大（空闲的长窗口与成批到达的短窗口按时长计）。"""
         row = self.rows[slot]
-        row[ARRIVAL] = arrival if row[T_PUB] <= 0 else (1 - RATE_ALPHA) * row[ARRIVAL] + RATE_ALPHA * arrival
+        a = 1.0 - float(np.exp(-dt / ARRIVAL_TAU_S))
+        row[ARRIVAL] = arrival if row[T_PUB] <= 0 else (1 - a) * row[ARRIVAL] + a * arrival
         row[T_PUB] = now
 
     def publish_rate(self, slot: int, requests: int, execute_ms: float) -> None:
@@ -197,7 +202,7 @@ class Admission:
             self._admitted += n
         dt = now - self._window_start
         if dt >= ARRIVAL_WINDOW_S:
-            self.shared.publish_arrival(self.slot, now, self._admitted / (dt * 1e3))
+            self.shared.publish_arrival(self.slot, now, self._admitted / (dt * 1e3), dt)
             self._window_start, self._admitted = now, 0
         if hit is None:
             return None

@@ -59,13 +59,35 @@ def test_overload_is_judged_on_the_tail_and_expires(tmp_path):
     now = time.monotonic()
     s.publish_wait(eng, now, 80.0)
     assert s.overloaded(now) is None  # 队头等 80 ms，接受的速度不比处理快：不过载
-    s.publish_arrival(pre, now, 2.0)  # 接受得比处理快一倍：队尾约 160 ms
+    s.publish_arrival(pre, now, 2.0, dt=0.02)  # 接受得比处理快一倍：队尾约 160 ms
     wait, limit = s.overloaded(now)
     assert limit == pytest.approx(100.0) and wait == pytest.approx(160.0)
     s.publish_wait(eng, now, 150.0)
-    s.publish_arrival(pre, now, 0.0)
+    s.publish_arrival(pre, now, 0.0, dt=0.02)
     assert s.overloaded(now) is not None
     assert s.overloaded(now + 0.2) is None  # 读数比上限（100 ms）还旧：引擎空着或卸载了，不再拒绝
+
+
+def test_bursty_closed_loop_arrivals_average_out_but_sustained_overload_shows(tmp_path):
+    """闭环的到达成批（CPU 上每 150 ms 里 20 ms 到 64 个）：按时长加权的平均接近真实的平均速度，不把一阵到达当成过载
+    （以前按窗口个数平均，估计是平均的好几倍，64 个闭环客户端里有请求被拒）；持续 2 倍的到达 2 s 内显出来。"""
+    s = shedding.SharedLoad(str(tmp_path / "s"), target_ms=30.0, depth=128)
+    pre = s.claim("preprocess-1")
+    t, mean = 100.0, 64 / 150.0  # 每毫秒的请求数
+    s.publish_arrival(pre, t, mean, dt=1.0)
+    peak = 0.0
+    for _ in range(40):  # 6 s
+        t += 0.02
+        s.publish_arrival(pre, t, 64 / 20.0, dt=0.02)
+        peak = max(peak, float(s.rows[pre, shedding.ARRIVAL]))
+        t += 0.13
+        s.publish_arrival(pre, t, 0.0, dt=0.13)
+    assert peak < 1.4 * mean, (peak, mean)
+    for _ in range(100):  # 持续 2 倍、2 s
+        t += 0.02
+        s.publish_arrival(pre, t, 2 * mean, dt=0.02)
+    assert float(s.rows[pre, shedding.ARRIVAL]) > 1.7 * mean
+
 
 
 def test_packed_input_carries_the_handoff_time(rng):
