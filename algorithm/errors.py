@@ -74,3 +74,7 @@ class OverloadError(UGTServingError, RuntimeError):
 
 class InternalError(UGTServingError, RuntimeError):
     """本工具自身的 bug：请附带消息报告。"""
+
+
+class EngineOutputError(InternalError):
+    """引擎给出的输出不符合契约（形状、dtype）：服务端的故障，客户端收到 INTERNAL，不是它的输入错了。"""

@@ -13,7 +13,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from algorithm.errors import InternalError, OverloadError
+from algorithm.errors import EngineOutputError, InternalError, OverloadError
 from algorithm.interfaces import (ITEM_IDS_OUTPUT, POST_IN_REC, POST_IN_SCORES, SCORES_OUTPUT, SEMANTIC_IDS_OUTPUT,
                                   UNKNOWN_COUNT_OUTPUT, ContractError)
 from algorithm.models.catalog import load_catalog
@@ -67,7 +67,7 @@ class PostprocessModel:
         for i, req in enumerate(requests):
             rec, sc = req.get(POST_IN_REC), req.get(POST_IN_SCORES)
             if rec is None or sc is None or rec.ndim != 3 or rec.shape[-1] != 3 or sc.shape != rec.shape[:2]:
-                results[i] = ValueError(f"引擎输出形状不符：{POST_IN_REC} "
+                results[i] = EngineOutputError(f"引擎输出形状不符：{POST_IN_REC} "
                                         f"{None if rec is None else list(rec.shape)}，{POST_IN_SCORES} "
                                         f"{None if sc is None else list(sc.shape)}")
                 continue

@@ -10,6 +10,7 @@ from typing import Tuple
 
 import numpy as np
 
+from algorithm.errors import EngineOutputError
 from algorithm.models.catalog import Catalog
 
 FILL_ITEM = -1
@@ -28,7 +29,7 @@ class Postprocessor:
         rec = np.asarray(recommendations, dtype=np.int64)
         sc = np.asarray(scores, dtype=np.float32)
         if rec.ndim != 3 or rec.shape[-1] != 3 or sc.shape != rec.shape[:2]:
-            raise ValueError(f"引擎输出形状不符：recommendations {list(rec.shape)}，scores {list(sc.shape)}")
+            raise EngineOutputError(f"引擎输出形状不符：recommendations {list(rec.shape)}，scores {list(sc.shape)}")
         b, k = sc.shape
         items, found = self.catalog.lookup_codes(rec)
         # 按分数降序（引擎已降序；这里不信任、再稳定排序一次）

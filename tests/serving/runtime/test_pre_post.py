@@ -73,3 +73,13 @@ def test_postprocess_drops_invalid_and_duplicates_and_fills():
     assert items[0].tolist() == [CAT.item_ids[0], CAT.item_ids[1], FILL_ITEM, FILL_ITEM]
     assert sc[0, :2].tolist() == [-1.0, -2.0] and np.isneginf(sc[0, 2:]).all()
     assert (sem[0, 2:] == -1).all()
+
+
+def test_engine_output_of_wrong_shape_is_a_server_fault():
+    """引擎的输出形状不符是服务端的故障：客户端收到 INTERNAL，而不是“你的输入错了”。"""
+    from algorithm.errors import EngineOutputError
+    from algorithm.serving.runtime.models import serving_error_code
+
+    with pytest.raises(EngineOutputError, match="引擎输出形状不符") as err:
+        Postprocessor(CAT, top_k=4)(np.zeros((1, 4, 2), np.int64), np.zeros((1, 4), np.float32))
+    assert serving_error_code(err.value) == "INTERNAL"
