@@ -2,13 +2,15 @@
 
 每个选项只在这里声明一次（含默认值）；conf/ 下的 YAML 组只做选择与覆盖，
 scripts/ 下的 Hydra 应用直接使用这些类。ExportConfig / TritonConfig 保留用户请求里的字段与默认值。
+决定构建产物的选项用 artifact_field 声明（字段的 metadata）；artifact_paths 由此得出，压测的构建变体按它判断要不要重建。
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from algorithm.errors import ConfigError
 from algorithm.interfaces import EngineContract
@@ -35,22 +37,48 @@ def _positive(section: str, name: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{section}.{name} 应为{'非负' if allow_zero else '正'}数，得到 {value!r}")
 
 
+ARTIFACT = "artifact"  # 字段 metadata 的键：True，或 (ServingConfig) -> bool 的条件
+
+
+def artifact_field(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+                   when: Optional[Callable[["ServingConfig"], bool]] = None) -> Any:
+    """决定构建产物的选项（引擎文件、ONNX、TensorRT 计划、目录、检查点或门禁的判定）：改了必须重新构建。
+    标在嵌套的 dataclass 上 = 整棵子树；when 给出时只在这个条件下决定产物（其余时候只影响服务或压测）。"""
+    return field(default=default, default_factory=default_factory, metadata={ARTIFACT: when or True})
+
+
+def _planned_buckets(c: "ServingConfig") -> bool:
+    """规划长度桶时，桶（从而 TensorRT 的 profile、fp8 的逐层计划）由压测的长度分布得出。"""
+    return c.engine.seq_bucket_plan > 0
+
+
+def _lengths_in_artifact(c: "ServingConfig") -> bool:
+    """长度分布进产物：规划长度桶时，或 int8 的校准历史按它采样时（onnxruntime / TensorRT 的静态 int8）。"""
+    return _planned_buckets(c) or c.export.precision == "int8"
+
+
+def _fp8(c: "ServingConfig") -> bool:
+    """fp8 的逐层计划按各桶的行数计时选择，写进 .pt2：这时桶决定产物，其余精度下桶只在加载时捕获。"""
+    return c.export.precision == "fp8"
+
+
 @dataclass
 class ExportConfig:
     """导出与引擎构建（用户请求中的字段与默认值）。"""
 
+    # 模型名与延迟目标只进仓库与服务（压测时按当前配置重新生成仓库），不是产物选项
     model_name: str = "ugt_recommend"
-    precision: str = "fp16"  # fp32 / fp16 / int8 / fp8
-    max_batch_size: int = 64
-    max_seq_length: int = 1024
+    precision: str = artifact_field("fp16")  # fp32 / fp16 / int8 / fp8
+    max_batch_size: int = artifact_field(64)
+    max_seq_length: int = artifact_field(1024)
     target_latency_ms: float = 30.0
-    opset_version: int = 18
+    opset_version: int = artifact_field(18)
     # 导出验证：在这些 (batch, seq_len) 上与 PyTorch 对比；空列表 = 自动选取
-    # （batch 1、奇数 batch + 奇数长度、max_batch_size x max_seq_length）
-    validation_shapes: List[List[int]] = field(default_factory=list)
+    # （batch 1、奇数 batch + 奇数长度、max_batch_size x max_seq_length）。是构建的检查，所以也算产物选项
+    validation_shapes: List[List[int]] = artifact_field(default_factory=list)
     # 解码器自注意力的 KV 缓存（UGTModel.decoder_kv_cache）：每步只算新位置，与重算前缀数学上相同、解码器行数约为 2/5
     # （c=64 +12 %，benchmarks/h100-2026-11-28/machine1）；false 是重算前缀的对照（同一检查点，只改导出的计算图）
-    decoder_kv_cache: bool = True
+    decoder_kv_cache: bool = artifact_field(True)
 
     def __post_init__(self) -> None:
         _choice("export", "precision", self.precision, PRECISIONS)
@@ -141,20 +169,23 @@ class EngineConfig:
     """引擎：onnxruntime（CPU，内嵌默认）| torch（PyTorch 编译，GPU）| tensorrt（生产）| auto（构建时按机器选
     torch 或 onnxruntime；Hydra 的默认组，所以 GPU 机器上 `scripts/build.py precision=int8` 得到 torch 的 int8）。"""
 
-    kind: str = "onnxruntime"
-    device: str = "auto"  # auto / cpu / cuda
+    kind: str = artifact_field("onnxruntime")
+    # 产物选项：torch 引擎 int8 的 .pt2 底本按设备定（GPU bf16、CPU fp32），门禁也在这个设备上跑
+    device: str = artifact_field("auto")  # auto / cpu / cuda
     # true：在 NVIDIA 的 Triton 容器里用原生平台托管（onnxruntime_onnx / tensorrt_plan）；
     # false：python backend 运行器（内嵌服务器只有 python backend）。tensorrt 总是原生托管。
+    # 只改仓库里的托管方式（同一个引擎文件），不是产物选项
     native: bool = False
     num_threads: int = 0  # onnxruntime 每个实例的线程数；0 = onnxruntime 默认
     # torch 引擎：torch.compile 模式（none = eager；编译用 dynamic=True 只做一次）与 CUDA Graph 桶
     # （动态批处理形成的 batch 与长度向上取整到桶）。朴素基线：compile_mode=none cuda_graphs=false
+    # 编译、图与桶都在服务进程加载时做（runtime_spec），不是产物选项；只有 fp8 的逐层计划按桶计时（_fp8）
     compile_mode: str = "default"
     cuda_graphs: bool = True
     # 最小桶为 2 而不是 1：dynamic=True 编译会把大小为 1 的维度特化，batch 1 会触发第二次完整编译。
     # 有 4：SLA 点每次 execute 约 3 个请求，没有 4 时补到 8（benchmarks/h100-2026-11-25-run2 的引擎指标）
-    batch_buckets: List[int] = field(default_factory=lambda: [2, 4, 8, 16, 32, 64])
-    seq_buckets: List[int] = field(default_factory=lambda: [128, 256, 512, 1024])
+    batch_buckets: List[int] = artifact_field(default_factory=lambda: [2, 4, 8, 16, 32, 64], when=_fp8)
+    seq_buckets: List[int] = artifact_field(default_factory=lambda: [128, 256, 512, 1024], when=_fp8)
     compile_cache_dir: str = ""  # 空 = <build_dir>/compile_cache
     # 一次 execute 的请求按长度分组；true 时按各桶实测的重放时间，在相邻组“合并后填充更多但少一次启动”
     # 更便宜时合并（runtime/batching.plan_groups）。只对有 CUDA Graph 计时的 torch 引擎起作用
@@ -167,26 +198,27 @@ class EngineConfig:
     # 长度桶的行（行内块对角掩码），一次启动、一张 CUDA Graph，不再按长度分组填充。只对 engine=torch 有效，改它要重新导出。
     # Hydra 的 engine=torch / auto 组开它（c=64 +63 %，benchmarks/h100-2026-11-28/machine2）；auto 选了 onnxruntime 时关掉
     # （engines.resolve_auto）。这里的 false 是 Python API 的默认（引擎默认 onnxruntime）
-    pack_rows: bool = False
+    pack_rows: bool = artifact_field(False)
     # torch 引擎的 int8（torchao，服务时在加载的模块上量化，见 runtime/engines/torch_int8.py）：
     # dynamic = 按行动态 int8 激活 + 按通道 int8 权重；weight_only = 只量化权重。打分头与嵌入不量化。
     # auto：GPU 上 weight_only（两种都比 fp16 慢，约 0.6 / 0.15 倍，benchmarks/h100-2026-11-27/machine4、machine6），
-    # CPU 上 dynamic（engines/torch.int8_modes）
-    int8_mode: str = "auto"
+    # CPU 上 dynamic（engines/torch.int8_modes）。量化在加载时做，但门禁验的是这一种量化，所以算产物选项
+    int8_mode: str = artifact_field("auto")
     # GPU 上 int8 的编译方式（代替 compile_mode）：none = eager + CUDA Graph；torch.compile 量化后的模块
     # 几分钟内编不完（benchmarks/h100-2026-11-27/machine2），测过、能用的是 none
     gpu_int8_compile_mode: str = "none"
     # torch 引擎的 fp8（runtime/engines/torch_fp8.py）：.pt2 的底本精度（bf16：按行缩放的 _scaled_mm 测过的输出类型；
     # fp16 的输出没有测过）与 GPU 上的编译方式（none = eager + CUDA Graph，量化的层走 Triton 的按行量化 + _scaled_mm）
-    fp8_base: str = "bf16"
+    fp8_base: str = artifact_field("bf16")
     gpu_fp8_compile_mode: str = "none"
     # 8 位的逐层选择（engines/layer_choice.py）：timed = 构建时在本设备上按各桶实际的行数计时，只量化 8 位更快的层
     # （每层从某个行数起）；all = 所有可量化的层都量化（对照与测试用）
-    fp8_layers: str = "timed"
+    fp8_layers: str = artifact_field("timed")
     # 计时选择的门槛：8 位至少快这么多倍才用（低于它的差别在计时噪声里，量化还多一份权重的显存）
-    layer_choice_min_speedup: float = 1.05
+    layer_choice_min_speedup: float = artifact_field(1.05)
     # 构建后的速度检查（speed_check.py）：8 位引擎（int8 / fp8）与同一模型的 fp16 引擎在同一设备上比离线吞吐，
-    # 比值写进 build_info.json 与日志。auto = 只在 GPU 上的 torch 引擎做（CPU 上记下跳过的原因），on / off 强制
+    # 比值写进 build_info.json 与日志。auto = 只在 GPU 上的 torch 引擎做（CPU 上记下跳过的原因），on / off 强制。
+    # 只是报告（不改引擎、不拦构建），不是产物选项
     speed_check: str = "auto"
     speed_check_batches: List[int] = field(default_factory=lambda: [8, 16, 64])
     speed_check_repeats: int = 5
@@ -194,17 +226,17 @@ class EngineConfig:
     # 使期望的填充后计算量最小（bucket_plan.plan_seq_buckets，最后一个桶为 export.max_seq_length），代替 seq_buckets；
     # engine=tensorrt 时 TensorRT 的优化 profile 也由它得出（每个桶一个，opt 长度 = 桶长，optimize_trt.trt_profiles），
     # 代替 trt_seq_splits；这时 opt_seq_length 只决定 int8 校准用哪个 profile
-    seq_bucket_plan: int = 0
-    seq_bucket_align: int = 16
-    # tensorrt
-    workspace_gb: float = 4.0
-    fp32_layers: bool = True  # softmax / layernorm / 打分路径保持 fp32
-    opt_batch_size: int = 32
-    opt_seq_length: int = 128
+    seq_bucket_plan: int = artifact_field(0)
+    seq_bucket_align: int = artifact_field(16)
+    # tensorrt：以下都进计划文件（工作区大小也影响 TensorRT 选的内核）
+    workspace_gb: float = artifact_field(4.0)
+    fp32_layers: bool = artifact_field(True)  # softmax / layernorm / 打分路径保持 fp32
+    opt_batch_size: int = artifact_field(32)
+    opt_seq_length: int = artifact_field(128)
     # 按长度切分优化 profile：[1, 256] 与 [257, max_seq_length] 各一个（长尾分布里短历史居多，内核按各段的 opt 调优）；
     # seq_bucket_plan > 0 时不用（profile 跟着规划的桶走）
-    trt_seq_splits: List[int] = field(default_factory=lambda: [256])
-    calibration_batches: int = 16
+    trt_seq_splits: List[int] = artifact_field(default_factory=lambda: [256])
+    calibration_batches: int = artifact_field(16)  # int8 校准（onnxruntime 与 TensorRT）
 
     def __post_init__(self) -> None:
         _choice("engine", "kind", self.kind, ENGINES)
@@ -248,13 +280,13 @@ class EngineConfig:
 class CatalogConfig:
     """物品目录：item id <-> 唯一语义 ID 三元组。path 为空时生成带种子的合成目录。"""
 
-    path: str = ""
-    num_items: int = 20_000
-    seed: int = 0
-    # 未知物品 id（不在目录中、或为负）的处理：skip = 跳过并计数；error = 拒绝请求
+    path: str = artifact_field("")
+    num_items: int = artifact_field(20_000)
+    seed: int = artifact_field(0)
+    # 未知物品 id（不在目录中、或为负）的处理：skip = 跳过并计数；error = 拒绝请求（前处理在服务时做，不是产物选项）
     unknown_item_policy: str = "skip"
     # 受目录约束的 beam search（前缀树掩码进引擎）：只生成目录里存在的物品
-    constrained_decoding: bool = True
+    constrained_decoding: bool = artifact_field(True)
 
     def __post_init__(self) -> None:
         _positive("catalog", "num_items", self.num_items)
@@ -359,10 +391,11 @@ class BenchmarkConfig:
     target: str = "ensemble"  # ensemble（原始历史）| engine（六个输入直接发给引擎）
     protocol: str = "grpc"
     num_requests: int = 2000
-    seed: int = 0
-    # 历史长度：对数正态，中位数 length_median，形状 length_sigma，截断到 [1, max_seq_length]
-    length_median: float = 100.0
-    length_sigma: float = 1.0
+    seed: int = artifact_field(0, when=_planned_buckets)  # 规划长度桶时也用这个种子抽长度
+    # 历史长度：对数正态，中位数 length_median，形状 length_sigma，截断到 [1, max_seq_length]。
+    # 门禁与 int8 校准的历史、规划的长度桶也按它采样：int8 或规划长度桶时是产物选项（其余时候门禁的采样不算）
+    length_median: float = artifact_field(100.0, when=_lengths_in_artifact)
+    length_sigma: float = artifact_field(1.0, when=_lengths_in_artifact)
     # 开环：每个速率持续 duration_s 秒；rates 为空则只做 SLA 搜索
     rates: List[float] = field(default_factory=list)
     duration_s: float = 5.0
@@ -451,18 +484,19 @@ class BenchmarkConfig:
 class ServingConfig:
     """顶层配置：一次构建/服务/压测所需的一切。跨节的约束在这里校验。"""
 
-    model: UGTConfig = field(default_factory=UGTConfig)
+    # 整节都是产物选项的：model、train（检查点）、gates（构建的判定：换了门槛，旧构建没有按它检查过）
+    model: UGTConfig = artifact_field(default_factory=UGTConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     triton: TritonConfig = field(default_factory=TritonConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    gates: GateConfig = field(default_factory=GateConfig)
+    train: TrainConfig = artifact_field(default_factory=TrainConfig)
+    gates: GateConfig = artifact_field(default_factory=GateConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     build_dir: str = "build"
-    checkpoint: str = ""  # 空 = <build_dir>/checkpoints/<model.name>.pt（不存在时生成参考检查点）
-    seed: int = 0
+    checkpoint: str = artifact_field("")  # 空 = <build_dir>/checkpoints/<model.name>.pt（不存在时生成参考检查点）
+    seed: int = artifact_field(0)
 
     def __post_init__(self) -> None:
         if self.export.max_seq_length > self.model.max_seq_length:
@@ -526,6 +560,43 @@ class ServingConfig:
             t = hints[f.name]
             kw[f.name] = t(**d[f.name]) if dataclasses.is_dataclass(t) else d[f.name]
         return cls(**kw)
+
+
+def _leaves(cls, prefix: str = "", when=None) -> List[Tuple[str, Any]]:
+    """cls 的全部叶子：(点分路径, 产物标记)；标记 None = 不是产物选项，True 或条件函数 = 是。
+    标在嵌套 dataclass 上的标记传给整棵子树。"""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        mark = when or f.metadata.get(ARTIFACT)
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            out += _leaves(t, f"{prefix}{f.name}.", mark)
+        else:
+            out.append((prefix + f.name, mark))
+    return out
+
+
+def leaf_paths(cls=None) -> Tuple[str, ...]:
+    """配置的全部叶子选项（点分路径）。"""
+    return tuple(p for p, _ in _leaves(cls or ServingConfig))
+
+
+def artifact_paths(cls=None, config: Optional["ServingConfig"] = None) -> Tuple[str, ...]:
+    """声明为产物选项的叶子（点分路径）。给了 config 时只列在它上面起作用的（带条件的按 config 判断）。"""
+    cls = cls or (type(config) if config is not None else ServingConfig)
+    return tuple(p for p, mark in _leaves(cls) if mark and (config is None or mark is True or mark(config)))
+
+
+def artifact_values(config: "ServingConfig") -> Dict[str, Any]:
+    """config 上起作用的产物选项及其值（构建变体的键）。"""
+    out = {}
+    for path in artifact_paths(config=config):
+        v: Any = config
+        for k in path.split("."):
+            v = getattr(v, k)
+        out[path] = copy.deepcopy(v)
+    return out
 
 
 def register_configs() -> None:
