@@ -2,7 +2,8 @@
 一个压测用的仓库（加上地板模型），启动内嵌服务器（开着追踪的输出文件），重复 benchmark.repeats 次整套测量，
 测引擎离线吞吐，写报告；multirun 时维护一张跨运行的汇总表。
 
-构建变体：决定引擎产物的选项（ARTIFACT_KEYS）变了就要重新构建。每个变体有自己的构建目录
+构建变体：决定引擎产物的选项变了就要重新构建。哪些是产物选项在 config.py 的字段上声明（artifact_field），
+ARTIFACT_KEYS 与变体的键都由声明得出。每个变体有自己的构建目录
 <build_dir>/variants/<名字>-<哈希>，存在且相符时复用；<build_dir>/model_repository 正好相符时也复用。
 所以 `python scripts/benchmark.py -m precision=fp32,int8` 会各构建一次（第二次起复用）、各测一次、写一张对比表。
 """
@@ -23,14 +24,14 @@ from algorithm.serving.bench.report import summary_table, write_report
 from algorithm.serving.bench.suite import Benchmark, headline, run_once, strip_private
 from algorithm.serving.bench.tail import fmt_spread
 from algorithm.serving.build import paths
-from algorithm.serving.config import ServingConfig
+from algorithm.serving.config import ServingConfig, artifact_paths, artifact_values
 from algorithm.serving.runtime import shedding
 from algorithm.serving.workload import sample_lengths
 
 log = logging.getLogger(__name__)
-# 决定引擎产物的配置（改了必须重新构建；triton.*、benchmark.* 等只需重建仓库的配置）
-ARTIFACT_KEYS = ("model", "engine.kind", "engine.native", "export.precision", "export.max_batch_size",
-                 "export.max_seq_length", "export.decoder_kv_cache", "engine.pack_rows", "catalog", "train", "checkpoint", "seed")
+# 声明为产物选项的全部叶子（改了必须重新构建；其余如 triton.*、server.* 只需重新生成仓库）。
+# 带条件的（如 benchmark.length_*）只在条件成立时进变体的键
+ARTIFACT_KEYS = artifact_paths()
 
 
 def _get(d: Dict[str, Any], dotted: str):
@@ -40,8 +41,8 @@ def _get(d: Dict[str, Any], dotted: str):
 
 
 def artifact_key(config: ServingConfig) -> Dict[str, Any]:
-    d = dataclasses.asdict(config)
-    return {k: _get(d, k) for k in ARTIFACT_KEYS}
+    """config 上起作用的产物选项 -> 值（点分路径为键）。"""
+    return artifact_values(config)
 
 
 def variant_dir(config: ServingConfig) -> str:
@@ -55,11 +56,13 @@ def _built_matches(repo: str, config: ServingConfig) -> bool:
     info = os.path.join(repo, "build_info.json")
     if not os.path.isfile(info):
         return False
-    with open(info) as f:
-        built = json.load(f).get("config", {})
+    # 旧的 build_info 里没有的产物选项算不相符（重建）；值经 JSON 比较（列表、元组一致）
+    want = json.loads(json.dumps(artifact_key(config), default=str))
     try:
-        return all(_get(built, k) == v for k, v in artifact_key(config).items())
-    except (KeyError, TypeError):
+        with open(info) as f:
+            built = json.load(f)["config"]
+        return all(_get(built, k) == v for k, v in want.items())
+    except (KeyError, TypeError, ValueError):
         return False
 
 
