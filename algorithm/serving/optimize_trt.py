@@ -24,6 +24,7 @@ import numpy as np
 
 from algorithm.serving.config import ExportConfig, ServingConfig
 from algorithm.errors import ConfigError, MissingDependencyError, UGTServingError
+from algorithm.serving.runtime.engines.base import EngineRunner
 
 log = logging.getLogger(__name__)
 Shape = Tuple[int, int]
@@ -356,10 +357,10 @@ def build_trt_engine(onnx_path: str, engine_path: str, config, catalog=None) -> 
     return engine_path
 
 
-class TensorRTRunner:
+class TensorRTRunner(EngineRunner):
     """在本进程里运行计划文件（用于构建时的精度门禁；服务时由 Triton 的 tensorrt_plan 平台原生托管）。
 
-    每批按形状选一个 profile（covering_profile），输入输出用 PyTorch 的 CUDA 张量。
+    每批按形状选一个 profile（covering_profile），输入输出用 PyTorch 的 CUDA 张量；同步运行。
     """
 
     def __init__(self, plan_path: str, contract, profiles: Sequence[Profile]):
@@ -403,6 +404,11 @@ class TensorRTRunner:
         self.stream.synchronize()
         rec, scores = (outs[n] for n in self.contract.output_names)
         return rec.cpu().numpy().astype(np.int64), scores.float().cpu().numpy()
+
+    def compute(self, staged):
+        t0 = time.perf_counter()
+        outs = [self.run(s.feeds) for s in staged]
+        return outs, {"device_ms": (time.perf_counter() - t0) * 1e3, "copy_back_ms": 0.0}
 
 
 __all__ = ["TensorRTRunner", "build_trt_engine", "trt_profiles", "covering_profile", "calibration_profile", "calibration_batches", "CalibratorLogic",

@@ -102,8 +102,9 @@ def baseline_runner(config: ServingConfig, model, engine_dir: str, device: str):
     e = config.engine
     path = export_program(model, os.path.join(engine_dir, "speed_check", f"{config.model.name}.{precision}.pt2"),
                           precision, config.export.max_batch_size, config.export.max_seq_length, packed=e.pack_rows)
-    runner = TorchRunner(path, config.contract(), device, 0, e.compile_mode, e.cuda_graphs, config.batch_buckets(),
-                         config.seq_buckets(), compile_cache_dir(config))
+    runner = TorchRunner.load(path, config.contract(), device, 0, compile_mode=e.compile_mode, cuda_graphs=e.cuda_graphs,
+                              batch_buckets=config.batch_buckets(), seq_buckets=config.seq_buckets(),
+                              cache_dir=compile_cache_dir(config))
     return runner, precision
 
 

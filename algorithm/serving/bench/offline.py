@@ -114,7 +114,7 @@ def offline_engine_throughput(repository: str, batch_sizes: Sequence[int], cfg: 
                        "launches": float(np.median([s.get("groups", 0) for s in stats]))}
     out["grouped"] = _grouped(eng, feeds, batch_sizes, repeats)
     out["pipelined"] = pipelined(eng, feeds, batch_sizes, repeats)
-    runner = eng.runner
-    if hasattr(runner, "bucket_seconds"):
-        out["bucket_seconds"] = runner.bucket_seconds()
+    bucket_seconds = eng.runner.bucket_seconds()
+    if bucket_seconds:  # 有桶的运行器（torch 的 CUDA Graph）
+        out["bucket_seconds"] = bucket_seconds
     return out

@@ -49,9 +49,9 @@ def build(config: ServingConfig, model, catalog: Catalog, onnx_path: str, engine
 
         plan, extra["layer_choice"] = plan_fp8(artifact, config, device, log)
         transform = fp8_transform(plan)
-    runner = TorchRunner(artifact, config.contract(), device, 0, compile_mode, e.cuda_graphs,
-                         config.batch_buckets(), config.seq_buckets(), compile_cache_dir(config),
-                         transform=transform)
+    runner = TorchRunner.load(artifact, config.contract(), device, 0, compile_mode=compile_mode,
+                              cuda_graphs=e.cuda_graphs, batch_buckets=config.batch_buckets(),
+                              seq_buckets=config.seq_buckets(), cache_dir=compile_cache_dir(config), transform=transform)
     return BuiltEngine(artifact, runner, reports={"torch_engine": {
         "load_seconds": runner.load_seconds, "capture_seconds": runner.capture_seconds,
         "cuda_graphs": len(runner.slots), "compile_mode": compile_mode, "int8_mode": int8_mode if int8 else None,

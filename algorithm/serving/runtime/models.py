@@ -19,6 +19,7 @@ from algorithm.interfaces import (ITEM_IDS_OUTPUT, POST_IN_REC, POST_IN_SCORES, 
 from algorithm.models.catalog import load_catalog
 from algorithm.serving.config import ServingConfig
 from algorithm.serving.runtime import batching, packed, rowpack, shedding
+from algorithm.serving.runtime.engines.base import EngineRunner
 from algorithm.serving.runtime.params import RuntimeSpec
 from algorithm.serving.runtime.postprocess import Postprocessor
 from algorithm.serving.runtime.preprocess import Preprocessor
@@ -107,7 +108,7 @@ class EngineModel:
     """引擎运行器：整批校验（越界 id 到不了设备）、按长度分组、写进暂存区、各组背靠背运行、按请求拆回。"""
 
     def __init__(self, model_dir: str, config: ServingConfig, spec: RuntimeSpec, device_id: int = 0,
-                 runner=None, lanes: int = 1, instance: str = "engine", shed: bool = False):
+                 runner: Optional[EngineRunner] = None, lanes: int = 1, instance: str = "engine", shed: bool = False):
         from algorithm.serving.runtime.engines import load_runner
 
         self.contract = config.contract()
@@ -163,7 +164,7 @@ class EngineModel:
 
     def submit(self, requests: Sequence[Mapping[str, np.ndarray]]) -> "_Ticket":
         """前一半：整批校验、分组（或拼行）、写暂存区、启动，不等 GPU。流水线（triton.engine_pipeline_depth，
-        runtime/glue.Pipeline）在这批还在 GPU 上时就返回去接下一批；运行器没有 launch_many 时在这里同步算完。"""
+        runtime/glue.Pipeline）在这批还在 GPU 上时就返回去接下一批；同步的运行器（EngineRunner.launch 的默认）在这里就算完。"""
         t0 = time.perf_counter()
         results: List[Result] = [None] * len(requests)  # type: ignore[list-item]
         if self.spec.pack_inputs:
@@ -180,30 +181,28 @@ class EngineModel:
         t = _Ticket(results, t0)
         if batch is None:
             return t
-        if getattr(self.runner, "packed", False):  # 拼行的 torch 程序（engine.pack_rows）：全部历史一组、一次启动
-            p, buf = self.runner.stage_packed(batch)
-            staged, padded = [buf], p.rows * p.width
+        if self.runner.packs_rows:  # 拼行的 torch 程序（engine.pack_rows）：全部历史一组、一次启动
+            p, st = self.runner.stage_packed(batch)
+            staged, padded = [st], p.rows * p.width
             splits = [rowpack.split(batch, p)]
         else:
             cost = self.runner.cost if self.spec.plan_groups else None
             groups = batching.plan_groups(batch, self.seq_buckets, self.contract.max_seq_length, cost)
             staged = []
-            padded = 0
-            for g in groups:  # 两组落到同一张图（不应发生）由运行器的 launch_many 拒绝
-                buf = self.runner.staging(g.rows, g.length)
-                batching.fill(batch, g, buf)
-                staged.append(buf)
-                shape = next(iter(buf.values())).shape
-                padded += shape[0] * shape[1]
+            for g in groups:  # 两组落到同一张图（不应发生）由运行器的 launch 拒绝
+                st = self.runner.staging(g.rows, g.length)
+                batching.fill(batch, g, st.feeds)
+                staged.append(st)
+            padded = sum(s.shape[0] * s.shape[1] for s in staged)
             splits = [batching.split_rows(batch, g) for g in groups]
         t.t_launch = time.perf_counter()
-        launch = getattr(self.runner, "launch_many", None)
+        t.runner = self.runner
         try:
-            t.pending = launch(staged) if launch is not None else self.runner.run_many(staged)
+            t.pending = self.runner.launch(staged)
         except Exception as e:  # 引擎失败：这些请求都得到错误，服务继续
             t.fail(batch, e)
             return t
-        t.batch, t.splits, t.groups, t.padded, t.waits = batch, splits, len(staged), padded, launch is not None
+        t.batch, t.splits, t.groups, t.padded = batch, splits, len(staged), padded
         return t
 
     def complete(self, t: "_Ticket") -> List[Result]:
@@ -212,7 +211,7 @@ class EngineModel:
             return t.results
         batch = t.batch
         try:
-            outs, timing = self.runner.finish(t.pending) if t.waits else t.pending
+            outs, timing = t.runner.finish(t.pending)
         except Exception as e:
             t.fail(batch, e)
             return t.results
@@ -243,9 +242,7 @@ class _Ticket:
         self.batch = None
         self.splits: list = []
         self.pending = None
-        # True：pending 是 launch_many 的结果，要 runner.finish；False：已是 run_many 的 (outs, timing)。记在票上而不在构造时
-        # 按运行器定一次：runner 是可换的属性（测试换成计时的替身），一批按它启动时的运行器取回
-        self.waits = False
+        self.runner = None  # 启动这批的运行器：由它取回（runner 是可换的属性，测试换成计时的替身）
         self.groups = self.padded = 0
         self.t_launch = t0
 

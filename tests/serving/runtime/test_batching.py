@@ -4,6 +4,7 @@ import numpy as np
 
 from algorithm.interfaces import ContractError, EngineContract
 from algorithm.serving.runtime import batching
+from algorithm.serving.runtime.engines.base import EngineRunner
 from algorithm.serving.runtime.models import EngineModel
 from algorithm.serving.runtime.packed import PACKED_INPUT, pack, unpack
 
@@ -79,21 +80,18 @@ def test_groups_by_length_and_merges_when_cheaper(rng):
     assert [g.length for g in apart] == [16, 32, 64]
 
 
-class CountingRunner:
+class CountingRunner(EngineRunner):
     """包一层 onnxruntime 运行器，记录每组的形状。"""
 
     def __init__(self, inner):
         self.inner, self.shapes = inner, []
         self.contract = inner.contract
 
-    def cost(self, rows, length):
-        return None
-
     def staging(self, rows, length):
         return self.inner.staging(rows, length)
 
-    def run_many(self, staged):
-        self.shapes += [f["encoder_mask"].shape for f in staged]
+    def compute(self, staged):
+        self.shapes += [s.shape for s in staged]
         return self.inner.run_many(staged)
 
 

@@ -11,6 +11,7 @@ from algorithm.errors import ConfigError
 from algorithm.serving.config import EngineConfig, TritonConfig
 from algorithm.serving.pipeline import InProcessPipeline
 from algorithm.serving.runtime import glue
+from algorithm.serving.runtime.engines.base import EngineRunner
 from conftest import tiny_config
 
 
@@ -102,13 +103,13 @@ def test_pipelined_answers_match_the_synchronous_execute_and_errors_stay_per_req
     assert reqs[2][1].sent[0][0].error is not None and reqs[2][0].sent[0][0].error is None
 
 
-class SlowRunner:
-    """包住真实的运行器：launch_many 立即算完（CPU），finish 等到“GPU 时间” gpu_s 之后；记下每批启动与取回的时刻。
+class SlowRunner(EngineRunner):
+    """包住真实的运行器：launch 立即算完（CPU），finish 等到“GPU 时间” gpu_s 之后；记下每批启动与取回的时刻。
     fail_on：第几次 launch 的那批在 finish 时失败（像 CUDA 出错）。"""
 
     def __init__(self, inner, gpu_s, fail_on=None):
         self.inner, self.gpu_s, self.fail_on = inner, gpu_s, fail_on
-        self.packed = False
+        self.contract = inner.contract
         self.launched, self.finished = [], []
         self.n = 0
         self.lock = threading.Lock()
@@ -119,7 +120,7 @@ class SlowRunner:
     def staging(self, rows, length):
         return self.inner.staging(rows, length)
 
-    def launch_many(self, staged):
+    def launch(self, staged):
         with self.lock:
             k = self.n
             self.n += 1

@@ -15,7 +15,8 @@ from algorithm.serving.engines import resolve_auto
 from algorithm.serving.engines.torch import export_torch_program
 from algorithm.serving.export_onnx import torch_reference
 from algorithm.serving.runtime import batching, rowpack
-from algorithm.serving.runtime.engines.torch import TorchRunner
+from algorithm.serving.runtime.engines.base import EngineRunner, Staged
+from algorithm.serving.runtime.engines.torch import GroupedTorchRunner, PackedTorchRunner, TorchRunner
 from algorithm.serving.runtime.models import EngineModel
 from algorithm.serving.triton_config import runtime_spec
 from conftest import tiny_config
@@ -85,12 +86,13 @@ def test_exported_packed_program_serves_like_grouped_runner(tiny, rng):
     """同一权重：拼行的 .pt2（TorchRunner 按输入个数认出）与按长度分组的 .pt2，经 EngineModel 的结果相同；坏请求单独失败。"""
     cfg, model, d = tiny
     contract = cfg.contract()
-    packed = TorchRunner(export_torch_program(model, str(d / "packed.pt2"), cfg), contract, "cpu", compile_mode="none",
-                         cuda_graphs=False)
+    packed = TorchRunner.load(export_torch_program(model, str(d / "packed.pt2"), cfg), contract, "cpu", compile_mode="none",
+                              cuda_graphs=False)
     plain_cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, pack_rows=False))
-    plain = TorchRunner(export_torch_program(model, str(d / "plain.pt2"), plain_cfg), contract, "cpu",
-                        compile_mode="none", cuda_graphs=False)
-    assert packed.packed and not plain.packed
+    plain = TorchRunner.load(export_torch_program(model, str(d / "plain.pt2"), plain_cfg), contract, "cpu",
+                             compile_mode="none", cuda_graphs=False)
+    assert isinstance(packed, PackedTorchRunner) and packed.packs_rows
+    assert isinstance(plain, GroupedTorchRunner) and not plain.packs_rows
     spec = dataclasses.replace(runtime_spec(cfg), pack_inputs=False)
     eng_packed = EngineModel("", cfg, spec, runner=packed)
     eng_plain = EngineModel("", cfg, spec, runner=plain)
@@ -117,24 +119,18 @@ def test_pack_rows_needs_the_torch_engine():
     assert got.pack_rows == (got.kind == "torch")
 
 
-class _FailingRunner:
-    """run_many 抛异常的运行器（拼行与分组两条路都经过它）：引擎失败时这批请求都得到错误，服务继续。"""
+class _FailingRunner(EngineRunner):
+    """计算时抛异常的运行器（拼行与分组两条路都经过它）：引擎失败时这批请求都得到错误，服务继续。"""
 
     def __init__(self, packed):
-        self.packed = packed
+        self.packs_rows = packed
         self.contract = tiny_config("/tmp/unused").contract()
 
     def stage_packed(self, batch):
         p = rowpack.plan(batch, (), self.contract.max_seq_length)
-        return p, rowpack.alloc(self.contract, p.rows, p.width, p.histories)
+        return p, Staged(rowpack.alloc(self.contract, p.rows, p.width, p.histories))
 
-    def staging(self, rows, length):
-        return {s.name: np.zeros((rows, length), s.dtype) for s in self.contract.inputs}
-
-    def cost(self, rows, length):
-        return None
-
-    def run_many(self, staged):
+    def compute(self, staged):
         raise RuntimeError("CUDA error: out of memory")
 
 

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from algorithm.errors import MissingDependencyError
 from algorithm.interfaces import EngineContract
-
-Outputs = Tuple[np.ndarray, np.ndarray]
+from algorithm.serving.runtime.engines.base import EngineRunner, Outputs, Staged, Timing
 
 
 def ort_session(onnx_path: str, num_threads: int = 0, providers: Optional[List[str]] = None):
@@ -28,25 +27,20 @@ def ort_session(onnx_path: str, num_threads: int = 0, providers: Optional[List[s
     return ort.InferenceSession(onnx_path, sess_options=opts, providers=providers or ["CPUExecutionProvider"])
 
 
-class OnnxRuntimeRunner:
-    """ONNX Runtime CPU 会话。没有桶：每组填充到组内最长者（与逐请求合并时的形状相同）。"""
+class OnnxRuntimeRunner(EngineRunner):
+    """ONNX Runtime CPU 会话。没有桶：每组填充到组内最长者（与逐请求合并时的形状相同），在 launch 里同步算完。"""
 
     def __init__(self, onnx_path: str, contract: EngineContract, num_threads: int = 0):
         self.contract = contract
         self.session = ort_session(onnx_path, num_threads)
         self.output_names = list(contract.output_names)
 
-    def cost(self, rows: int, length: int) -> Optional[float]:
-        return None
-
-    def staging(self, rows: int, length: int) -> Dict[str, np.ndarray]:
-        return {s.name: np.zeros((rows, length), dtype=s.dtype) for s in self.contract.inputs}
-
-    def run_many(self, staged: List[Dict[str, np.ndarray]]) -> Tuple[List[Outputs], Dict[str, float]]:
+    def compute(self, staged: List[Staged]) -> Tuple[List[Outputs], Timing]:
         t0 = time.perf_counter()
-        outs = [self.run(f) for f in staged]
+        outs = [self.run(s.feeds) for s in staged]
         return outs, {"device_ms": (time.perf_counter() - t0) * 1e3, "copy_back_ms": 0.0}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> Outputs:
+        """直接运行一批（没有桶，不必先拷进暂存区）。"""
         rec, scores = self.session.run(self.output_names, {n: feeds[n] for n in self.contract.input_names})
         return rec.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)

@@ -9,7 +9,7 @@ from algorithm.models.ugt import build_model
 from algorithm.serving.config import EngineConfig, ExportConfig
 from algorithm.serving.export_onnx import torch_reference
 from algorithm.serving.engines.torch import export_torch_program
-from algorithm.serving.runtime.engines.torch import TorchRunner
+from algorithm.serving.runtime.engines.torch import GroupedTorchRunner, PackedTorchRunner, TorchRunner
 from conftest import tiny_config
 
 
@@ -25,8 +25,8 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["none", pytest.param("default", marks=pytest.mark.slow)])
 def test_torch_engine_matches_fp32_reference_on_cpu(exported, mode):
     cfg, model, path = exported
-    runner = TorchRunner(path, cfg.model.contract(), "cpu", compile_mode=mode, cuda_graphs=False,
-                         cache_dir=str(cfg.build_dir) + "/cache")
+    runner = TorchRunner.load(path, cfg.model.contract(), "cpu", compile_mode=mode, cuda_graphs=False,
+                              cache_dir=str(cfg.build_dir) + "/cache")
     rng = np.random.default_rng(3)
     for b, n in ((3, 40), (1, 1), (6, 17)):  # 第二、三个形状不同：动态形状编译不应重编或出错
         feeds = cfg.model.contract().random_inputs(b, n, rng)
@@ -41,7 +41,7 @@ def test_fp16_export_runs_and_int8_is_a_serve_time_transform(exported, tmp_path)
     cfg16 = tiny_config(str(tmp_path), export=ExportConfig(precision="fp16", max_batch_size=16, max_seq_length=256),
                         engine=EngineConfig(kind="torch", device="cpu", compile_mode="none"))
     path = export_torch_program(model, str(tmp_path / "h.pt2"), cfg16)
-    runner = TorchRunner(path, cfg.model.contract(), "cpu", compile_mode="none", cuda_graphs=False)
+    runner = TorchRunner.load(path, cfg.model.contract(), "cpu", compile_mode="none", cuda_graphs=False)
     feeds = cfg.model.contract().random_inputs(2, 9, np.random.default_rng(0))
     rec, scores = runner.run(feeds)
     assert rec.shape == (2, 50, 3) and scores.dtype == np.float32 and np.isfinite(scores).all()
@@ -52,8 +52,8 @@ def test_fp16_export_runs_and_int8_is_a_serve_time_transform(exported, tmp_path)
     pytest.importorskip("torchao", reason="torch 引擎的 int8 需要 torchao")
     from algorithm.serving.runtime.engines.torch import int8_transform
 
-    runner8 = TorchRunner(path8, cfg.model.contract(), "cpu", compile_mode="none", cuda_graphs=False,
-                          transform=int8_transform("dynamic"))
+    runner8 = TorchRunner.load(path8, cfg.model.contract(), "cpu", compile_mode="none", cuda_graphs=False,
+                               transform=int8_transform("dynamic"))
     rec8, scores8 = runner8.run(feeds)
     assert rec8.shape == (2, 50, 3) and np.isfinite(scores8).all()
 
@@ -62,9 +62,9 @@ def test_fp16_export_runs_and_int8_is_a_serve_time_transform(exported, tmp_path)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="需要 CUDA GPU")
 def test_cuda_graph_buckets_match_eager_on_gpu(exported):
     cfg, model, path = exported
-    runner = TorchRunner(path, cfg.model.contract(), "cuda", compile_mode="none", cuda_graphs=True,
-                         batch_buckets=[2, 8], seq_buckets=[64, 256])
-    assert len(runner.slots) == 4
+    runner = TorchRunner.load(path, cfg.model.contract(), "cuda", compile_mode="none", cuda_graphs=True,
+                              batch_buckets=[2, 8], seq_buckets=[64, 256])
+    assert isinstance(runner, GroupedTorchRunner) and len(runner.slots) == 4
     feeds = cfg.model.contract().random_inputs(3, 50, np.random.default_rng(1))
     rec, scores = runner.run(feeds)
     ref = torch_reference(model, feeds, cfg.model.contract())
@@ -80,8 +80,8 @@ def test_length_groups_of_one_execute_match_eager_on_gpu(exported, group_streams
     共用捕获流的图共用 cuBLAS 工作区，同时重放会互相踩（H100 上服务器因此卡死过）。"""
     cfg, model, path = exported
     contract = cfg.model.contract()
-    runner = TorchRunner(path, contract, "cuda", compile_mode="none", cuda_graphs=True,
-                         batch_buckets=[2, 8, 16], seq_buckets=[64, 256], group_streams=group_streams)
+    runner = TorchRunner.load(path, contract, "cuda", compile_mode="none", cuda_graphs=True,
+                              batch_buckets=[2, 8, 16], seq_buckets=[64, 256], group_streams=group_streams)
     assert runner.group_streams == group_streams
     if group_streams:
         assert len({id(s) for s in runner._capture_streams.values()}) == 2
@@ -99,10 +99,10 @@ def stage_groups(runner, contract, feeds):
     staged = []
     for f in feeds:
         b, n = f["encoder_mask"].shape
-        buf = runner.staging(b, n)
+        st = runner.staging(b, n)
         for name in contract.input_names:
-            buf[name][:b, :n] = f[name]
-        staged.append(buf)
+            st.feeds[name][:b, :n] = f[name]
+        staged.append(st)
     return staged
 
 
@@ -128,18 +128,19 @@ def test_packed_rows_graphs_match_reference_on_gpu(exported, tmp_path):
     contract = cfg.model.contract()
     cfgp = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, pack_rows=True))
     path = export_torch_program(model, str(tmp_path / "packed.pt2"), cfgp)
-    runner = TorchRunner(path, contract, "cuda", compile_mode="none", cuda_graphs=True,
-                         batch_buckets=[2, 8, 16], seq_buckets=[64, 256])
-    assert runner.packed and len(runner.slots) == 2 * 6  # 每个宽：行数 <= 历史数的 6 种 (行数桶, 历史数桶)
+    runner = TorchRunner.load(path, contract, "cuda", compile_mode="none", cuda_graphs=True,
+                              batch_buckets=[2, 8, 16], seq_buckets=[64, 256])
+    assert isinstance(runner, PackedTorchRunner) and runner.packs_rows
+    assert len(runner.slots) == 2 * 6  # 每个宽：行数 <= 历史数的 6 种 (行数桶, 历史数桶)
     rng = np.random.default_rng(9)
     for i in range(6):
         shapes = ((1, 30), (2, 200), (1, 5)) if i % 2 == 0 else ((4, 60), (1, 250), (3, 17), (1, 64))
         reqs = [contract.random_inputs(b, n, rng) for b, n in shapes]
         batch, errors = batching.collect(reqs, contract)
         assert not errors
-        p, buf = runner.stage_packed(batch)
-        assert buf is runner.slots[(round_up(p.rows, [2, 8, 16]), round_up(p.histories, [2, 8, 16]), 256)].host_in
-        outs, timing = runner.run_many([buf])
+        p, st = runner.stage_packed(batch)
+        assert st.feeds is runner.slots[(round_up(p.rows, [2, 8, 16]), round_up(p.histories, [2, 8, 16]), 256)].host_in
+        outs, timing = runner.run_many([st])
         rec, scores = outs[0]
         assert timing["device_ms"] > 0 and p.width == 256
         for j, start, n in rowpack.split(batch, p):
@@ -156,13 +157,13 @@ def test_two_batches_in_flight_on_the_same_buckets_keep_their_own_buffers_on_gpu
     两套页锁定暂存区 / 输出区互不覆盖，两批各自等于参考。lanes=1 时同样的顺序会让第二批覆盖第一批的暂存区（这里不测）。"""
     cfg, model, path = exported
     contract = cfg.model.contract()
-    runner = TorchRunner(path, contract, "cuda", compile_mode="none", cuda_graphs=True,
-                         batch_buckets=[2, 8, 16], seq_buckets=[64, 256], group_streams=group_streams, lanes=2)
+    runner = TorchRunner.load(path, contract, "cuda", compile_mode="none", cuda_graphs=True,
+                              batch_buckets=[2, 8, 16], seq_buckets=[64, 256], group_streams=group_streams, lanes=2)
     rng = np.random.default_rng(13)
     for _ in range(4):
         batches = [[contract.random_inputs(b, n, rng) for b, n in ((5, 30), (2, 200))] for _ in range(2)]
         # 两批都启动了再取：第二批的暂存与启动发生在第一批的 GPU 工作之后、finish 之前
-        pending = [runner.launch_many(stage_groups(runner, contract, feeds)) for feeds in batches]
+        pending = [runner.launch(stage_groups(runner, contract, feeds)) for feeds in batches]
         for feeds, p in zip(batches, pending):
             outs, timing = runner.finish(p)
             assert timing["device_ms"] > 0 and timing["gap_ms"] >= 0  # 同一流上上一批的结束到这一批的开始
@@ -170,4 +171,4 @@ def test_two_batches_in_flight_on_the_same_buckets_keep_their_own_buffers_on_gpu
     # 同一次 execute 的两组落到同一张图（各拿到一套暂存区，按暂存区看不出来）：运行器拒绝，而不是给出错的结果
     same = stage_groups(runner, contract, [contract.random_inputs(3, 30, rng), contract.random_inputs(4, 40, rng)])
     with pytest.raises(InternalError, match="同一张图"):
-        runner.launch_many(same)
+        runner.launch(same)

@@ -217,9 +217,9 @@ def test_plan_is_stored_in_the_pt2_and_applied_to_the_loaded_program(tmp_path):
     assert report["buckets_run"] == 4 and report["quantizer"] == "eager"
 
     spec = type("Spec", (), {"precision": "fp8", "int8_mode": "auto"})()
-    runner = TorchRunner(path, cfg.contract(), "cpu", compile_mode="none", transform=_spec_transform(path, spec))
+    runner = TorchRunner.load(path, cfg.contract(), "cpu", compile_mode="none", transform=_spec_transform(path, spec))
     assert f8.quantized_layers(runner.module) == chosen
-    ref = TorchRunner(ref_path, cfg.contract(), "cpu", compile_mode="none")
+    ref = TorchRunner.load(ref_path, cfg.contract(), "cpu", compile_mode="none")
     feeds = cfg.contract().random_inputs(4, 32, np.random.default_rng(1), lengths=np.array([32, 20, 9, 1]))
     (rec, scores), (rrec, rscores) = runner.run(feeds), ref.run(feeds)
     assert rec.shape == rrec.shape and np.isfinite(scores).all()
