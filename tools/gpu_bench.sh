@@ -5,7 +5,7 @@
 #   bash tools/gpu_bench.sh gputest    # pytest -m gpu（.carry/test 的 pytest wheel）：CUDA Graph、各长度组同时重放等与参考一致
 #   bash tools/gpu_bench.sh build      # ugt_base / torch 引擎 / fp16：训练、torch.export、编译 + CUDA Graph、门禁
 #   bash tools/gpu_bench.sh oldbuild   # 旧的服务路径（.carry/old.tar.xz = make_carry.sh 的 UGT_OLD_COMMIT）用同一检查点构建
-#   bash tools/gpu_bench.sh profile    # 引擎剖析（scripts/engine_profile.py，不含 int8）；PROFILE_ARGS 追加参数
+#   bash tools/gpu_bench.sh profile    # 引擎剖析（python -m algorithm.serving.profile，不含 int8）；PROFILE_ARGS 追加参数
 #   bash tools/gpu_bench.sh profile_variants # 同样剖析 sweep 按产物选项构建的变体（$G/new/variants/*）
 #   bash tools/gpu_bench.sh int8       # int8 两种方式各一个限时的进程（只测 fp16 与 int8 的离线吞吐与门禁）
 #   bash tools/gpu_bench.sh fp8        # 同一次运行：ugt_base 按 fp16、fp8、int8（FP8_PRECISIONS）各构建一次（门禁、fp8 的逐层选择与速度检查），
@@ -66,7 +66,7 @@ reliability() {
 
 # 剖析一个仓库（不含 int8，它在 int8 阶段各方式各自限时）：profile_repo 仓库 名字 [限时秒数]，报告在 $G/名字，日志 $OUT/名字.log
 profile_repo() {
-  timeout "${3:-240}" $PY scripts/engine_profile.py --repo "$1" --out "$G/$2" --no-int8 \
+  timeout "${3:-240}" $PY -m algorithm.serving.profile --repo "$1" --out "$G/$2" --no-int8 \
       ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/$2.log" || true
 }
 
@@ -183,7 +183,7 @@ PYEOF
       [ -n "${INT8_COMPILE_MODE:-}" ] && CM=(--compile-mode "$INT8_COMPILE_MODE")
       [ -n "${INT8_BASE:-}" ] && CM+=(--int8-base "$INT8_BASE")
       rc=0
-      TORCH_LOGS=recompiles timeout -k 10 ${INT8_TIMEOUT:-240} $PY scripts/engine_profile.py --repo "$REPO" \
+      TORCH_LOGS=recompiles timeout -k 10 ${INT8_TIMEOUT:-240} $PY -m algorithm.serving.profile --repo "$REPO" \
           --out $G/profile_int8_$m${INT8_COMPILE_MODE:+_$INT8_COMPILE_MODE} --only throughput,int8 --int8-modes $m \
           --batches ${INT8_BATCHES:-16,64} ${CM[@]+"${CM[@]}"} --budget-s $(( ${INT8_TIMEOUT:-240} - 10 )) 2>&1 | tee "$OUT/profile_int8_$m.log" || rc=$?
       echo "int8 $m：退出码 $rc（124 = 超时）" | tee -a "$OUT/profile_int8_$m.log"
