@@ -8,11 +8,11 @@ import json
 import os
 import sys
 
-import _common  # noqa: F401
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from algorithm.serving.cli import setup_logging
 from algorithm.serving.config import register_configs, to_serving_config
 from algorithm.serving.errors import UGTServingError
 
@@ -21,7 +21,7 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    _common.setup_logging()
+    setup_logging()
     from algorithm.serving.bench.app import benchmark_from_config
 
     hc = HydraConfig.get()

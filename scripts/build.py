@@ -6,10 +6,10 @@
 """
 import sys
 
-import _common  # noqa: F401  (把仓库根目录加入 sys.path)
 import hydra
 from omegaconf import DictConfig
 
+from algorithm.serving.cli import setup_logging
 from algorithm.serving.config import register_configs, to_serving_config
 from algorithm.serving.errors import UGTServingError
 
@@ -18,7 +18,7 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    _common.setup_logging()
+    setup_logging()
     from algorithm.serving.build import build
 
     try:

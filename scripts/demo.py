@@ -4,11 +4,11 @@
 """
 import sys
 
-import _common  # noqa: F401
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from algorithm.serving.cli import setup_logging
 from algorithm.serving.config import register_configs, to_serving_config
 from algorithm.serving.errors import UGTServingError
 
@@ -17,7 +17,7 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    _common.setup_logging()
+    setup_logging()
     from algorithm.models.catalog import load_catalog
     from algorithm.models.train import SyntheticSequences
     from algorithm.serving.build import build

@@ -21,8 +21,6 @@ import json
 import sys
 from typing import Optional, Sequence
 
-import _common  # noqa: F401
-
 from algorithm.errors import RolloutError, UGTServingError
 from algorithm.serving import rollout as ro
 from algorithm.serving.build import paths

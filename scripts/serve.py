@@ -9,10 +9,10 @@ import signal
 import sys
 import threading
 
-import _common  # noqa: F401
 import hydra
 from omegaconf import DictConfig
 
+from algorithm.serving.cli import setup_logging
 from algorithm.serving.config import register_configs, to_serving_config
 from algorithm.serving.errors import UGTServingError
 
@@ -21,7 +21,7 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    _common.setup_logging()
+    setup_logging()
     from algorithm.serving.build import paths
     from algorithm.serving.server import EmbeddedTritonServer
 

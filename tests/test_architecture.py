@@ -91,3 +91,12 @@ def test_the_checker_sees_function_level_imports():
     g = graph()
     assert "algorithm.serving.engines" in g["algorithm.serving.build"]  # build() 里的 import
     assert "algorithm.serving.runtime.engines.torch_int8" in g["algorithm.serving.runtime.engines.torch"]
+
+
+def test_only_the_profiler_imports_the_profiler():
+    """剖析（serving/profile）在最上层：它用构建、运行器与压测的模块，包里别的模块都不导入它。"""
+    g = graph()
+    assert "algorithm.serving.runtime.buckets" in g["algorithm.serving.profile.throughput"]  # 检查器看得到剖析的模块
+    bad = {m: sorted(d for d in deps if d.startswith("algorithm.serving.profile"))
+           for m, deps in g.items() if not m.startswith("algorithm.serving.profile")}
+    assert not {m: d for m, d in bad.items() if d}, bad

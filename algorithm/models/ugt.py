@@ -313,7 +313,7 @@ class UGTModel(nn.Module):
 
     def forward(self, encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, encoder_positions,
                 encoder_token_types, encoder_mask):
-        # scripts/engine_profile.py 的 staged_forward 按同样的顺序调用这些方法分阶段计时：改这里要一起改
+        # algorithm/serving/profile/eager.py 的 staged_forward 按同样的顺序调用这些方法分阶段计时：改这里要一起改
         memory, bias = self.encode(encoder_l1_ids, encoder_l2_ids, encoder_l3_ids,
                                    encoder_positions, encoder_token_types, encoder_mask)
         return self.search([layer.cross_attn.project_kv(memory) for layer in self.decoder], bias)

@@ -2,7 +2,7 @@
 
 为什么要规划：torch 引擎按长度桶捕获 CUDA Graph，同一桶内的请求都填充到桶的上界；TensorRT / 原生后端
 也按桶填充。固定的 [128, 256, 512, 1024] 对中位数 100 的对数正态分布不合身：填充后的 token 里 36 % 是填充
-（scripts/engine_profile.py 的 padding 一节，benchmarks/h100-2026-11-25-run2/machine1/profile）。规划只改桶的边界，
+（引擎剖析 algorithm/serving/profile 的 padding 一节，benchmarks/h100-2026-11-25-run2/machine1/profile）。规划只改桶的边界，
 不改桶数（桶数决定 CUDA Graph 的数量与捕获时间）。
 
 代价模型（一个长度为 n 的请求被填充到桶 b >= n 时的计算量 cost(b)）：
@@ -12,7 +12,7 @@
 - None：只算线性（cost(b) = b，即填充的 token 数）。
 - 可调用对象：cost(b: np.ndarray) -> np.ndarray，例如 model_cost(cfg)（与 flops_per_request 相同的完整 FLOPs）。
 代价只计 FLOPs：GPU 上小桶的效率更低（启动开销、块利用率），这个模型不反映；规划结果以实测为准
-（scripts/engine_profile.py 报告两种桶的填充比例与吞吐）。
+（引擎剖析报告两种桶的填充比例与吞吐）。
 """
 from __future__ import annotations
 

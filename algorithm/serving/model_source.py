@@ -51,6 +51,18 @@ def probe_shapes(contract: EngineContract) -> List[Tuple[int, int]]:
 
 # ---------------------------------------------------------------- 加载
 
+def load_module_file(path: str):
+    """不在任何包里的 .py 文件 -> 模块：按路径加载（不改 sys.path），登记进 sys.modules，
+    让模块里的 dataclass / pickle 找得到自己。"""
+    path = os.path.abspath(path)
+    name = "ugt_user_model_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    mod_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[name] = module
+    mod_spec.loader.exec_module(module)
+    return module
+
+
 def import_factory(spec: str) -> Callable[[], Any]:
     """PACKAGE.MODULE:FUNCTION 或 path/to/file.py:FUNCTION -> 函数。"""
     target, _, fn_name = spec.rpartition(":")
@@ -61,11 +73,7 @@ def import_factory(spec: str) -> Callable[[], Any]:
             path = os.path.abspath(target)
             if not os.path.isfile(path):
                 raise ConfigError(f"model.factory 的文件不存在：{path}")
-            name = "ugt_user_model_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
-            mod_spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules[name] = module  # 让模块里的 dataclass / pickle 找得到自己
-            mod_spec.loader.exec_module(module)
+            module = load_module_file(path)
         else:
             module = importlib.import_module(target)
     except ConfigError:

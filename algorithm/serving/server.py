@@ -44,7 +44,7 @@ from algorithm.serving.mps import MpsDaemon
 log = logging.getLogger(__name__)
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHM_DIR = "/dev/shm"
-# tritonserver 日志里崩溃的信号（不含 SIGINT 2 / SIGTERM 15）与 glibc 的堆错误（scripts/gpu_campaign.sh 用同样的模式）
+# tritonserver 日志里崩溃的信号（不含 SIGINT 2 / SIGTERM 15）与 glibc 的堆错误（tools/gpu_campaign.sh 用同样的模式）
 _CRASH_RE = re.compile(r"Signal \((?:4|6|7|8|11)\) received|corrupted (?:double-linked|size|top size)|double free|"
                        r"free\(\): invalid|malloc\(\): ")
 # python backend 为每个存根建一个 POSIX 共享内存区，名字（前缀 + UUID）是存根命令行的第 3 个参数：

@@ -2,6 +2,9 @@
 
   .venv/bin/python examples/pooled_cnn/prepare.py --out build/pooled_cnn_assets
 
+用本包的目录格式与前处理（本包要能导入：pip install -e . 装过）；同目录的 model.py 不在任何包里，按路径加载
+（与构建读 model.factory=examples/pooled_cnn/model.py:build 的方式相同）。
+
 写出 <out>/catalog.npz（本包的目录格式：item_ids [N]、semantic_ids [N, 3]、codebook_sizes [3]）
 与 <out>/pooled_cnn.pt（state_dict，torch.save；构建以 weights_only=True 读它）。
 目录是这个示例自己的：l1 是 32 个类目，l2 是类目内的品牌，l3 是品牌内的款式；item id 从 10,000,001 起、间隔随机。
@@ -10,22 +13,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # 仓库根目录：用本包的目录格式与前处理
+from algorithm.interfaces import EngineContract
+from algorithm.models.catalog import Catalog
+from algorithm.models.sequences import SyntheticSequences
+from algorithm.serving.model_source import load_module_file
+from algorithm.serving.runtime.preprocess import Preprocessor
 
-from algorithm.interfaces import EngineContract  # noqa: E402
-from algorithm.models.catalog import Catalog  # noqa: E402
-from algorithm.models.sequences import SyntheticSequences  # noqa: E402
-from algorithm.serving.runtime.preprocess import Preprocessor  # noqa: E402
-
-sys.path.insert(0, HERE)
-from model import CODEBOOK_SIZES, MAX_SEQ_LENGTH, NUM_TOKEN_TYPES, TOP_K, build  # noqa: E402
+example = load_module_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py"))
+CODEBOOK_SIZES, MAX_SEQ_LENGTH, NUM_TOKEN_TYPES, TOP_K = (example.CODEBOOK_SIZES, example.MAX_SEQ_LENGTH,
+                                                          example.NUM_TOKEN_TYPES, example.TOP_K)
+build = example.build
 
 
 def make_catalog(num_items: int, seed: int) -> Catalog:

@@ -401,8 +401,10 @@ def test_cli_reports_status_and_refuses_with_exit_code_2(serving, built, v2_buil
     server, repo = serving
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           "scripts", "rollout.py")
+    # 脚本不改 sys.path：本包由 pip install -e 安装；这里指明本检出，测的就是这份代码
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(script))}
     run = lambda *a: subprocess.run([sys.executable, script, f"url={server.http_url}", f"repository={repo}", *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
+                                    capture_output=True, text=True, timeout=120, env=env)
     r = run("status")
     assert r.returncode == 0, r.stderr
     public = built[0].export.model_name

@@ -18,7 +18,7 @@ from algorithm.serving.workload import make_histories
 def grouped_seconds(groups: Dict[int, list], b: int, repeats: int, run: Callable[[list], Any],
                     prepare: Callable[[list], Any] = lambda x: x) -> Dict[int, float]:
     """每个长度组轮转取 b 个、运行 repeats + 1 次（第一次是预热：惰性编译 / 捕获 CUDA Graph），返回各组一次运行的
-    中位秒数。prepare（例如把历史编码成输入）在计时之外。这里与 scripts/engine_profile.py 的离线吞吐共用。"""
+    中位秒数。prepare（例如把历史编码成输入）在计时之外。这里与引擎剖析（profile/throughput.py）的离线吞吐共用。"""
     per: Dict[int, float] = {}
     for k, items in sorted(groups.items()):
         times = []

@@ -103,7 +103,7 @@ def _us(sec: float) -> Optional[float]:
 def cuda_timer(dtype, device="cuda", iters: int = 10, reps: int = 10, warmup: int = 3) -> Timer:
     """在 GPU 上计时一个线性层（随机的 x [M,K]、W [N,K]、bias [N]，dtype 为底本）：每个计时连续调用 reps 次，
     取 iters 个计时的中位数。连续调用让主机发射与前一个内核重叠（服务时是 CUDA Graph 重放，没有逐个发射的开销），
-    与 scripts/int8_gemm_probe.py 的 timed 相同。"fp8" 含激活的按行量化（torch_fp8.fp8_linear 的全部工作）。"""
+    与 tools/int8_gemm_probe.py 的 timed 相同。"fp8" 含激活的按行量化（torch_fp8.fp8_linear 的全部工作）。"""
     import torch
     import torch.nn.functional as F
 

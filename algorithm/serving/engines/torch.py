@@ -71,7 +71,7 @@ def check_fp8_device(device: str, capability=None) -> None:
 
 def fp8_base_precision(config: ServingConfig) -> str:
     """fp8 的 .pt2 先按这个精度导出（engine.fp8_base，默认 bf16）：没有量化的层与 _scaled_mm 的输出都是这个类型。
-    为什么默认 bf16：按行缩放的 _scaled_mm 在 H200 上测过的是 bf16 输出（scripts/int8_gemm_probe.py），fp16 输出没有测过。"""
+    为什么默认 bf16：按行缩放的 _scaled_mm 在 H200 上测过的是 bf16 输出（tools/int8_gemm_probe.py），fp16 输出没有测过。"""
     return config.engine.fp8_base
 
 

@@ -1,17 +1,17 @@
-"""int8 矩阵乘在这块 GPU 上的几条路，各自多快、用哪个内核（issue #12：int8 要比 fp16 快）。
+"""int8 矩阵乘在这块 GPU 上的几条路，各自多快、用哪个内核（目标：int8 要比 fp16 快）。
 
-为什么：2026-11-28 H200 上 torch._int_mm 落到 `cutlass_80_wmma_..._s8_forwardCompat_..._nn_align4`（A100 代的兼容内核），
+为什么：Hopper 上 torch._int_mm 可能落到 `cutlass_80_wmma_..._s8_forwardCompat_..._nn_align4`（A100 代的兼容内核），
 int8 的矩阵乘比 fp16 的整次运行还慢。这里对 ugt_base 的线性层形状逐一比较：
 - fp16：F.linear（基线）；
 - int8_nn：torch._int_mm(a, w_kn)，权重按行连续的 K×N（torchao 的 safe_int_mm 把转置视图拷成连续后就是这样）；
 - int8_tn：torch._int_mm(a, w_nk.t())，权重是 N×K 连续的转置视图（cuBLASLt 的 int8 张量核要求的 TN 布局），
   先与 float64 的参考比对结果（torchao 的注释说不连续时 cuBLAS 会静默算错：这里实测）；
-- fp8：torch._scaled_mm（e4m3，按行 / 按列缩放，bf16 输出），Hopper 原生的 8 位路径（不是 #12 要的 int8，作对照）；
+- fp8：torch._scaled_mm（e4m3，按行 / 按列缩放，bf16 输出），Hopper 原生的 8 位路径（不是 int8，作对照）；
 - int8_compiled：torch.compile(mode=max-autotune-no-cudagraphs) 的“动态量化 + int8 乘 + 反量化”整个线性层（融合量化，
   Inductor 可以选 Triton 的 int8 模板）；只测最大的几个形状（编译慢）。
 每条路：预热后 CUDA 事件计时（每个计时连续调用 --reps 次，见 timed）的中位数（微秒）、相对 fp16 的倍数，
 torch.profiler 记下的内核名与一次调用的内核时间之和（*_kernel_us，不含主机发射）。
-用法（GPU 机器上）：python scripts/int8_gemm_probe.py --out DIR [--budget-s 150]
+用法（GPU 机器上）：python tools/int8_gemm_probe.py --out DIR [--budget-s 150]
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ REPS = 20
 
 def timed(fn, iters: int = 30, warmup: int = 10) -> float:
     """每次调用的微秒数（iters 个测量的中位数）：两个 CUDA 事件之间连续调用 REPS 次再平均。
-    为什么不是一次：事件之间只有一次调用时 GPU 先空等主机发射，每个数多出约 55–70 µs（2026-11-28 第 3 台的第一版就是这样）；
+    为什么不是一次：事件之间只有一次调用时 GPU 先空等主机发射，每个数多出约 55–70 µs；
     连续调用时发射与前一个内核重叠，量到的是内核的吞吐（内核比发射还短时仍是发射的速度）。"""
     import torch
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# 在 GPU 机器上把 scripts/gpu_bench.sh 的几个阶段放到后台连续跑完（device 工具一次调用最多 10 分钟，而一整轮测量要
+# 在 GPU 机器上把 tools/gpu_bench.sh 的几个阶段放到后台连续跑完（device 工具一次调用最多 10 分钟，而一整轮测量要
 # 20-30 分钟；用 setsid 起的进程在机器归还前一直运行），之后的每次调用等它一段时间并把结果打包带回。
-#   bash scripts/gpu_campaign.sh start setup build oldbuild bench_new ...   # 拷一份仓库与 .carry 到 /tmp/campaign/src，后台按序运行
-#   bash scripts/gpu_campaign.sh wait 540                                   # 最多等 540 s（跑完就提前返回），打包到 $OUT
-#   bash scripts/gpu_campaign.sh stop                                       # 停掉这一轮（含它起的 tritonserver 与存根），打包到 $OUT
+#   bash tools/gpu_campaign.sh start setup build oldbuild bench_new ...   # 拷一份仓库与 .carry 到 /tmp/campaign/src，后台按序运行
+#   bash tools/gpu_campaign.sh wait 540                                   # 最多等 540 s（跑完就提前返回），打包到 $OUT
+#   bash tools/gpu_campaign.sh stop                                       # 停掉这一轮（含它起的 tritonserver 与存根），打包到 $OUT
 # 停的时候不要在 device 命令里写 pkill -f tritonserver 之类：-f 匹配整条命令行，device 工具执行的 bash -c 本身就含这个词，
-# 会把自己杀掉（2026-11-27 第 5 台上这样丢了一次调用的输出）；stop 按进程组与精确的进程名杀。
+# 会把自己杀掉；stop 按进程组与精确的进程名杀。
 # 拷一份源码再运行：之后的调用会重新同步工作树，bash 边读边执行的脚本不能在运行中被替换。
 # STAGE_TIMEOUT（秒，默认不限）：每个阶段的限时，超时的阶段记 rc=124，接着下一个。
 # 某个阶段失败时记下来，继续下一个（各阶段互相独立的结果照样有用；依赖它的阶段自己会失败并说明原因）。
@@ -28,7 +28,7 @@ case "$CMD" in
       for s in $(cat '"$C"'/stages.txt); do
         echo "$(date +%T) 开始 $s" >> '"$C"'/out/status.txt
         t=$SECONDS
-        OUT='"$C"'/out timeout -k 30 ${STAGE_TIMEOUT:-0} bash scripts/gpu_bench.sh "$s" > '"$C"'/out/stage_$s.log 2>&1
+        OUT='"$C"'/out timeout -k 30 ${STAGE_TIMEOUT:-0} bash tools/gpu_bench.sh "$s" > '"$C"'/out/stage_$s.log 2>&1
         rc=$?
         echo "$(date +%T) 结束 $s rc=$rc 用时 $((SECONDS - t)) s" >> '"$C"'/out/status.txt
       done
@@ -57,7 +57,7 @@ case "$CMD" in
   *) echo "未知命令 $CMD" >&2; exit 2 ;;
 esac
 # 打包：日志、报告（JSON / CSV / PNG / 追踪的分解）、剖析、构建信息；大文件（原始追踪、tritonserver 日志）不带，
-# tritonserver 日志只带最后 300 行（卡住或出错时看服务器那边发生了什么：2026-11-28 第 3 台上一次卡住因为没带日志而查不到原因）
+# tritonserver 日志只带最后 300 行（卡住或出错时看服务器那边发生了什么）
 if [ -n "${OUT:-}" ] && [ -d $C/out ]; then
   mkdir -p $C/out/server_tails
   find $G -name tritonserver.log 2>/dev/null | while read -r f; do
@@ -71,7 +71,7 @@ if [ -n "${OUT:-}" ] && [ -d $C/out ]; then
   ls -la "$OUT"
 fi
 echo "== 状态"; cat $C/out/status.txt 2>/dev/null
-# tritonserver 崩溃的痕迹（2026-11-28 H200：Triton 2.51 开着追踪时段错误，进程不退出、只留一行 Signal (11)）：在回复里直接看到。
+# tritonserver 崩溃的痕迹（Triton 2.51 开着追踪时会段错误，进程不退出、只留一行 Signal (11)）：在回复里直接看到。
 # 模式与 algorithm/serving/server.py 的 _CRASH_RE 相同（改一处要改另一处）
 crash=$(grep -H -m3 -E "Signal \((4|6|7|8|11)\) received|corrupted (double-linked|size|top size)|double free|free\(\): invalid|malloc\(\): " \
         $C/out/server_tails/* 2>/dev/null | head -5)

@@ -6,22 +6,19 @@
 为什么要测：H100 上 c=64 时引擎每次 execute 有 3.7 ms 在我们的 execute 之外（benchmarks/README.md 第 6 台），
 如果大头是按张量算的，把 6 个输入打包成 1 个就能省下一部分。
 
-  python scripts/probe_tensor_count.py [--concurrency 16] [--seconds 6] [--repeats 3] [--instances 1]
+  python tools/probe_tensor_count.py [--concurrency 16] [--seconds 6] [--repeats 3] [--instances 1]
 """
 import argparse
 import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from algorithm.interfaces import EngineContract  # noqa: E402
+from algorithm.interfaces import EngineContract
 
 MODEL = """import numpy as np
 import triton_python_backend_utils as pb

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # 准备 .carry/（已被 .gitignore 忽略）：GPU 机器的镜像缺少、又无法联网下载的全部东西。
 # GPU 机器：x86-64，/opt/torch/.venv 里的 Python 3.12（torch 2.11+cu130、numpy 2.x、onnx、onnxruntime、onnxscript、
-# triton、protobuf、pynvml），没有网络，也没有 pip 包源。scripts/gpu_bench.sh setup 用这里的产物建 /tmp/ugtvenv。
+# triton、protobuf、pynvml），没有网络，也没有 pip 包源。tools/gpu_bench.sh setup 用这里的产物建 /tmp/ugtvenv。
 #
 # 产物（device 工具连同工作树一起最多带 64 MiB，本脚本要求工作树 + .carry 不超过 UGT_CARRY_BUDGET_MIB，默认 60）：
 #   .carry/site312.tar.xz    cp312 / manylinux x86_64 的 wheel 解开后的 site-packages 内容（numpy<2、tritonclient[grpc]、
@@ -11,7 +11,7 @@
 #                            nvidia_pytriton.libs（去掉自带的 libpython3.13）。server.py 经 UGT_TRITON_SITE 找到它。
 #   .carry/MANIFEST.txt      每个 wheel 的文件名、大小、sha256，以及两个 tar 的 sha256（setup 阶段以它判断环境是否过期）。
 #
-# 用法：bash scripts/make_carry.sh
+# 用法：bash tools/make_carry.sh
 #   幂等：已下载的 wheel 不再下载；输入没变时不重新打包（xz -9e 在 2 核机器上每个 tar 要一两分钟）。
 #   UGT_CARRY_CACHE       下载缓存目录（默认 ~/.cache/ugt-carry；不放在 .carry 里，否则会占用随行预算）
 #   UGT_CARRY_EXTRA       额外的 NAME==VER（空格分隔），例如镜像里若没有 matplotlib 时要带的那一组
@@ -290,7 +290,7 @@ for f in "$CARRY"/* "$CARRY"/.[!.]*; do
   esac
 done
 {
-  echo "# scripts/make_carry.sh 生成；scripts/gpu_bench.sh setup 以本文件的 sha256 判断 /tmp/ugtvenv 是否过期"
+  echo "# tools/make_carry.sh 生成；tools/gpu_bench.sh setup 以本文件的 sha256 判断 /tmp/ugtvenv 是否过期"
   echo "# 目标：CPython 3.12，manylinux x86_64；tritonclient $TC_VER，nvidia-pytriton $PYTRITON_VER"
   echo "site312.tar.xz   $(stat -c %s "$CARRY/site312.tar.xz") $(sha256sum "$CARRY/site312.tar.xz" | cut -c1-64)"
   echo "triton312.tar.xz $(stat -c %s "$CARRY/triton312.tar.xz") $(sha256sum "$CARRY/triton312.tar.xz" | cut -c1-64)"

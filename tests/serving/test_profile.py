@@ -1,21 +1,17 @@
-"""scripts/engine_profile.py 在 CPU 上的端到端检查（--quick）：构建一个 engine=torch 的 ugt_tiny 仓库
-（不编译、5 步训练），运行脚本的 main，检查 profile.json / profile.md 的各节。GPU 专有的部分（CUDA 事件、
-CUDA Graph、GPU 内核列表）在这里走 CPU 分支。"""
-import importlib.util
+"""引擎剖析（algorithm/serving/profile）在 CPU 上的检查：端到端（--quick）构建一个 engine=torch 的 ugt_tiny 仓库
+（不编译、5 步训练），运行 cli.main，检查 profile.json / profile.md 的各节；GPU 专有的部分（CUDA 事件、CUDA Graph、
+GPU 内核列表）在这里走 CPU 分支。不要仓库的部分（命令行、FLOPs 公式、报告与渲染）单独测。"""
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO_ROOT
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("engine_profile", os.path.join(ROOT, "scripts", "engine_profile.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from algorithm.serving.profile import cli
 
 
 def _build_torch_repo(tmp_path_factory, pack_rows: bool = False):
@@ -42,7 +38,7 @@ def test_engine_profile_quick_on_cpu(torch_repo, tmp_path):
     repo, build_s = torch_repo
     out = tmp_path / "profile"
     t0 = time.time()
-    data = _script().main(["--repo", repo, "--out", str(out), "--quick"])
+    data = cli.main(["--repo", repo, "--out", str(out), "--quick"])
     run_s = time.time() - t0
     print(f"\n构建 {build_s:.1f}s，剖析 {run_s:.1f}s")
     assert not data["errors"], data["errors"]
@@ -86,11 +82,11 @@ def test_engine_profile_quick_on_cpu(torch_repo, tmp_path):
     assert "SDPA" in md and "离线吞吐" in md
     assert json.loads((out / "profile.json").read_text())["sections"].keys() == s.keys()
     # --only：只跑点名的节（GPU 上单独测 int8 时用），其余的写明跳过原因
-    only = _script().main(["--repo", repo, "--out", str(tmp_path / "only"), "--quick", "--only", "throughput"])
+    only = cli.main(["--repo", repo, "--out", str(tmp_path / "only"), "--quick", "--only", "throughput"])
     assert set(only["sections"]) == {"environment", "load", "throughput"}
     assert only["skipped"]["stages"] == "不在 --only 里" and only["stage_check_passed"] is None
     # int8 的底本与构建相同（GPU 上 bf16）；这里在 CPU 上强制 bf16，走“按底本精度重新导出”那条路
-    b = _script().main(["--repo", repo, "--out", str(tmp_path / "bf16"), "--quick", "--only", "int8",
+    b = cli.main(["--repo", repo, "--out", str(tmp_path / "bf16"), "--quick", "--only", "int8",
                         "--int8-base", "bf16", "--int8-modes", "weight_only"])
     try:
         import torchao  # noqa: F401
@@ -100,7 +96,7 @@ def test_engine_profile_quick_on_cpu(torch_repo, tmp_path):
         r = b["sections"]["throughput_int8_weight_only"]
         assert r["base"] == "bf16" and r["gates"]["rows"] == 32 and r["gates"]["overlap"] > 0.9, r["gates"]
     with pytest.raises(SystemExit):  # 拼错的节名不能悄悄跳过所有节
-        _script().parse_args(["--repo", repo, "--out", str(tmp_path), "--only", "throughput_int8"])
+        cli.parse_args(["--repo", repo, "--out", str(tmp_path), "--only", "throughput_int8"])
 
 
 def test_load_repository_reads_both_parameter_formats(tmp_path):
@@ -110,7 +106,8 @@ def test_load_repository_reads_both_parameter_formats(tmp_path):
     from conftest import tiny_config
     import dataclasses
 
-    ep = _script()
+    from algorithm.serving.profile.repository import load_repository
+
     cfg = tiny_config(str(tmp_path / "b"), engine=EngineConfig(kind="torch", device="cpu",
                                                                  seq_buckets=[64, 128]))
     runtime = {"engine_kind": "torch", "engine_file": "model.pt2", "device": "cuda", "seq_buckets": [64, 128, 256],
@@ -131,7 +128,7 @@ def test_load_repository_reads_both_parameter_formats(tmp_path):
         (repo / "ugt_engine" / "config.pbtxt").write_text(to_pbtxt(mc))
         if name == "flat":
             (repo / "build_info.json").write_text(json.dumps({"config": dataclasses.asdict(cfg)}))
-        meta = ep.load_repository(str(repo))
+        meta = load_repository(str(repo))
         assert meta["seq_buckets"] == [64, 128, 256] and meta["batch_buckets"] == [2, 8, 16]
         assert meta["cuda_graphs"] is True and meta["compile_mode"] == "default"
         assert meta["engine_file"].endswith("ugt_engine/1/model.pt2") and meta["catalog"].endswith("catalog.npz")
@@ -141,9 +138,9 @@ def test_load_repository_reads_both_parameter_formats(tmp_path):
 
 def test_engine_profile_on_packed_rows_repository(tmp_path_factory, tmp_path):
     """engine.pack_rows 的仓库（.pt2 是拼行的程序，权重名多一层 model.）：加载、分阶段对照与离线吞吐照常；
-    按 [B, L] 直接调用编译函数的两节写明不适用（2026-11-28 在 H100 上剖析这种变体时 load 一节因权重名失败）。"""
+    按 [B, L] 直接调用编译函数的两节写明不适用。"""
     repo, _ = _build_torch_repo(tmp_path_factory, pack_rows=True)
-    data = _script().main(["--repo", repo, "--out", str(tmp_path / "p"), "--quick",
+    data = cli.main(["--repo", repo, "--out", str(tmp_path / "p"), "--quick",
                            "--only", "stage_check,throughput,kernels_compiled"])
     assert not data["errors"], data["errors"]
     s = data["sections"]
@@ -151,3 +148,59 @@ def test_engine_profile_on_packed_rows_repository(tmp_path_factory, tmp_path):
     assert data["stage_check_passed"] and s["stage_check"]["eager_vs_pt2_overlap"] == 1.0
     assert s["throughput"]["gates"]["overlap"] == 1.0 and all(r["req_per_s"] > 0 for r in s["throughput"]["rows"])
     assert "拼行" in data["skipped"]["kernels_compiled"]
+
+
+# ---- 不要仓库的部分 ----
+
+def test_help_runs_without_loading_torch():
+    """python -m algorithm.serving.profile --help 可用；命令行模块不导入 torch（各节在 main 里才导入）。"""
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    r = subprocess.run([sys.executable, "-m", "algorithm.serving.profile", "--help"], capture_output=True, text=True,
+                       timeout=60, cwd=REPO_ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "--repo" in r.stdout and "--only" in r.stdout and "--int8-modes" in r.stdout
+    code = "import sys, algorithm.serving.profile.cli; assert 'torch' not in sys.modules, 'cli 导入了 torch'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+
+
+def test_parse_args_checks_sections_and_int8_modes():
+    base = ["--repo", "r", "--out", "o"]
+    args = cli.parse_args(base + ["--int8-modes", "weight_only,dynamic,weight_only", "--only", "throughput,int8"])
+    assert args.int8_modes == "weight_only,dynamic" and args.budget_s == 140.0 and not args.quick
+    for bad in (["--int8-modes", "int4"], ["--int8-modes", ","], ["--only", "stagez"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(base + bad)
+
+
+@pytest.mark.parametrize("kv_cache", [False, True])
+def test_stage_costs_sum_to_flops_per_request(kv_cache):
+    """分阶段的 FLOPs 与每请求的公式是同一套（stages 一节按这个断言）；字节数都为正。"""
+    from algorithm.models.config import UGTConfig
+    from algorithm.models.ugt import flops_per_request
+    from algorithm.serving.profile.roofline import roofline, stage_costs
+
+    cfg = UGTConfig()
+    costs = stage_costs(cfg, 4, 64, 2, kv_cache)
+    assert list(costs)[0] == "embed" and list(costs)[-1] == "step3.select"
+    assert sum(c["flops"] for c in costs.values()) == pytest.approx(4 * flops_per_request(cfg, 64, kv_cache), rel=1e-9)
+    assert all(c["bytes"] > 0 for c in costs.values())
+    rows = roofline(costs, {k: 1e-3 for k in costs}, 989.0)
+    assert [r["stage"] for r in rows] == list(costs) and sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert {r["bound"] for r in rows} <= {"compute", "memory"}
+
+
+def test_report_records_results_errors_and_skips(tmp_path):
+    """一节失败只记进 errors、其余照跑；不在 --only 里与预算不够的节写明原因；每次都重写 profile.json 与 profile.md。"""
+    from algorithm.serving.profile.report import Report
+
+    rep = Report(str(tmp_path), time.time(), budget_s=100.0, only=["throughput", "int8"])
+    assert rep.section("environment", lambda: {"device": "cpu"}) == {"device": "cpu"}  # 总会跑
+    assert rep.section("stages", lambda: 1) is None and rep.data["skipped"]["stages"] == "不在 --only 里"
+    assert rep.section("throughput", lambda: 1 / 0) is None and rep.data["errors"]["throughput"].startswith("ZeroDivisionError")
+    assert rep.section("throughput_int8_dynamic", lambda: {"rows": []}, need_s=1000) is None
+    assert "预算" in rep.data["skipped"]["throughput_int8_dynamic"]
+    data = json.loads((tmp_path / "profile.json").read_text())
+    assert data["sections"] == {"environment": {"device": "cpu"}} and set(data["errors"]) == {"throughput"}
+    md = (tmp_path / "profile.md").read_text()
+    assert "## 跳过" in md and "## 错误" in md and "设备：cpu" in md

@@ -1,7 +1,7 @@
 """同一次运行里比较几个精度的引擎（例如 fp16、fp8、int8 各自构建的仓库）：离线吞吐（中位数与范围）、门禁数字、
 fp8 的逐层选择与构建的速度检查，外加一个 fp8 线性层的内核名（确认走的是 Hopper 的 sm90 / nvjet 内核）。
 
-  python scripts/precision_bench.py --repo fp16=DIR --repo fp8=DIR [--repo int8=DIR] --out DIR \\
+  python tools/precision_bench.py --repo fp16=DIR --repo fp8=DIR [--repo int8=DIR] --out DIR \\
       [--batches 8,16,64] [--rounds 3] [--per-round 5]
 
 吞吐：所有仓库的引擎先都加载（与服务相同的 EngineModel：校验、分组、暂存、CUDA Graph 重放），历史按默认的长度分布
@@ -17,9 +17,6 @@ import os
 import statistics
 import sys
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def fp8_kernels(out: dict) -> None:

@@ -1,12 +1,12 @@
 """探针：内嵌 Triton 开着请求追踪时会不会崩溃（不依赖本仓库的模型，几十秒）。
 
-为什么有它：2026-11-28 两次压测卡住（H100 第 3 台、H200）都在开着追踪的高速率确认点上，H200 那次的服务器日志里有
+为什么有它：GPU 上的压测卡住过，都在开着追踪的高速率确认点上，服务器日志里有
 `Signal (11) received.`。Triton 2.51（pytriton 0.7.0 自带）的追踪释放里有 use-after-free（server#7795，PR #8144 修于 2.57），
 堆被破坏后崩溃处理函数卡在 malloc 的锁上：进程不退出、请求不再回答。这个探针用与我们同样形状的负载（两步 python 模型的
 ensemble、动态批处理、异步 gRPC 并发）复现它，也用来检查换了 Triton 版本之后是否还会崩。
 
-    .venv/bin/python scripts/probe_trace_crash.py --trace-rate 1 --seconds 60    # 每个请求都追踪
-    .venv/bin/python scripts/probe_trace_crash.py --trace-rate 0 --seconds 60    # 对照：不追踪
+    .venv/bin/python tools/probe_trace_crash.py --trace-rate 1 --seconds 60    # 每个请求都追踪
+    .venv/bin/python tools/probe_trace_crash.py --trace-rate 0 --seconds 60    # 对照：不追踪
 
 输出每 5 s 的成功数与错误数，最后一行 JSON：Triton 版本、请求数、错误数、日志里的崩溃痕迹（server.crash_lines）、结束时服务器
 是否还回答。退出码：0 = 没有崩溃痕迹，1 = 有。
@@ -22,11 +22,9 @@ import tempfile
 import time
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from algorithm.serving.bench import trace as trace_mod  # noqa: E402
-from algorithm.serving.config import ServerConfig  # noqa: E402
-from algorithm.serving.server import EmbeddedTritonServer  # noqa: E402
+from algorithm.serving.bench import trace as trace_mod
+from algorithm.serving.config import ServerConfig
+from algorithm.serving.server import EmbeddedTritonServer
 
 STEP = '''name: "{name}"
 backend: "python"
