@@ -43,9 +43,11 @@ def make_runner(ctx: Context, mode: str, graphs: bool, transform=None, path: str
               warmup=False)
     kw = {k: v for k, v in kw.items() if k in sig}
     path = path or m["engine_file"]
+    # TorchRunner.load 按程序选分组 / 拼行的类；--runner 给的类没有 load 时直接构造
+    open_runner = getattr(Runner, "load", Runner)
     if transform is not None and "transform" in sig:
-        return Runner(path, ctx.cfg.contract(), transform=transform, **kw), "TorchRunner(transform=...)"
-    runner = Runner(path, ctx.cfg.contract(), **kw)
+        return open_runner(path, ctx.cfg.contract(), transform=transform, **kw), "TorchRunner(transform=...)"
+    runner = open_runner(path, ctx.cfg.contract(), **kw)
     if transform is None:
         return runner, "TorchRunner"
     runner.module = transform(runner.module)
