@@ -53,7 +53,7 @@ class PooledCNN(nn.Module):
         return self
 
     def user_vector(self, l1, l2, l3, positions, token_types, mask):
-        m = mask.unsqueeze(-1)
+        m = mask.unsqueeze(-1).to(self.pos_emb.weight.dtype)  # 跟随参数的精度：fp16 / bf16 构建时不混入 fp32
         x = (self.emb[0](l1) + self.emb[1](l2) + self.emb[2](l3) + self.type_emb(token_types)
              + self.pos_emb(positions)) * m
         h = F.gelu(self.conv1(x.transpose(1, 2)))

@@ -220,3 +220,19 @@ def test_checkpoint_is_a_state_dict_or_a_whole_module(tmp_path):
         for (name, a), b in zip(trained.state_dict().items(), model.state_dict().values()):
             assert torch.equal(a, b), name
         assert any("weights_only=False" in s for s in logs) == says_pickle
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_example_model_runs_in_the_gpu_build_precisions(dtype):
+    """GPU 上的 fp16 构建把整个模型转成 fp16：示例的 forward 不能把 fp32 的 mask 混进去（否则卷积报 dtype 不一致）。"""
+    from algorithm.serving.model_source import load_module_file
+
+    net = load_module_file(EXAMPLE).build().eval().to(dtype)
+    rng = np.random.default_rng(0)
+    b, n = 3, 17
+    ids = [torch.from_numpy(rng.integers(0, v, (b, n))) for v in (32, 32, 64)]
+    pos = torch.arange(n).expand(b, n)
+    with torch.no_grad():
+        rec, scores = net(*ids, pos, torch.zeros(b, n, dtype=torch.long), torch.ones(b, n))
+    assert rec.shape == (b, 50, 3) and rec.dtype == torch.int64 and scores.dtype == torch.float32
+    assert torch.isfinite(scores).all()

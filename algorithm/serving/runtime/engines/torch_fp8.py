@@ -197,8 +197,14 @@ def fp8_linear(x, weight, bias, wq, sw, min_rows: int):
 
 # ---------------------------------------------------------------- 导出的图
 def _keep(weight_name: str) -> bool:
-    mod = weight_name.rsplit(".", 1)[0]
-    return any(mod == p or mod.startswith(p + ".") for p in KEEP_PREFIXES)
+    """打分头留在原精度：名字里任一段是 KEEP_PREFIXES（拼行导出时模型包在 PackedUGT.model 里，名字是 model.heads.N）。"""
+    return keep_module(weight_name.rsplit(".", 1)[0], KEEP_PREFIXES)
+
+
+def keep_module(fqn: str, prefixes) -> bool:
+    """fqn 里有一段（或连续几段）等于 prefixes 中的某一个：不论外面包了几层模块。"""
+    padded = f".{fqn}."
+    return any(f".{p}." in padded for p in prefixes)
 
 
 def _get(gm, target: str):

@@ -22,6 +22,7 @@ import logging
 from typing import Callable, Optional, Set
 
 from algorithm.errors import ConfigError, MissingDependencyError
+from algorithm.serving.runtime.engines.torch_fp8 import keep_module
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,8 @@ def torchao_version() -> Optional[str]:
 
 
 def _keep(fqn: str) -> bool:
-    return any(fqn == p or fqn.startswith(p + ".") for p in KEEP_PREFIXES)
+    """打分头不量化，不论外面包了几层（拼行导出时是 model.heads.N）。"""
+    return keep_module(fqn, KEEP_PREFIXES)
 
 
 def linear_weight_names(gm) -> Set[str]:

@@ -263,3 +263,24 @@ def test_fused_row_quantizer_matches_eager_on_gpu():
     assert torch.allclose(s, rs, rtol=1e-6)
     d = (f8.dequantize(q, s) - f8.dequantize(rq, rs)).abs()
     assert (d <= f8.dequantize(rq, rs).abs() / 8 + rs * 2 ** -9).all(), name
+
+
+def test_scoring_heads_stay_out_of_8bit_when_the_model_is_wrapped(tmp_path):
+    """拼行导出把模型包在 PackedUGT.model 里（权重名 model.heads.N.weight）：打分头仍不是 fp8 候选，int8 也不量化它。"""
+    from conftest import tiny_config
+
+    from algorithm.models.ugt import build_model
+    from algorithm.serving.engines.torch import export_program
+    from algorithm.serving.runtime.engines import torch_int8
+
+    cfg = tiny_config(str(tmp_path))
+    model = build_model(cfg.model, seed=0).eval()
+    path = export_program(model, str(tmp_path / "packed.pt2"), "fp32", 4, 32, packed=True)
+    gm = torch.export.load(path).module()
+    names = [name for _, name in f8.linear_nodes(gm)]
+    assert names and not [n for n in names if ".heads." in f".{n}"]
+    heads = [n for n in torch_int8.linear_weight_names(gm) if "heads" in n]
+    assert heads and all(n.startswith("model.heads.") for n in heads)  # 确实包了一层
+    assert all(torch_int8._keep(n.rsplit(".", 1)[0]) for n in heads)
+    assert not f8.keep_module("model.encoder.layers.0.linear1", f8.KEEP_PREFIXES)
+    assert not f8.keep_module("model.headsx.0", f8.KEEP_PREFIXES)
