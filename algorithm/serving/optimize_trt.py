@@ -85,7 +85,7 @@ def trt_profiles(config) -> List[Profile]:
     batch 总是 [1, max_batch_size]，opt 取 engine.opt_batch_size（不超过 max_batch_size）；第一段的 opt 长度取 engine.opt_seq_length
     （截到段内），后面各段取段内最小的长度桶（长尾分布里段内最常见的是短的一端）。
 
-    engine.seq_bucket_plan = N 时 profile 由同一个规划得出（#12），trt_seq_splits 不用：规划的每个长度桶一个 profile，
+    engine.seq_bucket_plan = N 时 profile 由同一个规划得出，trt_seq_splits 不用：规划的每个长度桶一个 profile，
     覆盖 (上一个桶, 这个桶]，opt 长度就是桶长——TensorRT 托管时前处理把每条历史补到它的桶（pad_in_preprocess），
     引擎只见到桶长，所以每个 profile 按它真正会见到的长度调优。代价：N 个 profile，构建时间与引擎文件约随 N 增长。
     """

@@ -352,7 +352,7 @@ def run_once(bench: Benchmark, cfg: BenchmarkConfig, slo_ms: float, floor_model:
         run["open_loop"].append(bench.open_loop(r))
     if cfg.light_rate:
         step(f"轻负载 {cfg.light_rate}/s")
-        # 轻负载的尾部（issue #11：P99 不超过 P50 的 2 倍）也要分解：开着追踪（每 trace_rate 个一个），给出最慢请求停在哪一步
+        # 轻负载的尾部（目标：P99 不超过 P50 的 2 倍）也要分解：开着追踪（每 trace_rate 个一个），给出最慢请求停在哪一步
         run["light"] = bench.open_loop(cfg.light_rate, duration_s=cfg.light_duration_s, label="轻负载",
                                        hook=tracer.session if tracer is not None else None)
         if tracer is not None:
